@@ -1,0 +1,3 @@
+//! Budgeted rank and scale allocation.
+//!
+//! TODO(helper): implement per the contract below.
