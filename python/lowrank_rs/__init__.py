@@ -1,0 +1,36 @@
+"""lowrank-rs: LoRA-family adapters (LoRA, TLoRA, LoRATRF, TA-LoRA) with a Rust calibration core.
+
+The calibration math lives in :mod:`lowrank_rs.linalg`, adapter files in :mod:`lowrank_rs.package`; every error
+raised on bad input is a :class:`LowRankError`.
+"""
+
+from __future__ import annotations
+
+from ._core import __version__
+from .errors import (
+    AdapterFormatError,
+    AdapterIOError,
+    DtypeError,
+    EmptyInputError,
+    InfeasibleError,
+    LowRankError,
+    NonFiniteError,
+    RankError,
+    ShapeError,
+)
+from .linalg import get_num_threads, set_num_threads
+
+__all__ = [
+    "AdapterFormatError",
+    "AdapterIOError",
+    "DtypeError",
+    "EmptyInputError",
+    "InfeasibleError",
+    "LowRankError",
+    "NonFiniteError",
+    "RankError",
+    "ShapeError",
+    "__version__",
+    "get_num_threads",
+    "set_num_threads",
+]

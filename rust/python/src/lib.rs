@@ -1,0 +1,349 @@
+//! `lowrank_rs._core`: the binding layer over `lowrank-core`.
+//!
+//! Arrays in, arrays out, the GIL released around every piece of real work, and each core error variant mapped onto
+//! one class of the Python hierarchy in `lowrank_rs.errors`. Argument normalisation (dtype dispatch, reshaping,
+//! contiguity) happens in the Python layer; nothing here decides anything.
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use faer::{Mat, MatRef};
+use lowrank_core::allocate::{self, MaxRank};
+use lowrank_core::covariance::{self, Batch, Center, Elements};
+use lowrank_core::package::{self, DType, TensorView};
+use lowrank_core::rsvd::{self, SvdOptions};
+use lowrank_core::{threads, Error};
+use numpy::{
+    IntoPyArray, PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2, PyReadonlyArray3,
+    PyUntypedArrayMethods,
+};
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+
+mod exceptions {
+    pyo3::import_exception!(lowrank_rs.errors, LowRankError);
+    pyo3::import_exception!(lowrank_rs.errors, ShapeError);
+    pyo3::import_exception!(lowrank_rs.errors, DtypeError);
+    pyo3::import_exception!(lowrank_rs.errors, NonFiniteError);
+    pyo3::import_exception!(lowrank_rs.errors, EmptyInputError);
+    pyo3::import_exception!(lowrank_rs.errors, RankError);
+    pyo3::import_exception!(lowrank_rs.errors, InfeasibleError);
+    pyo3::import_exception!(lowrank_rs.errors, AdapterFormatError);
+    pyo3::import_exception!(lowrank_rs.errors, AdapterIOError);
+}
+
+/// The one place core errors become Python exceptions (a local newtype because of the orphan rule).
+struct PyLowRankError(Error);
+
+impl From<Error> for PyLowRankError {
+    fn from(e: Error) -> Self {
+        PyLowRankError(e)
+    }
+}
+
+impl From<PyLowRankError> for PyErr {
+    fn from(PyLowRankError(e): PyLowRankError) -> PyErr {
+        use exceptions::*;
+        let msg = e.to_string();
+        match e {
+            Error::Shape(_) => ShapeError::new_err(msg),
+            Error::Dtype(_) => DtypeError::new_err(msg),
+            Error::NonFinite(_) => NonFiniteError::new_err(msg),
+            Error::Empty(_) => EmptyInputError::new_err(msg),
+            Error::Rank(_) => RankError::new_err(msg),
+            Error::Infeasible(_) => InfeasibleError::new_err(msg),
+            Error::Value(_) => LowRankError::new_err(msg),
+            Error::Format { .. } => AdapterFormatError::new_err(msg),
+            Error::Io { .. } => AdapterIOError::new_err(msg),
+        }
+    }
+}
+
+
+fn shape_error(msg: String) -> PyErr {
+    exceptions::ShapeError::new_err(msg)
+}
+
+fn contiguous<'a, T: numpy::Element, D: numpy::ndarray::Dimension>(
+    a: &'a numpy::PyReadonlyArray<'_, T, D>,
+    what: &str,
+) -> PyResult<&'a [T]> {
+    a.as_slice().map_err(|_| shape_error(format!("{what} must be a C-contiguous array")))
+}
+
+#[pyfunction]
+fn set_num_threads(n: usize) {
+    threads::set_num_threads(n);
+}
+
+#[pyfunction]
+fn get_num_threads() -> usize {
+    threads::num_threads()
+}
+
+/// Streaming covariance; see `lowrank_rs.linalg.CovarianceAccumulator` for the documented API.
+///
+/// Frozen with an inner mutex so that a background thread can run `update` without the GIL while the main thread
+/// reads `count`: a pyo3 mutable borrow would instead fail with "already borrowed".
+#[pyclass(frozen, module = "lowrank_rs._core")]
+struct CovarianceAccumulator {
+    inner: Mutex<covariance::CovarianceAccumulator>,
+}
+
+impl CovarianceAccumulator {
+    fn lock(&self) -> std::sync::MutexGuard<'_, covariance::CovarianceAccumulator> {
+        // The core never panics while holding the lock, so a poisoned state is still a consistent one.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[pymethods]
+impl CovarianceAccumulator {
+    #[new]
+    fn new(dim: usize, center: &str) -> PyResult<Self> {
+        let center: Center = center.parse().map_err(PyLowRankError)?;
+        let inner = covariance::CovarianceAccumulator::new(dim, center).map_err(PyLowRankError)?;
+        Ok(Self { inner: Mutex::new(inner) })
+    }
+
+    #[getter]
+    fn dim(&self) -> usize {
+        self.lock().dim()
+    }
+
+    #[getter]
+    fn center(&self) -> &'static str {
+        self.lock().center().as_str()
+    }
+
+    #[getter]
+    fn count(&self) -> u64 {
+        self.lock().count()
+    }
+
+    /// `x`: `[batch, seq, dim]`, float32 / float64, or uint16 bit patterns with `bits16` = "f16" | "bf16".
+    #[pyo3(signature = (x, bits16=None, mask=None))]
+    fn update(
+        &self,
+        py: Python<'_>,
+        x: &Bound<'_, PyAny>,
+        bits16: Option<&str>,
+        mask: Option<PyReadonlyArray1<'_, bool>>,
+    ) -> PyResult<()> {
+        let mask_slice = match &mask {
+            Some(m) => Some(contiguous(m, "mask")?),
+            None => None,
+        };
+        macro_rules! feed {
+            ($t:ty, $variant:path) => {{
+                let arr: PyReadonlyArray3<'_, $t> = x.extract()?;
+                let shape = arr.shape().to_vec();
+                let data = contiguous(&arr, "activations")?;
+                let batch = Batch {
+                    data: $variant(data),
+                    sequences: shape[0],
+                    seq_len: shape[1],
+                    dim: shape[2],
+                    mask: mask_slice,
+                };
+                py.detach(|| self.lock().update(&batch)).map_err(PyLowRankError)?;
+                Ok(())
+            }};
+        }
+        match bits16 {
+            None => {
+                if x.extract::<PyReadonlyArray3<'_, f32>>().is_ok() {
+                    feed!(f32, Elements::F32)
+                } else {
+                    feed!(f64, Elements::F64)
+                }
+            }
+            Some("f16") => feed!(u16, Elements::F16),
+            Some("bf16") => feed!(u16, Elements::Bf16),
+            Some(other) => Err(exceptions::DtypeError::new_err(format!(
+                "unknown 16-bit format {other:?}: expected \"f16\" or \"bf16\""
+            ))),
+        }
+    }
+
+    fn merge(&self, py: Python<'_>, other: &Bound<'_, CovarianceAccumulator>) -> PyResult<()> {
+        let other = other.get();
+        if std::ptr::eq(self, other) {
+            // Locking the same mutex twice would deadlock; merging with oneself doubles every sum.
+            let snapshot = self.lock().clone();
+            return py.detach(|| self.lock().merge(&snapshot)).map_err(|e| PyLowRankError(e).into());
+        }
+        let theirs = other.lock().clone();
+        py.detach(|| self.lock().merge(&theirs)).map_err(|e| PyLowRankError(e).into())
+    }
+
+    fn mean<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray1<f64>>> {
+        let mean = py.detach(|| self.lock().mean()).map_err(PyLowRankError)?;
+        Ok(mean.into_pyarray(py))
+    }
+
+    fn covariance<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray2<f64>>> {
+        let (dim, cov) = py.detach(|| {
+            let acc = self.lock();
+            (acc.dim(), acc.covariance())
+        });
+        let cov = cov.map_err(PyLowRankError)?;
+        Ok(cov.into_pyarray(py).reshape([dim, dim])?)
+    }
+}
+
+fn mat_ref<'a, T>(slice: &'a [T], shape: &[usize]) -> MatRef<'a, T> {
+    MatRef::from_row_major_slice(slice, shape[0], shape[1])
+}
+
+fn mat_to_numpy<'py, T: numpy::Element + Copy>(py: Python<'py>, m: &Mat<T>) -> PyResult<Bound<'py, PyArray2<T>>> {
+    let (r, c) = (m.nrows(), m.ncols());
+    let mut v = Vec::with_capacity(r * c);
+    for i in 0..r {
+        for j in 0..c {
+            v.push(m[(i, j)]);
+        }
+    }
+    Ok(v.into_pyarray(py).reshape([r, c])?)
+}
+
+type SvdTriple<'py, T> = (Bound<'py, PyArray2<T>>, Bound<'py, PyArray1<T>>, Bound<'py, PyArray2<T>>);
+
+fn svd_impl<'py, T: numpy::Element + rsvd::Real>(
+    py: Python<'py>,
+    a: PyReadonlyArray2<'py, T>,
+    opts: SvdOptions,
+) -> PyResult<SvdTriple<'py, T>> {
+    let shape = a.shape().to_vec();
+    let data = contiguous(&a, "matrix")?;
+    let svd = py.detach(|| rsvd::randomized_svd_dense(mat_ref(data, &shape), &opts)).map_err(PyLowRankError)?;
+    Ok((mat_to_numpy(py, &svd.u)?, svd.s.into_pyarray(py), mat_to_numpy(py, &svd.vt)?))
+}
+
+/// `a`: float32 or float64 `[m, n]`, C-contiguous. Returns `(u, s, vt)` in the input's dtype.
+#[pyfunction]
+#[pyo3(signature = (a, rank, oversample, power_iters, seed))]
+fn randomized_svd<'py>(
+    py: Python<'py>,
+    a: &Bound<'py, PyAny>,
+    rank: usize,
+    oversample: usize,
+    power_iters: usize,
+    seed: u64,
+) -> PyResult<Bound<'py, pyo3::types::PyTuple>> {
+    let opts = SvdOptions { rank, oversample, power_iters, seed };
+    if let Ok(a32) = a.extract::<PyReadonlyArray2<'py, f32>>() {
+        svd_impl(py, a32, opts)?.into_pyobject(py)
+    } else {
+        svd_impl(py, a.extract::<PyReadonlyArray2<'py, f64>>()?, opts)?.into_pyobject(py)
+    }
+}
+
+fn basis_impl<'py, T: numpy::Element + rsvd::Real>(
+    py: Python<'py>,
+    w: PyReadonlyArray2<'py, T>,
+    c: PyReadonlyArray2<'py, T>,
+    opts: SvdOptions,
+) -> PyResult<(Bound<'py, PyArray2<T>>, Bound<'py, PyArray1<T>>)> {
+    let (ws, cs) = (w.shape().to_vec(), c.shape().to_vec());
+    let (wd, cd) = (contiguous(&w, "weight")?, contiguous(&c, "covariance")?);
+    let (vt, s) = py
+        .detach(|| rsvd::task_aware_basis(mat_ref(wd, &ws), mat_ref(cd, &cs), &opts))
+        .map_err(PyLowRankError)?;
+    Ok((mat_to_numpy(py, &vt)?, s.into_pyarray(py)))
+}
+
+/// `weight` and `covariance`: both float32 or both float64, C-contiguous. Returns `(vt, s)` in that dtype.
+#[pyfunction]
+#[pyo3(signature = (weight, covariance, rank, oversample, power_iters, seed))]
+fn task_aware_basis<'py>(
+    py: Python<'py>,
+    weight: &Bound<'py, PyAny>,
+    covariance: &Bound<'py, PyAny>,
+    rank: usize,
+    oversample: usize,
+    power_iters: usize,
+    seed: u64,
+) -> PyResult<Bound<'py, pyo3::types::PyTuple>> {
+    let opts = SvdOptions { rank, oversample, power_iters, seed };
+    if let Ok(w32) = weight.extract::<PyReadonlyArray2<'py, f32>>() {
+        basis_impl(py, w32, covariance.extract()?, opts)?.into_pyobject(py)
+    } else {
+        basis_impl(py, weight.extract::<PyReadonlyArray2<'py, f64>>()?, covariance.extract()?, opts)?.into_pyobject(py)
+    }
+}
+
+#[pyfunction]
+#[pyo3(signature = (scores, budget, min_rank, max_rank, per_module_max, multiple_of))]
+fn allocate_ranks(
+    scores: Vec<f64>,
+    budget: usize,
+    min_rank: usize,
+    max_rank: Option<usize>,
+    per_module_max: Option<Vec<usize>>,
+    multiple_of: usize,
+) -> PyResult<Vec<usize>> {
+    let max = match (&per_module_max, max_rank) {
+        (Some(list), _) => MaxRank::PerModule(list),
+        (None, Some(m)) => MaxRank::Uniform(m),
+        (None, None) => MaxRank::Unbounded,
+    };
+    Ok(allocate::allocate_ranks(&scores, budget, min_rank, max, multiple_of).map_err(PyLowRankError)?)
+}
+
+#[pyfunction]
+fn allocate_alphas(scores: Vec<f64>, alpha: f64) -> PyResult<Vec<f64>> {
+    Ok(allocate::allocate_alphas(&scores, alpha).map_err(PyLowRankError)?)
+}
+
+/// `tensors`: `(name, dtype, shape, bytes)` with `bytes` a C-contiguous uint8 view of the data.
+#[pyfunction]
+fn write_adapter(
+    py: Python<'_>,
+    dir: PathBuf,
+    tensors: Vec<(String, String, Vec<usize>, PyReadonlyArray1<'_, u8>)>,
+    config_json: &str,
+) -> PyResult<()> {
+    let mut dtypes = Vec::with_capacity(tensors.len());
+    for (name, dtype, _, _) in &tensors {
+        let dt: DType = dtype
+            .parse()
+            .map_err(|e: Error| PyLowRankError(Error::Dtype(format!("tensor {name:?}: {e}"))))?;
+        dtypes.push(dt);
+    }
+    let mut views = Vec::with_capacity(tensors.len());
+    for ((name, _, shape, bytes), dtype) in tensors.iter().zip(dtypes) {
+        views.push(TensorView { name, dtype, shape, data: contiguous(bytes, "tensor bytes")? });
+    }
+    py.detach(|| package::write_adapter(&dir, &views, config_json)).map_err(PyLowRankError)?;
+    Ok(())
+}
+
+type RawTensor<'py> = (String, &'static str, Vec<usize>, Bound<'py, PyBytes>);
+
+/// Returns `([(name, dtype, shape, bytes)], config_json)`.
+#[pyfunction]
+fn read_adapter<'py>(py: Python<'py>, dir: PathBuf) -> PyResult<(Vec<RawTensor<'py>>, String)> {
+    let adapter = py.detach(|| package::read_adapter(&dir)).map_err(PyLowRankError)?;
+    let tensors = adapter
+        .tensors
+        .into_iter()
+        .map(|(name, t)| (name, t.dtype.name(), t.shape, PyBytes::new(py, &t.data)))
+        .collect();
+    Ok((tensors, adapter.config_json))
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add_class::<CovarianceAccumulator>()?;
+    m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(randomized_svd, m)?)?;
+    m.add_function(wrap_pyfunction!(task_aware_basis, m)?)?;
+    m.add_function(wrap_pyfunction!(allocate_ranks, m)?)?;
+    m.add_function(wrap_pyfunction!(allocate_alphas, m)?)?;
+    m.add_function(wrap_pyfunction!(write_adapter, m)?)?;
+    m.add_function(wrap_pyfunction!(read_adapter, m)?)?;
+    Ok(())
+}
