@@ -34,3 +34,37 @@ __all__ = [
     "get_num_threads",
     "set_num_threads",
 ]
+
+# Adapters on torch models. Imported after the core names: these modules import torch.
+from .attach import (  # noqa: E402
+    TargetError,
+    adapter_config,
+    adapter_state,
+    attach,
+    load_adapter,
+    lora_layers,
+    merge,
+    save_adapter,
+    trainable_parameters,
+    unmerge,
+)
+from .config import ConfigError, LoraConfig, TLoraConfig  # noqa: E402
+from .nn import AdapterStateError, LoraLinear  # noqa: E402
+
+__all__ += [
+    "AdapterStateError",
+    "ConfigError",
+    "LoraConfig",
+    "LoraLinear",
+    "TLoraConfig",
+    "TargetError",
+    "adapter_config",
+    "adapter_state",
+    "attach",
+    "load_adapter",
+    "lora_layers",
+    "merge",
+    "save_adapter",
+    "trainable_parameters",
+    "unmerge",
+]

@@ -1,0 +1,243 @@
+"""Validated configs for the adapter methods, with a JSON round trip.
+
+Configs are frozen dataclasses: a config that exists is valid, and ``dataclasses.replace`` builds a changed copy that
+is validated again. Sequences are stored as tuples so that a config can be hashed and compared; ``to_dict`` turns them
+back into lists for JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import numbers
+import re
+from typing import Any, ClassVar, Dict, Mapping, Optional, Sequence, Tuple, Type, TypeVar, Union
+
+from .errors import LowRankError
+
+__all__ = ["ConfigError", "LoraConfig", "TLoraConfig", "config_from_dict"]
+
+C = TypeVar("C", bound="LoraConfig")
+
+TargetSpec = Union[str, Sequence[str]]
+
+
+class ConfigError(LowRankError, ValueError):
+    """A config field with a value it cannot take, or a config mapping with unknown or missing keys."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Plain LoRA (METHODS.md §1): ``y = W0 x + γ B A x`` on every target ``nn.Linear``.
+
+    - ``target_modules``: module-name suffixes (a module ``m`` matches ``t`` when ``m == t`` or ``m`` ends with
+      ``"." + t``), or one regex string matched with ``re.fullmatch`` against the full module name — PEFT's rules.
+    - ``r``, ``alpha``: rank and scale; ``γ = alpha / r``, or ``alpha / sqrt(r)`` with ``use_rslora``.
+    - ``dropout``: dropout on the adapter's input only.
+    - ``modules_to_save``: modules (matched like list targets) that train in full and are saved whole, e.g. a
+      classifier head.
+    - ``bias``: only ``"none"``; kept so that the field PEFT users know is refused rather than ignored.
+    - ``init_seed``: seeds the Kaiming init of ``A`` for reproducible adapters; ``None`` uses torch's global RNG.
+    """
+
+    method: ClassVar[str] = "lora"
+
+    target_modules: TargetSpec
+    r: int = 8
+    alpha: float = 16.0
+    use_rslora: bool = False
+    dropout: float = 0.0
+    modules_to_save: Sequence[str] = ()
+    bias: str = "none"
+    init_seed: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        self._set("target_modules", _target_spec(self.target_modules))
+        self._set("r", _int(self.r, "r", minimum=1))
+        self._set("alpha", _positive_float(self.alpha, "alpha"))
+        self._set("use_rslora", _bool(self.use_rslora, "use_rslora"))
+        dropout = _float(self.dropout, "dropout")
+        if not 0.0 <= dropout < 1.0:
+            raise ConfigError(f"dropout must lie in [0, 1), got {dropout}")
+        self._set("dropout", dropout)
+        self._set("modules_to_save", _names(self.modules_to_save, "modules_to_save"))
+        if self.bias != "none":
+            raise ConfigError(
+                f"bias must be 'none' (adapters never train the base layer's bias), got {self.bias!r}; "
+                "to train a bias, list its module in modules_to_save"
+            )
+        if self.init_seed is not None:
+            self._set("init_seed", _int(self.init_seed, "init_seed", minimum=0))
+
+    def scaling_for(self, rank: int) -> float:
+        """γ for a module of ``rank``, computed with PEFT's expression so the two agree bit for bit."""
+        return self.alpha / math.sqrt(rank) if self.use_rslora else self.alpha / rank
+
+    def to_dict(self) -> Dict[str, Any]:
+        out: Dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    @classmethod
+    def from_dict(cls: Type[C], data: Mapping[str, Any]) -> C:
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{cls.__name__}.from_dict needs a mapping, not {type(data).__name__}")
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(data) - set(valid))
+        if unknown:
+            raise ConfigError(f"unknown {cls.__name__} field(s) {unknown}; valid fields: {valid}")
+        required = [
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        ]
+        missing = [name for name in required if name not in data]
+        if missing:
+            raise ConfigError(f"{cls.__name__} needs field(s) {missing}")
+        return cls(**dict(data))
+
+    def to_json(self, **kwargs: Any) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    @classmethod
+    def from_json(cls: Type[C], text: str) -> C:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{cls.__name__}.from_json: not valid JSON: {e}") from None
+        return cls.from_dict(data)
+
+    def _set(self, name: str, value: Any) -> None:
+        # Frozen dataclasses only allow normalisation in __post_init__ through object.__setattr__.
+        object.__setattr__(self, name, value)
+
+
+@dataclasses.dataclass(frozen=True)
+class TLoraConfig(LoraConfig):
+    """TLoRA (METHODS.md §2): task-aware frozen ``A``, budgeted rank and scale per module.
+
+    - ``budget``: total rank over the ``N`` target modules; ``None`` means ``r × N`` (LoRA's parameter count).
+    - ``min_rank``, ``max_rank``, ``multiple_of``: bounds and rounding of each module's rank; rank 0 (allowed with
+      ``min_rank=0``) leaves a module without adapter.
+    - ``center``: covariance centring, ``"sequence"`` (the reference's), ``"global"`` or ``"none"``.
+    - ``num_examples``: calibration examples; ``count_prompt_tokens``: whether tokens labelled -100 enter ``C``.
+    - ``scaling``: ``"reference"`` gives ``γ_i = α_i / r`` with the base ``r`` (what the reference computes),
+      ``"per_rank"`` gives ``γ_i = α_i / r_i``.
+    - ``train_a``: train ``A`` too (the paper freezes it; the released code forgot to).
+    - ``oversample``, ``power_iters``: randomized SVD settings for the basis.
+    - ``per_example_scores``: sensitivity per example (batch size 1), as the reference, or per batch.
+    """
+
+    method: ClassVar[str] = "tlora"
+
+    budget: Optional[int] = None
+    min_rank: int = 1
+    max_rank: Optional[int] = None
+    multiple_of: int = 1
+    center: str = "sequence"
+    num_examples: int = 32
+    count_prompt_tokens: bool = True
+    scaling: str = "reference"
+    train_a: bool = False
+    oversample: int = 10
+    power_iters: int = 4
+    per_example_scores: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.budget is not None:
+            self._set("budget", _int(self.budget, "budget", minimum=1))
+        self._set("min_rank", _int(self.min_rank, "min_rank", minimum=0))
+        if self.max_rank is not None:
+            max_rank = _int(self.max_rank, "max_rank", minimum=1)
+            if max_rank < self.min_rank:
+                raise ConfigError(f"max_rank ({max_rank}) must be at least min_rank ({self.min_rank})")
+            self._set("max_rank", max_rank)
+        self._set("multiple_of", _int(self.multiple_of, "multiple_of", minimum=1))
+        self._set("center", _choice(self.center, "center", ("sequence", "global", "none")))
+        self._set("num_examples", _int(self.num_examples, "num_examples", minimum=1))
+        self._set("count_prompt_tokens", _bool(self.count_prompt_tokens, "count_prompt_tokens"))
+        self._set("scaling", _choice(self.scaling, "scaling", ("reference", "per_rank")))
+        self._set("train_a", _bool(self.train_a, "train_a"))
+        self._set("oversample", _int(self.oversample, "oversample", minimum=0))
+        self._set("power_iters", _int(self.power_iters, "power_iters", minimum=0))
+        self._set("per_example_scores", _bool(self.per_example_scores, "per_example_scores"))
+
+
+_CONFIGS: Dict[str, Type[LoraConfig]] = {LoraConfig.method: LoraConfig, TLoraConfig.method: TLoraConfig}
+
+
+def config_from_dict(method: str, data: Mapping[str, Any]) -> LoraConfig:
+    """The config of ``method`` (``"lora"`` or ``"tlora"``) from its ``to_dict`` form, as adapter files store it."""
+    if method not in _CONFIGS:
+        raise ConfigError(f"unknown adapter method {method!r}; known: {sorted(_CONFIGS)}")
+    return _CONFIGS[method].from_dict(data)
+
+
+def _target_spec(value: Any) -> Union[str, Tuple[str, ...]]:
+    if isinstance(value, str):
+        if not value:
+            raise ConfigError("target_modules must not be an empty regex")
+        try:
+            re.compile(value)
+        except re.error as e:
+            raise ConfigError(
+                f"target_modules is a string, so it is a regex, and {value!r} does not compile: {e}"
+            ) from None
+        return value
+    names = _names(value, "target_modules")
+    if not names:
+        raise ConfigError("target_modules must name at least one module (a list of name suffixes or a regex string)")
+    return names
+
+
+def _names(value: Any, name: str) -> Tuple[str, ...]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise ConfigError(f"{name} must be a list of module names, not {type(value).__name__} {value!r}")
+    out = []
+    for item in value:
+        if not isinstance(item, str) or not item:
+            raise ConfigError(f"{name} must hold non-empty strings, got {item!r}")
+        out.append(item)
+    if len(set(out)) != len(out):
+        raise ConfigError(f"{name} lists a name twice: {out}")
+    return tuple(out)
+
+
+def _int(value: Any, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ConfigError(f"{name} must be an integer, not {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}, got {value}")
+    return int(value)
+
+
+def _float(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ConfigError(f"{name} must be a number, not {type(value).__name__} {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ConfigError(f"{name} must be finite, got {value}")
+    return value
+
+
+def _positive_float(value: Any, name: str) -> float:
+    value = _float(value, name)
+    if value <= 0:
+        raise ConfigError(f"{name} must be positive, got {value}")
+    return value
+
+
+def _bool(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} must be true or false, not {type(value).__name__} {value!r}")
+    return value
+
+
+def _choice(value: Any, name: str, choices: Tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {list(choices)}, got {value!r}")
+    return value

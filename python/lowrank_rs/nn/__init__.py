@@ -1,0 +1,5 @@
+"""Adapter modules, each wrapping a base layer and keeping it as ``base_layer``."""
+
+from .lora import AdapterStateError, LoraLinear
+
+__all__ = ["AdapterStateError", "LoraLinear"]
