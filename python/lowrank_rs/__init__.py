@@ -48,11 +48,13 @@ from .attach import (  # noqa: E402
     trainable_parameters,
     unmerge,
 )
+from .calibrate import CalibrationPlan, calibrate  # noqa: E402
 from .config import ConfigError, LoraConfig, TLoraConfig  # noqa: E402
 from .nn import AdapterStateError, LoraLinear  # noqa: E402
 
 __all__ += [
     "AdapterStateError",
+    "CalibrationPlan",
     "ConfigError",
     "LoraConfig",
     "LoraLinear",
@@ -61,6 +63,7 @@ __all__ += [
     "adapter_config",
     "adapter_state",
     "attach",
+    "calibrate",
     "load_adapter",
     "lora_layers",
     "merge",

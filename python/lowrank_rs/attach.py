@@ -90,13 +90,17 @@ class _Attachment:
 
 def attach(
     model: nn.Module,
-    config: LoraConfig,
+    config: Any,
     *,
     ranks: Optional[Mapping[str, int]] = None,
     scales: Optional[Mapping[str, float]] = None,
     init_a: Optional[Mapping[str, Any]] = None,
 ) -> nn.Module:
     """Wrap every target ``nn.Linear`` of ``model`` in a :class:`~lowrank_rs.nn.LoraLinear`, in place.
+
+    ``config``: a :class:`~lowrank_rs.config.LoraConfig` / :class:`~lowrank_rs.config.TLoraConfig`, or a
+    :class:`~lowrank_rs.calibrate.CalibrationPlan`, which supplies the config, ``ranks``, ``scales`` and ``init_a``
+    itself and must cover every target of its config.
 
     Afterwards only adapter parameters and ``modules_to_save`` require grad (``A`` stays frozen for a
     :class:`~lowrank_rs.config.TLoraConfig` with ``train_a=False``). Per-module overrides are keyed by full module
@@ -113,14 +117,27 @@ def attach(
     """
     if not isinstance(model, nn.Module):
         raise LowRankError(f"attach needs a torch.nn.Module, not {type(model).__name__}")
+    # A plan is recognised by what it provides rather than by its class: calibrate depends on attach, not back.
+    from_plan = not isinstance(config, LoraConfig) and callable(getattr(config, "attach_arguments", None))
+    if from_plan:
+        if ranks is not None or scales is not None or init_a is not None:
+            raise LowRankError("attach(model, plan) takes ranks, scales and init_a from the plan; pass none of them")
+        config, ranks, scales, init_a = config.attach_arguments()
     if not isinstance(config, LoraConfig):
-        raise LowRankError(f"attach needs a LoraConfig or TLoraConfig, not {type(config).__name__}")
+        raise LowRankError(f"attach needs a LoraConfig, TLoraConfig or CalibrationPlan, not {type(config).__name__}")
     if getattr(model, _STATE_ATTR, None) is not None or lora_layers(model):
         raise AdapterStateError("this model already has LoRA adapters attached; attach to a fresh copy of the model")
 
     modules = dict(model.named_modules())
     keep = _resolve_modules_to_save(modules, config.modules_to_save)
     targets = _resolve_targets(modules, config.target_modules, keep, type(model).__name__)
+    if from_plan:
+        uncovered = [name for name in targets if name not in ranks]
+        if uncovered:
+            raise TargetError(
+                f"the calibration plan has no entry for target {uncovered[0]!r} ({len(uncovered)} in all); "
+                "was it calibrated on another model? Calibrate this one"
+            )
     ranks = _per_module(ranks, "ranks", targets, _rank_value)
     scales = _per_module(scales, "scales", targets, _scale_value)
     init_a = _per_module(init_a, "init_a", targets, lambda v, _name: v)

@@ -47,7 +47,13 @@ fn pool() -> Arc<rayon::ThreadPool> {
                 .map(Arc::new)
                 .unwrap_or_else(|_| {
                     // A pool that cannot spawn threads (exhausted limits) still runs the work on the caller.
-                    Arc::new(rayon::ThreadPoolBuilder::new().num_threads(1).use_current_thread().build().expect("single-thread pool"))
+                    Arc::new(
+                        rayon::ThreadPoolBuilder::new()
+                            .num_threads(1)
+                            .use_current_thread()
+                            .build()
+                            .expect("single-thread pool"),
+                    )
                 });
             // An old pool from before a fork has no live threads; dropping it would try to join them, so leak it.
             if let Some(old) = guard.take() {

@@ -59,7 +59,6 @@ impl From<PyLowRankError> for PyErr {
     }
 }
 
-
 fn shape_error(msg: String) -> PyErr {
     exceptions::ShapeError::new_err(msg)
 }
@@ -247,9 +246,8 @@ fn basis_impl<'py, T: numpy::Element + rsvd::Real>(
 ) -> PyResult<(Bound<'py, PyArray2<T>>, Bound<'py, PyArray1<T>>)> {
     let (ws, cs) = (w.shape().to_vec(), c.shape().to_vec());
     let (wd, cd) = (contiguous(&w, "weight")?, contiguous(&c, "covariance")?);
-    let (vt, s) = py
-        .detach(|| rsvd::task_aware_basis(mat_ref(wd, &ws), mat_ref(cd, &cs), &opts))
-        .map_err(PyLowRankError)?;
+    let (vt, s) =
+        py.detach(|| rsvd::task_aware_basis(mat_ref(wd, &ws), mat_ref(cd, &cs), &opts)).map_err(PyLowRankError)?;
     Ok((mat_to_numpy(py, &vt)?, s.into_pyarray(py)))
 }
 
@@ -306,9 +304,8 @@ fn write_adapter(
 ) -> PyResult<()> {
     let mut dtypes = Vec::with_capacity(tensors.len());
     for (name, dtype, _, _) in &tensors {
-        let dt: DType = dtype
-            .parse()
-            .map_err(|e: Error| PyLowRankError(Error::Dtype(format!("tensor {name:?}: {e}"))))?;
+        let dt: DType =
+            dtype.parse().map_err(|e: Error| PyLowRankError(Error::Dtype(format!("tensor {name:?}: {e}"))))?;
         dtypes.push(dt);
     }
     let mut views = Vec::with_capacity(tensors.len());

@@ -1,0 +1,1114 @@
+"""TLoRA calibration (METHODS.md §2): input covariances and sensitivity scores → ranks, scales and a frozen ``A``.
+
+``calibrate(model, batches, config)`` runs the model on a few training examples and returns a
+:class:`CalibrationPlan`; ``lowrank_rs.attach(model, plan)`` then wraps every target with ``A`` from the plan and
+``B = 0``. The pipeline has two stages, each usable on its own:
+
+- :func:`collect_statistics` runs the model once per example (once per batch with ``per_example_scores=False``),
+  forward and backward. Forward hooks hand each target's input to a core :class:`~lowrank_rs.linalg.
+  CovarianceAccumulator` on a background thread; hooks on the target outputs reduce ``Σ|W ⊙ Gᵀ X|`` during the
+  backward pass.
+- :func:`build_plan` turns those statistics into integer ranks (:func:`~lowrank_rs.linalg.allocate_ranks`), scales
+  (:func:`~lowrank_rs.linalg.allocate_alphas`) and bases (:func:`~lowrank_rs.linalg.task_aware_basis`).
+
+The model is left as it was: hooks removed, ``requires_grad`` flags and train/eval modes restored, no ``.grad``
+written. It must not modify a target's input in place after the target has read it (no transformers model does).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+import os
+import queue
+import re
+import threading
+import warnings
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from ._core import __version__
+from .attach import _nearest, _resolve_modules_to_save, _resolve_targets, lora_layers
+from .config import ConfigError, TLoraConfig
+from .errors import AdapterFormatError, EmptyInputError, InfeasibleError, LowRankError, ShapeError
+from .linalg import CovarianceAccumulator, allocate_alphas, allocate_ranks, task_aware_basis
+from .nn.lora import AdapterStateError
+from .package import read_adapter, write_adapter
+
+__all__ = [
+    "CalibrationPlan",
+    "CalibrationStatistics",
+    "ModulePlan",
+    "build_plan",
+    "calibrate",
+    "collect_statistics",
+]
+
+PathLike = Union[str, "os.PathLike[str]"]
+LossFn = Callable[[Any, Mapping[str, Any]], torch.Tensor]
+
+PLAN_FORMAT = "lowrank_rs.calibration_plan"
+PLAN_FORMAT_VERSION = 1
+
+# ‖W·C‖²_F costs d_out·d_in² multiply-adds exactly: several times the randomized SVD itself on a 7B model's MLP.
+# Above this many, the part of W·C outside A's row space is estimated instead (Hutch++-style, see _captured_energy).
+_EXACT_ENERGY_LIMIT = 1 << 30
+_ENERGY_PROBES = 64
+# Forwards whose activations may wait for the covariance thread; bounds host memory while letting the model run on.
+_QUEUE_FORWARDS = 2
+_IGNORE_INDEX = -100
+
+
+# --- statistics -----------------------------------------------------------------------------------------------------
+
+
+class CalibrationStatistics:
+    """What :func:`collect_statistics` measured: per-module input covariances and sensitivity scores.
+
+    Modules that read the same tensor share one accumulator (``accumulator(name)`` returns the same object for
+    them; :attr:`shared` lists the groups). ``scores[name]`` is ``mean over examples of Σ|W ⊙ ∂L/∂W| / |W|``.
+    """
+
+    def __init__(
+        self,
+        modules: Sequence[str],
+        shapes: Mapping[str, Tuple[int, int]],
+        accumulators: Sequence[Tuple[Tuple[str, ...], CovarianceAccumulator]],
+        scores: Mapping[str, float],
+        num_examples: int,
+        num_tokens: int,
+    ) -> None:
+        self.modules: Tuple[str, ...] = tuple(modules)
+        self.shapes: Dict[str, Tuple[int, int]] = dict(shapes)
+        self.scores: Dict[str, float] = dict(scores)
+        self.num_examples = num_examples
+        self.num_tokens = num_tokens
+        self._accumulators = list(accumulators)
+        self._merged: Dict[str, CovarianceAccumulator] = {}
+
+    @property
+    def shared(self) -> List[Tuple[str, ...]]:
+        """The groups of modules (two or more) whose covariance came from one shared accumulator."""
+        return [readers for readers, _ in self._accumulators if len(readers) > 1]
+
+    def accumulator(self, name: str) -> CovarianceAccumulator:
+        """The accumulator holding ``name``'s input statistics (shared with the modules that read the same tensor)."""
+        if name not in self.shapes:
+            raise LowRankError(f"no statistics for module {name!r}; nearest: {_nearest(name, self.modules)}")
+        mine = [acc for readers, acc in self._accumulators if name in readers]
+        if len(mine) == 1:
+            return mine[0]
+        # A module that read tensors together with different modules in different forwards, or several token tensors
+        # per forward, has its statistics spread over several accumulators; merging them is exact.
+        if name not in self._merged:
+            merged = CovarianceAccumulator(mine[0].dim, mine[0].center)
+            for acc in mine:
+                merged.merge(acc)
+            self._merged[name] = merged
+        return self._merged[name]
+
+    def covariance(self, name: str) -> np.ndarray:
+        """float64 ``[d_in, d_in]``: the covariance of ``name``'s input tokens."""
+        return self.accumulator(name).covariance()
+
+    def __repr__(self) -> str:
+        return (
+            f"CalibrationStatistics({len(self.modules)} modules, {len(self._accumulators)} accumulators, "
+            f"{self.num_examples} examples, {self.num_tokens} tokens)"
+        )
+
+
+def collect_statistics(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, Any]],
+    config: TLoraConfig,
+    *,
+    loss_fn: Optional[LossFn] = None,
+    progress: bool = True,
+) -> CalibrationStatistics:
+    """Run ``model`` on up to ``config.num_examples`` examples and measure each target's covariance and score.
+
+    ``batches``: dicts of tensors as the model takes them (``input_ids``, ``attention_mask``, ``labels``, ...), on any
+    device; they are moved to the model's. Padding (``attention_mask == 0``) never enters a covariance; with
+    ``count_prompt_tokens=False`` neither do tokens labelled -100 (``labels`` must then be token-aligned, as causal-LM
+    labels are). A batch without ``attention_mask`` is all tokens. The loss is ``outputs.loss``, or
+    ``loss_fn(outputs, batch)``. See :func:`calibrate` for the rest.
+    """
+    _check_config(config)
+    if loss_fn is not None and not callable(loss_fn):
+        raise LowRankError(f"loss_fn must be callable as loss_fn(outputs, batch), not {type(loss_fn).__name__}")
+    targets = _targets(model, config)
+    with _Session(model, targets, config, loss_fn) as session:
+        session.run(batches, progress)
+        return session.statistics()
+
+
+class _Session:
+    """One calibration run: owns the hooks, the covariance thread and the model state it must restore."""
+
+    def __init__(
+        self, model: nn.Module, targets: Mapping[str, nn.Linear], config: TLoraConfig, loss_fn: Optional[LossFn]
+    ) -> None:
+        self.model = model
+        self.targets = dict(targets)
+        self.names = {id(m): n for n, m in self.targets.items()}
+        self.config = config
+        self.loss_fn = loss_fn
+        self.accumulators: Dict[Tuple[Tuple[str, ...], str], CovarianceAccumulator] = {}
+        self.score_parts: Dict[str, List[torch.Tensor]] = {n: [] for n in self.targets}
+        self.seen: Dict[str, bool] = dict.fromkeys(self.targets, False)
+        self.warned: Dict[str, bool] = {}
+        self.num_examples = 0
+        self.num_tokens = 0
+        self.forward: Optional[_Forward] = None
+        self.worker = _CovarianceWorker()
+        self.handles: List[Any] = []
+        self.device = _device(model)
+        try:
+            params = inspect.signature(model.forward).parameters
+        except (TypeError, ValueError):
+            params = {}
+        # A KV cache would be built on every forward and never read.
+        self.extra_kwargs = {"use_cache": False} if "use_cache" in params else {}
+
+    def __enter__(self) -> _Session:
+        self.modes = {m: m.training for m in self.model.modules()}
+        self.flags = {p: p.requires_grad for p in self.model.parameters()}
+        try:
+            # Dropout off; and no parameter requires grad, so backward never allocates a weight gradient: each
+            # module's gradient is formed from its own Gᵀ X and reduced at once (the memory rule of METHODS.md §2).
+            self.model.eval()
+            for p in self.flags:
+                p.requires_grad_(False)
+            for module in self.targets.values():
+                self.handles.append(module.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
+                self.handles.append(module.register_forward_hook(self._post_hook, with_kwargs=True))
+            self.worker.start()
+        except BaseException:
+            self._restore(failed=True)
+            raise
+        return self
+
+    def __exit__(self, kind: Any, value: Any, tb: Any) -> None:
+        self._restore(failed=kind is not None)
+
+    def _restore(self, failed: bool) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+        for p, flag in self.flags.items():
+            p.requires_grad_(flag)
+        for m, mode in self.modes.items():
+            m.training = mode
+        self.forward = None
+        self.worker.stop(discard=failed)
+
+    # -- driving the model ------------------------------------------------------------------------------------------
+
+    def run(self, batches: Iterable[Mapping[str, Any]], progress: bool) -> None:
+        from tqdm.auto import tqdm
+
+        if isinstance(batches, Mapping):
+            raise LowRankError("batches must be an iterable of batch dicts, not one dict; wrap it in a list")
+        limit = self.config.num_examples
+        bar = tqdm(total=limit, unit="example", desc="TLoRA calibration", disable=not progress, leave=False)
+        with bar, torch.inference_mode(False), torch.enable_grad():
+            for batch in _take_examples(batches, limit):
+                if self.config.per_example_scores:
+                    for i in range(batch.rows):
+                        self._step(batch.select(i, i + 1), weight=1.0)
+                else:
+                    self._step(batch, weight=float(batch.rows))
+                self.num_examples += batch.rows
+                bar.update(batch.rows)
+        if self.num_examples == 0:
+            raise EmptyInputError("batches is empty: calibration needs at least one example")
+        self.worker.finish()
+        never = [n for n, seen in self.seen.items() if not seen]
+        if never:
+            raise LowRankError(
+                f"{len(never)} target module(s) never ran during calibration, e.g. {never[0]!r}: "
+                "they have no input statistics; leave them out of target_modules"
+            )
+
+    def _step(self, batch: _Batch, weight: float) -> None:
+        batch = batch.trimmed()
+        mask = batch.token_mask(self.config.count_prompt_tokens)
+        self.num_tokens += int(mask.sum())
+        inputs = {k: v.detach().to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.data.items()}
+        self.forward = _Forward(batch.rows, batch.seq_len, mask)
+        try:
+            outputs = self.model(**{**self.extra_kwargs, **inputs})
+            loss = self._loss(outputs, inputs)
+            self.worker.submit(self.forward.covariance_updates(self._accumulator))
+            self.forward.drop_reads()
+            if not loss.requires_grad:
+                raise LowRankError(
+                    "the loss does not depend on any target module's output, so no sensitivity score can be computed"
+                )
+            self.forward.weight = weight
+            loss.backward()
+            for name in list(self.forward.inputs):
+                self._reduce(name)
+        finally:
+            self.forward = None
+
+    def _loss(self, outputs: Any, batch: Mapping[str, Any]) -> torch.Tensor:
+        if self.loss_fn is not None:
+            loss = self.loss_fn(outputs, batch)
+            where = "loss_fn(outputs, batch)"
+        else:
+            loss = outputs.get("loss") if isinstance(outputs, Mapping) else getattr(outputs, "loss", None)
+            where = "the model's outputs.loss"
+            if loss is None:
+                raise LowRankError(
+                    f"{type(self.model).__name__} returned no loss: put labels in the calibration batches, or pass "
+                    "loss_fn=lambda outputs, batch: ... to calibrate"
+                )
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.is_floating_point():
+            raise LowRankError(f"{where} must be a scalar floating-point tensor, got {_describe(loss)}")
+        if not torch.isfinite(loss.detach()).all():
+            raise LowRankError(f"{where} is {loss.item()} on a calibration example; scores need a finite loss")
+        return loss.reshape(())
+
+    def _accumulator(self, readers: Tuple[str, ...], center: str, dim: int) -> CovarianceAccumulator:
+        key = (readers, center)
+        if key not in self.accumulators:
+            self.accumulators[key] = CovarianceAccumulator(dim, center)
+        return self.accumulators[key]
+
+    # -- hooks ------------------------------------------------------------------------------------------------------
+
+    def _pre_hook(self, module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+        forward = self.forward
+        if forward is None or not torch.is_grad_enabled():
+            return None
+        x, put = _linear_input(args, kwargs)
+        if x is None or x.requires_grad:
+            return None
+        # With no parameter requiring grad, nothing upstream of the first targets carries a graph; a leaf here lets
+        # the backward pass reach every target output. Readers of one tensor share one leaf.
+        key = _tensor_key(x)
+        leaf = forward.leaves.get(key)
+        if leaf is None:
+            leaf = forward.leaves[key] = x.detach().requires_grad_(True)
+        return put(leaf)
+
+    def _post_hook(self, module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any], output: Any) -> None:
+        forward = self.forward
+        if forward is None:
+            return
+        name = self.names[id(module)]
+        x, _ = _linear_input(args, kwargs)
+        if x is None:
+            return
+        self.seen[name] = True
+        if not forward.read(name, x, self._center_for(x, forward)):
+            self._warn_not_tokens(name, x, forward)
+        if isinstance(output, torch.Tensor) and output.requires_grad:
+            call = len(forward.inputs.setdefault(name, []))
+            forward.inputs[name].append(x)
+            output.register_hook(lambda g, name=name, call=call: self._on_grad(name, call, g))
+
+    def _center_for(self, x: torch.Tensor, forward: _Forward) -> Optional[str]:
+        lead = tuple(x.shape[:-1])
+        if lead == (forward.rows, forward.seq_len):
+            return self.config.center
+        if lead == (forward.rows,):
+            # One row per example (BERT's pooler): a one-token "sequence" centred on itself is zero, so such a module
+            # is centred on the mean over examples instead.
+            return "global" if self.config.center == "sequence" else self.config.center
+        return None
+
+    def _warn_not_tokens(self, name: str, x: torch.Tensor, forward: _Forward) -> None:
+        if self.warned.get(name):
+            return
+        self.warned[name] = True
+        warnings.warn(
+            f"{name!r} was also called on a tensor of shape {tuple(x.shape)}, which does not line up with the batch's "
+            f"[{forward.rows}, {forward.seq_len}] tokens (e.g. DeBERTa's relative position embeddings); those calls "
+            "count towards its sensitivity score but not its covariance",
+            stacklevel=2,
+        )
+
+    def _on_grad(self, name: str, call: int, grad: torch.Tensor) -> None:
+        forward = self.forward
+        if forward is None:
+            return
+        grads = forward.grads.setdefault(name, {})
+        grads[call] = grad
+        if len(grads) == len(forward.inputs.get(name, ())):
+            self._reduce(name)
+
+    def _reduce(self, name: str) -> None:
+        """Add this example's ``Σ|W ⊙ ∂L/∂W|`` to the module's score; the ``[d_out, d_in]`` gradient lives only here."""
+        forward = self.forward
+        assert forward is not None
+        inputs = forward.inputs.pop(name, [])
+        grads = forward.grads.pop(name, {})
+        if not grads:
+            return  # this module's output did not reach the loss on this example: it adds zero
+        weight = self.targets[name].weight
+        d_out, d_in = weight.shape
+        # ∂L/∂W = Σ_calls Gᵀ X; concatenating the calls' tokens makes it one product, one [d_out, d_in] buffer.
+        xs = torch.cat([inputs[c].detach().reshape(-1, d_in).float() for c in sorted(grads)])
+        gs = torch.cat([grads[c].reshape(-1, d_out).float() for c in sorted(grads)])
+        product = gs.T @ xs
+        del xs, gs
+        product.mul_(weight.detach())
+        # float64 sums where the device has them (MPS does not).
+        total_dtype = torch.float32 if weight.device.type == "mps" else torch.float64
+        score = product.abs_().sum(dtype=total_dtype)
+        del product
+        self.score_parts[name].append(score * forward.weight)
+
+    def statistics(self) -> CalibrationStatistics:
+        shapes = {n: (m.out_features, m.in_features) for n, m in self.targets.items()}
+        scores: Dict[str, float] = {}
+        for name, parts in self.score_parts.items():
+            total = float(torch.stack([p.double().cpu() for p in parts]).sum()) if parts else 0.0
+            d_out, d_in = shapes[name]
+            scores[name] = total / (d_out * d_in) / self.num_examples
+        accumulators = [(readers, acc) for (readers, _), acc in self.accumulators.items()]
+        empty = [n for n in self.targets if not any(n in r and acc.count > 0 for r, acc in accumulators)]
+        if empty:
+            raise EmptyInputError(
+                f"no token of the calibration data reached {empty[0]!r} ({len(empty)} module(s) in all): every token "
+                "was padding" + ("" if self.config.count_prompt_tokens else " or a prompt token (label -100)")
+            )
+        return CalibrationStatistics(
+            list(self.targets), shapes, accumulators, scores, self.num_examples, self.num_tokens
+        )
+
+
+@dataclasses.dataclass
+class _Read:
+    """A tensor some targets read during one forward, and the modules that read it."""
+
+    source: torch.Tensor  # held so its memory is not reused within the forward: identity is its address
+    host: torch.Tensor
+    mask: Optional[np.ndarray]
+    center: str
+    readers: Dict[str, None]
+
+
+class _Forward:
+    """Per-forward bookkeeping of the hooks."""
+
+    def __init__(self, rows: int, seq_len: int, mask: np.ndarray) -> None:
+        self.rows = rows
+        self.seq_len = seq_len
+        self.mask = mask
+        self.weight = 1.0
+        self.reads: Dict[Tuple[Any, ...], _Read] = {}
+        self.leaves: Dict[Tuple[Any, ...], torch.Tensor] = {}
+        self.inputs: Dict[str, List[torch.Tensor]] = {}
+        self.grads: Dict[str, Dict[int, torch.Tensor]] = {}
+
+    def read(self, name: str, x: torch.Tensor, center: Optional[str]) -> bool:
+        if center is None:
+            return False
+        key = _tensor_key(x)
+        read = self.reads.get(key)
+        if read is None:
+            # Copied now (to the host, where the core runs): the model may free or reuse the memory afterwards.
+            host = x.detach().to("cpu", copy=True)
+            mask = self.mask if host.dim() == 3 else None
+            read = self.reads[key] = _Read(x, host, mask, center, {})
+        read.readers[name] = None
+        return True
+
+    def covariance_updates(
+        self, accumulator: Callable[[Tuple[str, ...], str, int], CovarianceAccumulator]
+    ) -> List[Tuple[CovarianceAccumulator, torch.Tensor, Optional[np.ndarray]]]:
+        # Known only now that the forward is over: which modules read each tensor, hence which accumulator it feeds.
+        return [
+            (accumulator(tuple(r.readers), r.center, r.host.shape[-1]), r.host, r.mask) for r in self.reads.values()
+        ]
+
+    def drop_reads(self) -> None:
+        self.reads.clear()
+        self.leaves.clear()
+
+
+class _CovarianceWorker:
+    """Feeds the core accumulators on a background thread (the core releases the GIL) while the model runs on."""
+
+    _DONE = object()
+
+    def __init__(self) -> None:
+        self.queue: queue.Queue = queue.Queue(maxsize=_QUEUE_FORWARDS)
+        self.error: Optional[BaseException] = None
+        self.discard = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="lowrank-rs-covariance", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is self._DONE:
+                return
+            if self.error is not None or self.discard.is_set():
+                continue  # keep draining so a producer blocked on a full queue is released
+            try:
+                for acc, x, mask in item:
+                    acc.update(x, mask)
+            except BaseException as e:  # handed to the caller's thread by _raise_error
+                self.error = e
+
+    def submit(self, updates: Any) -> None:
+        self._raise_error()
+        self.queue.put(updates)
+
+    def finish(self) -> None:
+        """Wait until every submitted update is in its accumulator; raise what the thread raised."""
+        self.stop(discard=False)
+        self._raise_error()
+
+    def stop(self, discard: bool) -> None:
+        if not self.thread.is_alive():
+            return
+        if discard:
+            self.discard.set()
+        self.queue.put(self._DONE)
+        self.thread.join()
+
+    def _raise_error(self) -> None:
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+
+
+# --- batches --------------------------------------------------------------------------------------------------------
+
+
+class _Batch:
+    """A calibration batch: its tensors, row count and sequence length."""
+
+    def __init__(self, data: Dict[str, Any], rows: int, seq_len: int, index: int) -> None:
+        self.data = data
+        self.rows = rows
+        self.seq_len = seq_len
+        self.index = index
+
+    @classmethod
+    def parse(cls, batch: Any, index: int) -> _Batch:
+        if not isinstance(batch, Mapping):
+            raise LowRankError(
+                f"calibration batch {index} is a {type(batch).__name__}; each batch must be a dict of tensors as the "
+                "model takes them (input_ids, attention_mask, labels, ...)"
+            )
+        for key in ("input_ids", "inputs_embeds", "attention_mask"):
+            value = batch.get(key)
+            if value is None:
+                continue
+            if not isinstance(value, torch.Tensor) or value.dim() < 2:
+                raise ShapeError(
+                    f"calibration batch {index}: {key} must be a torch tensor of shape [batch, seq, ...], "
+                    f"got {_describe(value)}"
+                )
+            rows, seq_len = value.shape[:2]
+            break
+        else:
+            raise LowRankError(
+                f"calibration batch {index} has none of input_ids, inputs_embeds, attention_mask "
+                f"(its keys: {sorted(batch)})"
+            )
+        mask = batch.get("attention_mask")
+        if mask is not None and (not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (rows, seq_len)):
+            raise ShapeError(
+                f"calibration batch {index}: attention_mask must be a [batch, seq] = [{rows}, {seq_len}] tensor, got "
+                f"{_describe(mask)}"
+            )
+        return cls(dict(batch), int(rows), int(seq_len), index)
+
+    def select(self, start: int, stop: int) -> _Batch:
+        """Rows ``start:stop`` of every tensor that has one row per example."""
+        data = {
+            k: v[start:stop] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == self.rows else v
+            for k, v in self.data.items()
+        }
+        return _Batch(data, stop - start, self.seq_len, self.index)
+
+    def attention(self) -> torch.Tensor:
+        mask = self.data.get("attention_mask")
+        if mask is None:
+            return torch.ones(self.rows, self.seq_len, dtype=torch.bool)
+        return mask.detach().cpu() != 0
+
+    def trimmed(self) -> _Batch:
+        """Without the trailing positions that are padding in every row (right padding costs nothing then)."""
+        valid = self.attention()
+        columns = valid.any(dim=0).nonzero()
+        if columns.numel() == 0:
+            raise EmptyInputError(
+                f"calibration batch {self.index}: attention_mask is 0 everywhere, so there is no token to calibrate on"
+            )
+        keep = int(columns[-1]) + 1
+        if keep == self.seq_len:
+            return self
+        token_aligned = {
+            k
+            for k, v in self.data.items()
+            if isinstance(v, torch.Tensor) and v.dim() in (2, 3) and tuple(v.shape[:2]) == (self.rows, self.seq_len)
+        }
+        others = [
+            k
+            for k, v in self.data.items()
+            if k not in token_aligned and isinstance(v, torch.Tensor) and self.seq_len in tuple(v.shape[1:])
+        ]
+        if others:
+            return self  # a tensor like a 4-D attention mask would have to be cut too, in a way only the model knows
+        data = {k: (v[:, :keep] if k in token_aligned else v) for k, v in self.data.items()}
+        return _Batch(data, self.rows, keep, self.index)
+
+    def token_mask(self, count_prompt_tokens: bool) -> np.ndarray:
+        """bool ``[rows, seq]``: the tokens that enter the covariances."""
+        mask = self.attention()
+        if not count_prompt_tokens:
+            labels = self.data.get("labels")
+            if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != (self.rows, self.seq_len):
+                raise LowRankError(
+                    f"count_prompt_tokens=False needs token-aligned labels ([batch, seq] = [{self.rows}, "
+                    f"{self.seq_len}], -100 on prompt tokens), but calibration batch {self.index} has labels "
+                    f"{_describe(labels)}"
+                )
+            mask = mask & (labels.detach().cpu() != _IGNORE_INDEX)
+        return mask.numpy()
+
+
+def _take_examples(batches: Iterable[Mapping[str, Any]], limit: int) -> Iterator[_Batch]:
+    """The batches up to ``limit`` examples in all; the last is cut to fit, and no batch beyond it is drawn."""
+    try:
+        iterator = iter(batches)
+    except TypeError:
+        raise LowRankError(f"batches must be an iterable of batch dicts, not {type(batches).__name__}") from None
+    seen = 0
+    for index, raw in enumerate(iterator):
+        batch = _Batch.parse(raw, index)
+        if batch.rows == 0:
+            continue
+        take = min(batch.rows, limit - seen)
+        yield batch if take == batch.rows else batch.select(0, take)
+        seen += take
+        if seen >= limit:
+            return
+
+
+# --- hooks' helpers -------------------------------------------------------------------------------------------------
+
+
+def _linear_input(
+    args: Tuple[Any, ...], kwargs: Dict[str, Any]
+) -> Tuple[Optional[torch.Tensor], Callable[[torch.Tensor], Tuple[Tuple[Any, ...], Dict[str, Any]]]]:
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0], lambda t: ((t,) + tuple(args[1:]), kwargs)
+    x = kwargs.get("input")
+    if isinstance(x, torch.Tensor):
+        return x, lambda t: (args, {**kwargs, "input": t})
+    return None, lambda t: (args, kwargs)
+
+
+def _tensor_key(x: torch.Tensor) -> Tuple[Any, ...]:
+    # Modules that read one tensor see the same memory, shape and strides; within a forward that memory is not reused
+    # because the first reader's tensor is held until the forward ends.
+    return (x.data_ptr(), x.device, x.dtype, tuple(x.shape), tuple(x.stride()))
+
+
+def _device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return repr(value)
+    return f"a {type(value).__name__}"
+
+
+def _check_config(config: Any) -> None:
+    if not isinstance(config, TLoraConfig):
+        raise ConfigError(
+            f"calibration needs a TLoraConfig (rank budget, scaling, centring), not {type(config).__name__}"
+        )
+
+
+def _targets(model: nn.Module, config: TLoraConfig) -> Dict[str, nn.Linear]:
+    if not isinstance(model, nn.Module):
+        raise LowRankError(f"calibrate needs a torch.nn.Module, not {type(model).__name__}")
+    if lora_layers(model):
+        raise AdapterStateError("the model already has adapters attached; calibrate the base model, then attach")
+    modules = dict(model.named_modules())
+    keep = _resolve_modules_to_save(modules, config.modules_to_save)
+    names = _resolve_targets(modules, config.target_modules, keep, type(model).__name__)
+    return {n: modules[n] for n in names}
+
+
+# --- the plan -------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ModulePlan:
+    """One target module's share of the plan.
+
+    ``a`` is float32 ``[rank, d_in]`` with orthonormal rows (``[0, d_in]`` for rank 0: no adapter);
+    ``singular_values`` are the top ``rank`` singular values of ``W·C``; ``energy`` is the share
+    ``‖W C Aᵀ‖²_F / ‖W C‖²_F`` of ``W·C``'s energy that ``A``'s row space captures, computed exactly when
+    ``energy_exact`` and otherwise estimated (see :func:`build_plan`).
+    """
+
+    name: str
+    shape: Tuple[int, int]
+    rank: int
+    scale: float
+    alpha: float
+    score: float
+    a: np.ndarray
+    singular_values: np.ndarray
+    energy: float
+    energy_exact: bool
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ModulePlan):
+            return NotImplemented
+        plain = ("name", "shape", "rank", "scale", "alpha", "score", "energy", "energy_exact")
+        return all(getattr(self, f) == getattr(other, f) for f in plain) and all(
+            np.array_equal(getattr(self, f), getattr(other, f)) for f in ("a", "singular_values")
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class CalibrationPlan:
+    """The outcome of :func:`calibrate`: per target module a rank, a scale γ, its base ``A``, and why.
+
+    ``lowrank_rs.attach(model, plan)`` wraps each module with ``rank > 0`` as ``W0 x + γ B A x`` with ``A`` from the
+    plan (frozen unless ``config.train_a``) and ``B = 0``. ``plan.save(dir)`` / ``CalibrationPlan.load(dir)`` store it,
+    ``plan.table()`` (also ``str(plan)``) prints it and ``plan.plot(path)`` draws it.
+    """
+
+    def __init__(self, config: TLoraConfig, modules: Sequence[ModulePlan], num_examples: int, num_tokens: int) -> None:
+        _check_config(config)
+        self.config = config
+        self.modules: Dict[str, ModulePlan] = {m.name: m for m in modules}
+        if len(self.modules) != len(modules):
+            raise LowRankError("a calibration plan lists a module twice")
+        self.num_examples = int(num_examples)
+        self.num_tokens = int(num_tokens)
+
+    @property
+    def ranks(self) -> Dict[str, int]:
+        return {n: m.rank for n, m in self.modules.items()}
+
+    @property
+    def scales(self) -> Dict[str, float]:
+        return {n: m.scale for n, m in self.modules.items()}
+
+    @property
+    def alphas(self) -> Dict[str, float]:
+        return {n: m.alpha for n, m in self.modules.items()}
+
+    @property
+    def scores(self) -> Dict[str, float]:
+        return {n: m.score for n, m in self.modules.items()}
+
+    @property
+    def init_a(self) -> Dict[str, np.ndarray]:
+        return {n: m.a for n, m in self.modules.items() if m.rank > 0}
+
+    @property
+    def budget(self) -> int:
+        """The total rank, Σ r_i."""
+        return sum(m.rank for m in self.modules.values())
+
+    @property
+    def trainable_parameters(self) -> int:
+        """Parameter elements an attached adapter trains: ``B`` only, plus ``A`` with ``train_a``."""
+        return sum(m.rank * (m.shape[0] + (m.shape[1] if self.config.train_a else 0)) for m in self.modules.values())
+
+    def attach_arguments(self) -> Tuple[TLoraConfig, Dict[str, int], Dict[str, float], Dict[str, np.ndarray]]:
+        """``(config, ranks, scales, init_a)``: what ``lowrank_rs.attach`` builds the adapters from."""
+        return self.config, self.ranks, self.scales, self.init_a
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, CalibrationPlan):
+            return NotImplemented
+        return (
+            self.config == other.config
+            and list(self.modules.items()) == list(other.modules.items())
+            and (self.num_examples, self.num_tokens) == (other.num_examples, other.num_tokens)
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+    # -- files ------------------------------------------------------------------------------------------------------
+
+    def save(self, directory: PathLike) -> None:
+        """Write the plan to ``directory`` atomically: ``A`` tensors as safetensors plus a JSON description.
+
+        The container is the adapter-file one (``adapter_model.safetensors``, ``adapter_config.json``); the JSON has
+        ``"format": "lowrank_rs.calibration_plan"`` and no ``peft_type``, so neither PEFT nor ``load_adapter`` mistake
+        it for an adapter.
+        """
+        description = {
+            "format": PLAN_FORMAT,
+            "format_version": PLAN_FORMAT_VERSION,
+            "lowrank_rs_version": __version__,
+            "method": self.config.method,
+            "config": self.config.to_dict(),
+            "num_examples": self.num_examples,
+            "num_tokens": self.num_tokens,
+            "modules": [
+                {
+                    "name": m.name,
+                    "shape": list(m.shape),
+                    "rank": m.rank,
+                    "scale": m.scale,
+                    "alpha": m.alpha,
+                    "score": m.score,
+                    "energy": m.energy,
+                    "energy_exact": m.energy_exact,
+                    "singular_values": [float(s) for s in m.singular_values],
+                }
+                for m in self.modules.values()
+            ],
+        }
+        tensors = {f"{m.name}.A": m.a for m in self.modules.values() if m.rank > 0}
+        write_adapter(directory, tensors, description)
+
+    @classmethod
+    def load(cls, directory: PathLike) -> CalibrationPlan:
+        """Read a plan written by :meth:`save`, validating every field and tensor shape."""
+        where = os.fspath(directory)
+        tensors, description = read_adapter(directory)
+        if description.get("format") != PLAN_FORMAT:
+            hint = " (it is an adapter: use lowrank_rs.load_adapter)" if "peft_type" in description else ""
+            raise AdapterFormatError(f"{where!r} is not a calibration plan{hint}")
+        version = description.get("format_version")
+        if version != PLAN_FORMAT_VERSION:
+            raise AdapterFormatError(
+                f"{where!r} is a calibration plan of format version {version!r}; this lowrank-rs reads version "
+                f"{PLAN_FORMAT_VERSION}"
+            )
+        try:
+            config = TLoraConfig.from_dict(description["config"])
+            modules = [_module_from_json(entry, tensors) for entry in description["modules"]]
+            num_examples, num_tokens = int(description["num_examples"]), int(description["num_tokens"])
+        except (KeyError, TypeError, ValueError, ConfigError) as e:
+            raise AdapterFormatError(f"{where!r}: a malformed calibration plan: {type(e).__name__}: {e}") from None
+        extra = sorted(set(tensors) - {f"{m.name}.A" for m in modules if m.rank > 0})
+        if extra:
+            raise AdapterFormatError(f"{where!r}: tensor {extra[0]!r} belongs to no module of the plan")
+        return cls(config, modules, num_examples, num_tokens)
+
+    # -- showing it -------------------------------------------------------------------------------------------------
+
+    def table(self) -> str:
+        """A per-module table: shape, rank, scale γ, α_i, sensitivity score and captured energy."""
+        rows = [("module", "d_out×d_in", "rank", "scale", "alpha", "score", "energy")]
+        for m in self.modules.values():
+            energy = "-" if m.rank == 0 else ("" if m.energy_exact else "≈") + f"{100 * m.energy:.2f}%"
+            rows.append(
+                (
+                    m.name,
+                    f"{m.shape[0]}×{m.shape[1]}",
+                    str(m.rank),
+                    f"{m.scale:.4g}",
+                    f"{m.alpha:g}",
+                    f"{m.score:.4e}",
+                    energy,
+                )
+            )
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+
+        def line(r: Sequence[str]) -> str:
+            return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+
+        adapted = sum(1 for m in self.modules.values() if m.rank > 0)
+        head = (
+            f"TLoRA calibration plan: {len(self.modules)} modules ({adapted} adapted), total rank {self.budget}, "
+            f"{self.trainable_parameters:,} trainable parameters; {self.num_examples} examples, "
+            f"{self.num_tokens} tokens; scaling {self.config.scaling!r}, centring {self.config.center!r}"
+        )
+        rule = "-" * len(line(rows[0]))
+        return "\n".join([head, line(rows[0]), rule] + [line(r) for r in rows[1:]])
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def __repr__(self) -> str:
+        return (
+            f"CalibrationPlan({len(self.modules)} modules, total rank {self.budget}, "
+            f"{self.num_examples} examples, {self.num_tokens} tokens)"
+        )
+
+    def plot(self, path: PathLike, *, dpi: int = 110) -> None:
+        """Draw the plan as a PNG: rank and scale heatmaps (layer × module type) and the singular-value spectra.
+
+        Needs matplotlib (``pip install 'lowrank-rs[plot]'``). Draws on its own figure with the Agg canvas, so it
+        neither needs a display nor touches pyplot's global state.
+        """
+        try:
+            import matplotlib
+            from matplotlib.backends.backend_agg import FigureCanvasAgg
+            from matplotlib.figure import Figure
+        except ImportError:
+            raise ImportError(
+                "CalibrationPlan.plot needs matplotlib; install it with: pip install 'lowrank-rs[plot]'"
+            ) from None
+        layers, kinds, cells = _layer_grid(self.modules)
+        rank_grid = np.full((len(layers), len(kinds)), np.nan)
+        scale_grid = np.full((len(layers), len(kinds)), np.nan)
+        for name, (i, j) in cells.items():
+            rank_grid[i, j] = self.modules[name].rank
+            scale_grid[i, j] = self.modules[name].scale
+
+        height = max(4.0, 0.32 * len(layers) + 2.0)
+        fig = Figure(figsize=(max(12.0, 1.1 * len(kinds) * 2 + 6.0), height), layout="constrained")
+        FigureCanvasAgg(fig)
+        axes = fig.subplots(1, 3, gridspec_kw={"width_ratios": [max(len(kinds), 2), max(len(kinds), 2), 4]})
+        for ax, grid, title, fmt in (
+            (axes[0], rank_grid, "rank r_i", "{:.0f}"),
+            (axes[1], scale_grid, "scale γ_i", "{:.3g}"),
+        ):
+            image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap="viridis", interpolation="nearest")
+            ax.set_title(title)
+            ax.set_xticks(range(len(kinds)), kinds, rotation=45, ha="right", fontsize=8)
+            ax.set_yticks(range(len(layers)), layers, fontsize=8)
+            ax.set_ylabel("layer")
+            fig.colorbar(image, ax=ax, shrink=0.8)
+            if grid.size <= 400:
+                for (i, j), value in np.ndenumerate(grid):
+                    if not np.isnan(value):
+                        ax.text(j, i, fmt.format(value), ha="center", va="center", fontsize=7, color="w")
+
+        ax = axes[2]
+        palette = matplotlib.colormaps["tab10"]
+        colours = {kind: palette(k % 10) for k, kind in enumerate(kinds)}
+        labelled = set()
+        for name, m in self.modules.items():
+            if m.rank == 0 or m.singular_values.size == 0 or m.singular_values[0] <= 0:
+                continue
+            kind = kinds[cells[name][1]]
+            ax.plot(
+                np.arange(1, m.singular_values.size + 1),
+                m.singular_values / m.singular_values[0],
+                color=colours[kind],
+                alpha=0.6,
+                linewidth=1.0,
+                marker="." if m.singular_values.size < 12 else None,
+                label=None if kind in labelled else kind,
+            )
+            labelled.add(kind)
+        ax.set_yscale("log")
+        ax.set_xlabel("index j (up to the module's rank)")
+        ax.set_ylabel("σ_j / σ_1 of W·C")
+        ax.set_title("singular-value spectra")
+        if labelled:
+            ax.legend(fontsize=7)
+        fig.suptitle(f"TLoRA plan: {len(self.modules)} modules, total rank {self.budget}, {self.num_examples} examples")
+        fig.savefig(os.fspath(path), dpi=dpi, format="png")
+
+
+def _layer_grid(modules: Mapping[str, ModulePlan]) -> Tuple[List[str], List[str], Dict[str, Tuple[int, int]]]:
+    """Rows (layer indices, then ``other``) and columns (the module path after the layer index) of the heatmaps."""
+    placed: Dict[str, Tuple[str, str]] = {}
+    for name in modules:
+        found = re.search(r"(?:^|\.)(\d+)\.(.+)$", name)
+        placed[name] = (found.group(1), found.group(2)) if found else ("other", name)
+    layer_names = sorted({layer for layer, _ in placed.values() if layer != "other"}, key=int)
+    if any(layer == "other" for layer, _ in placed.values()):
+        layer_names.append("other")
+    kinds = list(dict.fromkeys(kind for _, kind in placed.values()))
+    cells = {name: (layer_names.index(layer), kinds.index(kind)) for name, (layer, kind) in placed.items()}
+    return layer_names, kinds, cells
+
+
+def _module_from_json(entry: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> ModulePlan:
+    name = str(entry["name"])
+    d_out, d_in = (int(v) for v in entry["shape"])
+    rank = int(entry["rank"])
+    if rank < 0 or rank > min(d_out, d_in):
+        raise ValueError(f"module {name!r} has rank {rank}, outside [0, {min(d_out, d_in)}]")
+    if rank > 0:
+        a = tensors.get(f"{name}.A")
+        if a is None:
+            raise KeyError(f"{name}.A")
+        if a.dtype != np.float32 or a.shape != (rank, d_in):
+            raise ValueError(f"tensor {name}.A is {a.dtype} {a.shape}; expected float32 ({rank}, {d_in})")
+    else:
+        a = np.zeros((0, d_in), dtype=np.float32)
+    singular = np.asarray(entry["singular_values"], dtype=np.float32)
+    if singular.shape != (rank,):
+        raise ValueError(f"module {name!r} has {singular.size} singular values for rank {rank}")
+    return ModulePlan(
+        name=name,
+        shape=(d_out, d_in),
+        rank=rank,
+        scale=float(entry["scale"]),
+        alpha=float(entry["alpha"]),
+        score=float(entry["score"]),
+        a=a,
+        singular_values=singular,
+        energy=float(entry["energy"]),
+        energy_exact=bool(entry["energy_exact"]),
+    )
+
+
+# --- from statistics to a plan --------------------------------------------------------------------------------------
+
+
+def build_plan(
+    model: nn.Module, statistics: CalibrationStatistics, config: TLoraConfig, *, progress: bool = True
+) -> CalibrationPlan:
+    """Ranks, scales and bases from ``statistics`` measured on ``model``'s targets (METHODS.md §2).
+
+    - ranks: :func:`~lowrank_rs.linalg.allocate_ranks` over the scores, budget ``config.budget`` or ``r × N``, each
+      within ``[min_rank, min(d_in, d_out, max_rank)]`` and a multiple of ``multiple_of``;
+    - scales: ``α_i`` from :func:`~lowrank_rs.linalg.allocate_alphas`; ``γ_i = α_i / r`` (``scaling="reference"``)
+      or ``α_i / r_i`` (``"per_rank"``), with ``√`` of the denominator under ``use_rslora``; 0 for rank-0 modules;
+    - ``A_i``: :func:`~lowrank_rs.linalg.task_aware_basis` of the weight (as float32) and the input covariance;
+    - energy: ``‖W C Aᵀ‖²_F`` is computed exactly; ``‖W C‖²_F`` too when that costs at most 2³⁰ multiply-adds,
+      otherwise it is ``‖W C Aᵀ‖²_F`` plus an unbiased Gaussian-probe estimate of the rest ``‖W C (I − AᵀA)‖²_F``
+      (64 probes; the top part being exact is what keeps the estimate tight, as in Hutch++).
+
+    Reusing one ``statistics`` with several configs (other budgets or scalings) skips the model runs.
+    """
+    from tqdm.auto import tqdm
+
+    _check_config(config)
+    names = list(statistics.modules)
+    modules = dict(model.named_modules())
+    missing = [n for n in names if not isinstance(modules.get(n), nn.Linear)]
+    if missing:
+        raise LowRankError(
+            f"the statistics are for module {missing[0]!r}, which this model has not as an nn.Linear; "
+            f"nearest names: {_nearest(missing[0], modules)}"
+        )
+    for n in names:
+        weight_shape = tuple(modules[n].weight.shape)
+        if weight_shape != statistics.shapes[n]:
+            raise ShapeError(f"{n!r} is {weight_shape} in the model but {statistics.shapes[n]} in the statistics")
+    scores = [statistics.scores[n] for n in names]
+    budget = config.budget if config.budget is not None else config.r * len(names)
+    caps = [
+        min(statistics.shapes[n]) if config.max_rank is None else min(*statistics.shapes[n], config.max_rank)
+        for n in names
+    ]
+    try:
+        ranks = allocate_ranks(scores, budget, min_rank=config.min_rank, max_rank=caps, multiple_of=config.multiple_of)
+    except InfeasibleError as e:
+        raise InfeasibleError(_name_modules(str(e), names)) from None
+    alphas = allocate_alphas(scores, config.alpha)
+
+    def denominator(r: int) -> float:
+        return math.sqrt(r) if config.use_rslora else float(r)
+
+    seed = config.init_seed if config.init_seed is not None else 0
+    plans: List[ModulePlan] = []
+    bar = tqdm(
+        total=sum(1 for r in ranks if r > 0), unit="module", desc="TLoRA basis", disable=not progress, leave=False
+    )
+    with bar:
+        for name, rank, alpha, score in zip(names, ranks, alphas, scores):
+            d_out, d_in = statistics.shapes[name]
+            if config.scaling == "reference":
+                scale = alpha / denominator(config.r)
+            else:
+                scale = alpha / denominator(rank) if rank > 0 else 0.0
+            if rank == 0:
+                a = np.zeros((0, d_in), dtype=np.float32)
+                singular = np.zeros(0, dtype=np.float32)
+                energy, exact = 0.0, True
+            else:
+                weight = modules[name].weight.detach().to(device="cpu", dtype=torch.float32).numpy()
+                covariance = statistics.covariance(name)
+                a, singular = task_aware_basis(
+                    weight, covariance, rank, oversample=config.oversample, power_iters=config.power_iters, seed=seed
+                )
+                a = np.ascontiguousarray(a, dtype=np.float32)
+                singular = np.asarray(singular, dtype=np.float32)
+                energy, exact = _captured_energy(weight, covariance, a, seed)
+                bar.update(1)
+            plans.append(
+                ModulePlan(
+                    name=name,
+                    shape=(d_out, d_in),
+                    rank=int(rank),
+                    scale=float(scale),
+                    alpha=float(alpha),
+                    score=float(score),
+                    a=a,
+                    singular_values=singular,
+                    energy=energy,
+                    energy_exact=exact,
+                )
+            )
+    return CalibrationPlan(config, plans, statistics.num_examples, statistics.num_tokens)
+
+
+def _captured_energy(weight: np.ndarray, covariance: np.ndarray, a: np.ndarray, seed: int) -> Tuple[float, bool]:
+    """``(‖W C Aᵀ‖²_F / ‖W C‖²_F, exact)``; see :func:`build_plan` for when the denominator is estimated."""
+    d_out, d_in = weight.shape
+    exact = d_out * d_in * d_in <= _EXACT_ENERGY_LIMIT
+    dtype = np.float64 if exact else np.float32
+    w = weight.astype(dtype, copy=False)
+    c = covariance.astype(dtype, copy=False)
+    basis = a.astype(dtype, copy=False)
+    captured = float(np.sum(np.square(w @ (c @ basis.T)), dtype=np.float64))
+    if exact:
+        total = float(np.sum(np.square(w @ c), dtype=np.float64))
+    else:
+        # E‖M g‖² = ‖M‖²_F for g ~ N(0, I); with M = W C (I − AᵀA) only the small residual is left to chance.
+        probes = np.random.default_rng(seed).standard_normal((d_in, _ENERGY_PROBES)).astype(dtype)
+        probes -= basis.T @ (basis @ probes)
+        residual = float(np.sum(np.square(w @ (c @ probes)), dtype=np.float64)) / _ENERGY_PROBES
+        total = captured + residual
+    # W·C = 0 (a constant input) has no energy to miss.
+    return (min(captured / total, 1.0) if total > 0 else 1.0), exact
+
+
+def _name_modules(message: str, names: Sequence[str]) -> str:
+    return re.sub(r"module (\d+)", lambda m: f"module {m.group(1)} ({names[int(m.group(1))]!r})", message)
+
+
+# --- the one-call API -----------------------------------------------------------------------------------------------
+
+
+def calibrate(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, Any]],
+    config: TLoraConfig,
+    *,
+    loss_fn: Optional[LossFn] = None,
+    progress: bool = True,
+) -> CalibrationPlan:
+    """Calibrate TLoRA on ``model``: per target module a rank, a scale and a task-aware frozen ``A`` (METHODS.md §2).
+
+    - ``model``: a torch model (transformers or any ``nn.Module``) without adapters, on any device and in any float
+      dtype (bf16/fp16 activations reach the core as they are; weights are upcast to float32 for the basis only).
+      Targets are found as :func:`~lowrank_rs.attach` finds them.
+    - ``batches``: an iterable of dicts of tensors as the model takes them; calibration stops after
+      ``config.num_examples`` examples (rows), cutting the last batch if needed. Padding never enters a covariance;
+      with ``count_prompt_tokens=False`` tokens labelled -100 do not either.
+    - ``loss_fn(outputs, batch)``: the loss to score with; by default the model's ``outputs.loss`` (so the batches
+      need ``labels``).
+    - ``progress``: tqdm bars over the calibration examples and over the bases.
+
+    Covariance: each target's input tokens (``config.center`` centring), fed to the Rust core on a background thread;
+    modules reading one tensor (q/k/v, gate/up) share one accumulator. Sensitivity: ``mean over examples of
+    Σ|W ⊙ ∂L/∂W| / |W|``, one example per backward pass (``per_example_scores``, the reference's way) or one batch
+    (weighted by its rows); each module's gradient is formed from its output gradient and input and reduced on the
+    spot, so at most one weight-sized gradient exists at a time. Then :func:`build_plan`.
+    """
+    statistics = collect_statistics(model, batches, config, loss_fn=loss_fn, progress=progress)
+    return build_plan(model, statistics, config, progress=progress)
