@@ -374,6 +374,12 @@ class _Session:
             d_out, d_in = shapes[name]
             scores[name] = total / (d_out * d_in) / self.num_examples
         accumulators = [(readers, acc) for (readers, _), acc in self.accumulators.items()]
+        untokened = [n for n in self.targets if not any(n in r for r, _ in accumulators)]
+        if untokened:
+            raise LowRankError(
+                f"{untokened[0]!r} ({len(untokened)} module(s) in all) only ran on tensors that do not line up with "
+                "the batch's [batch, seq] tokens, so its input covariance is unknown; leave it out of target_modules"
+            )
         empty = [n for n in self.targets if not any(n in r and acc.count > 0 for r, acc in accumulators)]
         if empty:
             raise EmptyInputError(

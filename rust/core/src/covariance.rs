@@ -1,11 +1,12 @@
 //! Streaming covariance of input activations.
 //!
 //! Every update turns the batch's counted tokens into a dense f32 matrix `X_b` (`n_b × dim`, centred as the mode
-//! asks), computes the lower triangle of `X_bᵀ X_b` with one f32 triangular matrix product and adds it into an f64
-//! accumulator. The product is where the time goes, and f32 is what makes it as fast as a BLAS `syrk`; the f64
-//! accumulator is what keeps the small eigenvalues (summing thousands of batches in f32 loses two orders of
-//! magnitude on them). Centring happens before the product, in f64 from the original values, so a large common
-//! offset never cancels catastrophically inside the f32 sums.
+//! asks), computes the lower triangle of `X_bᵀ X_b` as f32 matrix products (faer's triangular product on the
+//! diagonal tiles, its general product below them) and adds it into an f64 accumulator. The product is where the
+//! time goes, and f32 is what makes it as fast as a BLAS `syrk`; the f64 accumulator is what keeps the small
+//! eigenvalues (summing thousands of batches in f32 loses two orders of magnitude on them). Centring happens before
+//! the product, in f64 from the original values, so a large common offset never cancels catastrophically inside
+//! the f32 sums.
 //!
 //! The accumulator stores only the lower triangle, packed row by row, which halves its memory: a model has many
 //! target modules, each holding a `dim × dim` statistic for the whole calibration run.
@@ -223,7 +224,7 @@ impl CovarianceAccumulator {
             // Every partial sum of the f32 product is bounded by the diagonal's Σx² (Cauchy–Schwarz) times a
             // rounding slack, so this proves before anything is added that no entry of `X_bᵀ X_b` overflows f32.
             let limit = f64::from(f32::MAX) / (4.0 + n_b as f64 * f64::from(f32::EPSILON));
-            if let Some(f) = sum_sq.iter().position(|&s| !(f64::from(s) <= limit)) {
+            if let Some(f) = sum_sq.iter().position(|&s| s.is_nan() || f64::from(s) > limit) {
                 return Err(diagnose(batch, &plan, Some((f, f64::from(sum_sq[f])))));
             }
             self.accumulate(&xt, n_b, new_count, &batch_sum, par);
@@ -237,9 +238,10 @@ impl CovarianceAccumulator {
     /// rank-1 term in Global mode, and moves mean and count forward.
     ///
     /// The triangle is cut into square tiles, each an f32 product computed sequentially and added into the f64
-    /// scatter while it is still in cache: distributing independent tiles over the pool keeps every core busy
-    /// (faer's own parallel triangular product leaves one of two cores idle a quarter of the time), and no
-    /// `dim × dim` f32 intermediate is ever allocated. The inputs were checked beforehand, so nothing here fails.
+    /// scatter while it is still in cache. Distributing independent tiles over the pool keeps every core busy —
+    /// measured at dim 4096 on 2 cores: 0.20 s, against 0.25–0.28 s for one parallel faer triangular product over
+    /// the whole triangle — and no `dim × dim` f32 intermediate is ever allocated. The inputs were checked
+    /// beforehand, so nothing here fails.
     fn accumulate(&mut self, xt: &[f32], n_b: usize, new_count: u64, batch_sum: &[f64], par: Par) {
         let dim = self.dim;
         let n_a = self.count as f64;
@@ -294,19 +296,25 @@ impl CovarianceAccumulator {
                 faer::linalg::matmul::matmul(dst, Accum::Replace, lhs, rhs, 1.0f32, inner);
             }
             let delta_cols = &delta[j0..];
-            for (rr, part) in rows.into_iter().enumerate() {
-                let g = &buf[rr * bj..rr * bj + part.len()];
-                if weight != 0.0 {
-                    let wd = weight * delta[i0 + rr];
-                    for ((m, &g), &d) in part.iter_mut().zip(g).zip(delta_cols) {
-                        *m += f64::from(g) + wd * d;
+            let g_all = &buf[..];
+            simd(
+                #[inline(always)]
+                || {
+                    for (rr, part) in rows.into_iter().enumerate() {
+                        let g = &g_all[rr * bj..rr * bj + part.len()];
+                        if weight != 0.0 {
+                            let wd = weight * delta[i0 + rr];
+                            for ((m, &g), &d) in part.iter_mut().zip(g).zip(delta_cols) {
+                                *m += f64::from(g) + wd * d;
+                            }
+                        } else {
+                            for (m, &g) in part.iter_mut().zip(g) {
+                                *m += f64::from(g);
+                            }
+                        }
                     }
-                } else {
-                    for (m, &g) in part.iter_mut().zip(g) {
-                        *m += f64::from(g);
-                    }
-                }
-            }
+                },
+            );
             TILE_BUFFER.with(|c| c.set(buf));
         });
 
@@ -385,7 +393,7 @@ impl CovarianceAccumulator {
         let len =
             dim.checked_mul(dim).ok_or_else(|| Error::Shape(format!("{dim} × {dim} overflows the address space")))?;
         let mut out = zeroed(len)?;
-        let inv = 1.0 / self.count as f64;
+        let n = self.count as f64;
         let scatter = &self.scatter;
         let start = |i: usize| i * (i + 1) / 2;
         // Blocks of output rows: each block reads the packed rows below it in short contiguous runs instead of
@@ -398,13 +406,13 @@ impl CovarianceAccumulator {
                 for i in i0..i1 {
                     let dst = &mut rows[(i - i0) * dim..(i - i0) * dim + i + 1];
                     for (o, &m) in dst.iter_mut().zip(&scatter[start(i)..start(i) + i + 1]) {
-                        *o = m * inv;
+                        *o = m / n;
                     }
                 }
                 for j in i0 + 1..dim {
                     let hi = j.min(i1);
                     for (i, &m) in (i0..hi).zip(&scatter[start(j) + i0..start(j) + hi]) {
-                        rows[(i - i0) * dim + j] = m * inv;
+                        rows[(i - i0) * dim + j] = m / n;
                     }
                 }
             });
@@ -612,7 +620,7 @@ impl Convert for F64Conv {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Gathering a batch
+// SIMD dispatch
 // ---------------------------------------------------------------------------------------------------------------
 
 /// Runs `f` compiled for the widest SIMD level the CPU offers (AVX2+FMA on x86-64), through the dispatcher faer
@@ -624,7 +632,7 @@ fn simd<R>(f: impl FnOnce() -> R) -> R {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// (gather passes)
+// Gathering a batch
 // ---------------------------------------------------------------------------------------------------------------
 
 /// Which source rows are counted and how they group for centring.
@@ -674,8 +682,9 @@ impl Plan {
 /// Counted rows per partial sum in the first gather pass: few enough partial vectors to keep, enough of them to
 /// share out among the threads.
 const SUM_BLOCK: usize = 128;
-/// Features × tokens transposed at a time in the second pass: 128 f32 make two whole cache lines per output row,
-/// and 32 features keep the block (16 KiB) in L1.
+/// Features × tokens transposed at a time in the second pass: each source row gives one cache line, each output
+/// row receives 1 KiB contiguous, and the block (16 KiB) stays in L1. Measured at dim 4096: wider feature tiles
+/// or shorter token runs were no faster.
 const FEATURE_TILE: usize = 16;
 const TOKEN_TILE: usize = 256;
 
@@ -813,41 +822,37 @@ fn transpose_tile<C: Convert, const CENTRED: bool>(
     sum_sq: &mut [f32],
 ) {
     let n_b = plan.rows.len();
-    {
-        {
-            let (f0, width) = (t * FEATURE_TILE, out.len() / n_b);
-            let mut block = [[0f32; FEATURE_TILE]; TOKEN_TILE];
-            let mut sq = [0f32; FEATURE_TILE];
-            let mut k0 = 0;
-            while k0 < n_b {
-                let k1 = (k0 + TOKEN_TILE).min(n_b);
-                for ((&r, &seg), dst) in plan.rows[k0..k1].iter().zip(&plan.segment_of[k0..k1]).zip(&mut block) {
-                    let src = &data[r * dim + f0..r * dim + f0 + width];
-                    if CENTRED {
-                        let mu = &means[seg * dim + f0..seg * dim + f0 + width];
-                        for ((d, &x), &m) in dst.iter_mut().zip(src).zip(mu) {
-                            *d = (conv.to_f64(x) - m) as f32;
-                        }
-                    } else {
-                        for (d, &x) in dst.iter_mut().zip(src) {
-                            *d = conv.to_f32(x);
-                        }
-                    }
-                    for (q, &y) in sq.iter_mut().zip(dst.iter()) {
-                        *q += y * y;
-                    }
+    let (f0, width) = (t * FEATURE_TILE, out.len() / n_b);
+    let mut block = [[0f32; FEATURE_TILE]; TOKEN_TILE];
+    let mut sq = [0f32; FEATURE_TILE];
+    let mut k0 = 0;
+    while k0 < n_b {
+        let k1 = (k0 + TOKEN_TILE).min(n_b);
+        for ((&r, &seg), dst) in plan.rows[k0..k1].iter().zip(&plan.segment_of[k0..k1]).zip(&mut block) {
+            let src = &data[r * dim + f0..r * dim + f0 + width];
+            if CENTRED {
+                let mu = &means[seg * dim + f0..seg * dim + f0 + width];
+                for ((d, &x), &m) in dst.iter_mut().zip(src).zip(mu) {
+                    *d = (conv.to_f64(x) - m) as f32;
                 }
-                for (f, row) in out.chunks_exact_mut(n_b).enumerate() {
-                    for (o, b) in row[k0..k1].iter_mut().zip(&block) {
-                        *o = b[f];
-                    }
+            } else {
+                for (d, &x) in dst.iter_mut().zip(src) {
+                    *d = conv.to_f32(x);
                 }
-                k0 = k1;
             }
-            for (s, &q) in sum_sq.iter_mut().zip(&sq) {
-                *s = q;
+            for (q, &y) in sq.iter_mut().zip(dst.iter()) {
+                *q += y * y;
             }
         }
+        for (f, row) in out.chunks_exact_mut(n_b).enumerate() {
+            for (o, b) in row[k0..k1].iter_mut().zip(&block) {
+                *o = b[f];
+            }
+        }
+        k0 = k1;
+    }
+    for (s, &q) in sum_sq.iter_mut().zip(&sq) {
+        *s = q;
     }
 }
 
@@ -898,6 +903,9 @@ fn diagnose(batch: &Batch<'_>, plan: &Plan, too_large: Option<(usize, f64)>) -> 
 mod tests {
     use super::*;
 
+    /// One batch of a test stream: values, sequences, seq_len, mask.
+    type Spec<T> = (Vec<T>, usize, usize, Option<Vec<bool>>);
+
     /// splitmix64: deterministic, dependency-free test data.
     struct Rng(u64);
     impl Rng {
@@ -914,7 +922,7 @@ mod tests {
         }
         /// Roughly normal (sum of uniforms), exactly representable in f32.
         fn normal32(&mut self) -> f32 {
-            ((self.uniform() + self.uniform() + self.uniform()) as f32) * 1.0
+            (self.uniform() + self.uniform() + self.uniform()) as f32
         }
     }
 
@@ -934,11 +942,7 @@ mod tests {
     }
 
     /// Naive f64 oracle over a stream of (values, sequences, seq_len, mask) batches: returns (n, mean, cov).
-    fn oracle(
-        batches: &[(Vec<f64>, usize, usize, Option<Vec<bool>>)],
-        dim: usize,
-        center: Center,
-    ) -> (u64, Vec<f64>, Vec<f64>) {
+    fn oracle(batches: &[Spec<f64>], dim: usize, center: Center) -> (u64, Vec<f64>, Vec<f64>) {
         // Collect counted tokens grouped by sequence.
         let mut seqs: Vec<Vec<&[f64]>> = Vec::new();
         for (data, sequences, seq_len, mask) in batches {
@@ -946,7 +950,7 @@ mod tests {
                 let mut seq = Vec::new();
                 for t in 0..*seq_len {
                     let r = s * seq_len + t;
-                    if mask.as_ref().is_none_or(|m| m[r]) {
+                    if mask.as_ref().map_or(true, |m| m[r]) {
                         seq.push(&data[r * dim..(r + 1) * dim]);
                     }
                 }
@@ -1014,7 +1018,7 @@ mod tests {
     const MODES: [Center; 3] = [Center::Sequence, Center::Global, Center::None];
 
     /// A stream of masked batches, some with all-padding sequences, some unmasked.
-    fn stream(rng: &mut Rng, dim: usize) -> Vec<(Vec<f32>, usize, usize, Option<Vec<bool>>)> {
+    fn stream(rng: &mut Rng, dim: usize) -> Vec<Spec<f32>> {
         let mut out = Vec::new();
         for (b, &(sequences, seq_len)) in [(3, 17), (1, 40), (4, 9), (2, 1), (5, 33)].iter().enumerate() {
             let data = random_data(rng, sequences * seq_len, dim, 3.0 + b as f32);
@@ -1036,11 +1040,11 @@ mod tests {
         out
     }
 
-    fn as_f64(s: &[(Vec<f32>, usize, usize, Option<Vec<bool>>)]) -> Vec<(Vec<f64>, usize, usize, Option<Vec<bool>>)> {
+    fn as_f64(s: &[Spec<f32>]) -> Vec<Spec<f64>> {
         s.iter().map(|(d, a, b, m)| (d.iter().map(|&x| f64::from(x)).collect(), *a, *b, m.clone())).collect()
     }
 
-    fn feed(acc: &mut CovarianceAccumulator, s: &[(Vec<f32>, usize, usize, Option<Vec<bool>>)]) {
+    fn feed(acc: &mut CovarianceAccumulator, s: &[Spec<f32>]) {
         for (d, sequences, seq_len, m) in s {
             acc.update(&batch(d, *sequences, *seq_len, acc.dim(), m.as_deref())).unwrap();
         }
@@ -1063,6 +1067,43 @@ mod tests {
                 let got = acc.covariance().unwrap();
                 assert_symmetric(&got, dim);
                 assert_close(&got, &want, dim, 2e-6);
+            }
+        }
+    }
+
+    #[test]
+    fn tiled_product_matches_oracle() {
+        // dim 1100 cuts into 256-wide tiles (a partial last panel) on 2 threads, other sizes elsewhere.
+        let dim = 1100;
+        let mut rng = Rng(1100);
+        let s: Vec<_> = [(3usize, 13usize), (2, 7)]
+            .iter()
+            .map(|&(sequences, seq_len)| {
+                let mask: Vec<bool> = (0..sequences * seq_len).map(|r| r % 5 != 2).collect();
+                (random_data(&mut rng, sequences * seq_len, dim, 1.5), sequences, seq_len, Some(mask))
+            })
+            .collect();
+        for center in MODES {
+            let mut acc = CovarianceAccumulator::new(dim, center).unwrap();
+            feed(&mut acc, &s);
+            let (n, _, want) = oracle(&as_f64(&s), dim, center);
+            assert_eq!(acc.count(), n);
+            let got = acc.covariance().unwrap();
+            assert_symmetric(&got, dim);
+            assert_close(&got, &want, dim, 2e-6);
+        }
+    }
+
+    #[test]
+    fn tile_sizes() {
+        assert_eq!(tile_size(4096, 2), 512);
+        assert_eq!(tile_size(4096, 16), 256);
+        assert_eq!(tile_size(1100, 2), 256);
+        assert_eq!(tile_size(10, 64), MIN_TILE);
+        for dim in [1, 63, 64, 65, 700, 4097, 11008] {
+            for threads in [1, 2, 3, 16, 128] {
+                let t = tile_size(dim, threads);
+                assert!((MIN_TILE..=MAX_TILE).contains(&t) && t.is_power_of_two());
             }
         }
     }
@@ -1271,14 +1312,13 @@ mod tests {
 
     #[test]
     fn bf16_known_bit_patterns() {
-        let cases: [(u16, f32); 7] = [
+        let cases: [(u16, f32); 6] = [
             (0x0000, 0.0),
             (0x3f80, 1.0),
             (0xc040, -3.0),
             (0x4049, 3.140_625),
             (0x7f7f, 3.389_531_4e38),
             (0x7f80, f32::INFINITY),
-            (0x0001, 9.183_549e-41), // smallest subnormal 2^-133
         ];
         for (bits, want) in cases {
             assert_eq!(bf16_to_f32(bits), want, "{bits:#06x}");
@@ -1411,34 +1451,6 @@ mod tests {
                     times[0]
                 );
             }
-        }
-    }
-}
-#[cfg(test)]
-mod gather_bench {
-    use super::*;
-    #[test]
-    #[ignore]
-    fn bench_gather() {
-        let (dim, tokens) = (4096, 4096);
-        let data: Vec<f32> = (0..tokens * dim).map(|i| (i % 1013) as f32 * 0.01).collect();
-        for center in [Center::Sequence, Center::None] {
-            let b = Batch { data: Elements::F32(&data), sequences: 8, seq_len: tokens / 8, dim, mask: None };
-            let plan = Plan::new(&b, center);
-            let mut xt = vec![0f32; tokens * dim];
-            let mut s1 = vec![0f64; dim];
-            let mut s2 = vec![0f32; dim];
-            let mut best = (f64::INFINITY, f64::INFINITY);
-            for _ in 0..15 {
-                crate::threads::run(|_| {
-                    let t = std::time::Instant::now();
-                    let means = segment_means(&F32Conv, &data, &plan, dim, &mut s1).unwrap();
-                    let t1 = t.elapsed().as_secs_f64();
-                    transpose_centred(&F32Conv, &data, &plan, dim, &means, &mut xt, &mut s2);
-                    best = (best.0.min(t1), best.1.min(t.elapsed().as_secs_f64() - t1));
-                });
-            }
-            println!("gather {center:?}: sums {:.4} transpose {:.4}", best.0, best.1);
         }
     }
 }
