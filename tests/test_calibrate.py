@@ -514,6 +514,21 @@ def test_model_is_left_unchanged():
     assert_unchanged(model, before)
 
 
+def test_no_weight_gradient_is_ever_allocated():
+    model = tiny("llama").train()
+    during = []
+
+    def loss_fn(outputs, batch):
+        # Checked while calibration runs: eval mode, grad on, and no parameter that backward would give a .grad.
+        during.append((model.training, torch.is_grad_enabled(), any(p.requires_grad for p in model.parameters())))
+        return outputs.loss
+
+    with torch.no_grad():
+        lr.calibrate(model, examples("llama", n=2), config("llama"), loss_fn=loss_fn, progress=False)
+    assert during == [(False, True, False)] * 2
+    assert model.training and all(p.requires_grad and p.grad is None for p in model.parameters())
+
+
 def test_errors_leave_the_model_unchanged(monkeypatch):
     model = tiny("bert")
     before = snapshot(model)

@@ -132,7 +132,8 @@ def attach(
     keep = _resolve_modules_to_save(modules, config.modules_to_save)
     targets = _resolve_targets(modules, config.target_modules, keep, type(model).__name__)
     if from_plan:
-        uncovered = [name for name in targets if name not in ranks]
+        covered = ranks or {}
+        uncovered = [name for name in targets if name not in covered]
         if uncovered:
             raise TargetError(
                 f"the calibration plan has no entry for target {uncovered[0]!r} ({len(uncovered)} in all); "

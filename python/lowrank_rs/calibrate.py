@@ -12,7 +12,8 @@
   (:func:`~lowrank_rs.linalg.allocate_alphas`) and bases (:func:`~lowrank_rs.linalg.task_aware_basis`).
 
 The model is left as it was: hooks removed, ``requires_grad`` flags and train/eval modes restored, no ``.grad``
-written. It must not modify a target's input in place after the target has read it (no transformers model does).
+written. The model must not modify a target's input in place after the target has read it (transformers models do
+not): the scores read that input again during the backward pass.
 """
 
 from __future__ import annotations
@@ -169,11 +170,11 @@ class _Session:
         self.handles: List[Any] = []
         self.device = _device(model)
         try:
-            params = inspect.signature(model.forward).parameters
+            takes_cache = "use_cache" in inspect.signature(model.forward).parameters
         except (TypeError, ValueError):
-            params = {}
+            takes_cache = False
         # A KV cache would be built on every forward and never read.
-        self.extra_kwargs = {"use_cache": False} if "use_cache" in params else {}
+        self.extra_kwargs = {"use_cache": False} if takes_cache else {}
 
     def __enter__(self) -> _Session:
         self.modes = {m: m.training for m in self.model.modules()}
@@ -258,6 +259,7 @@ class _Session:
             self.forward = None
 
     def _loss(self, outputs: Any, batch: Mapping[str, Any]) -> torch.Tensor:
+        loss: Any
         if self.loss_fn is not None:
             loss = self.loss_fn(outputs, batch)
             where = "loss_fn(outputs, batch)"
@@ -317,6 +319,8 @@ class _Session:
     def _center_for(self, x: torch.Tensor, forward: _Forward) -> Optional[str]:
         lead = tuple(x.shape[:-1])
         if lead == (forward.rows, forward.seq_len):
+            # Shape is all there is to go by: a batch-independent input of exactly this shape (DeBERTa's relative
+            # embeddings on a one-example forward exactly 2 × span long) would be counted as tokens.
             return self.config.center
         if lead == (forward.rows,):
             # One row per example (BERT's pooler): a one-token "sequence" centred on itself is zero, so such a module
@@ -893,9 +897,12 @@ class CalibrationPlan:
             ax.set_ylabel("layer")
             fig.colorbar(image, ax=ax, shrink=0.8)
             if grid.size <= 400:
+                # viridis is light at the top: dark text there, light text on the dark end.
+                middle = (np.nanmin(grid) + np.nanmax(grid)) / 2
                 for (i, j), value in np.ndenumerate(grid):
                     if not np.isnan(value):
-                        ax.text(j, i, fmt.format(value), ha="center", va="center", fontsize=7, color="w")
+                        colour = "k" if value > middle else "w"
+                        ax.text(j, i, fmt.format(value), ha="center", va="center", fontsize=7, color=colour)
 
         ax = axes[2]
         palette = matplotlib.colormaps["tab10"]
