@@ -71,3 +71,7 @@ __all__ += [
     "trainable_parameters",
     "unmerge",
 ]
+
+from .train import CheckpointError, EvalResult, TrainConfig, TrainResult, evaluate, train  # noqa: E402
+
+__all__ += ["CheckpointError", "EvalResult", "TrainConfig", "TrainResult", "evaluate", "train"]
