@@ -1,12 +1,28 @@
 """lowrank-rs: LoRA-family adapters (LoRA, TLoRA, LoRATRF, TA-LoRA) with a Rust calibration core.
 
-The calibration math lives in :mod:`lowrank_rs.linalg`, adapter files in :mod:`lowrank_rs.package`; every error
-raised on bad input is a :class:`LowRankError`.
+- :func:`calibrate` → :class:`CalibrationPlan` (TLoRA), :func:`attach`, :func:`train`, :func:`save_adapter`,
+  :func:`load_adapter`, :func:`merge` / :func:`unmerge` — adapters on Hugging Face models.
+- :mod:`lowrank_rs.linalg` — the calibration math of the Rust core; :mod:`lowrank_rs.package` — adapter files.
+- Every error raised on bad input is a :class:`LowRankError`.
 """
 
 from __future__ import annotations
 
 from ._core import __version__
+from .attach import (
+    TargetError,
+    adapter_config,
+    adapter_state,
+    attach,
+    load_adapter,
+    lora_layers,
+    merge,
+    save_adapter,
+    trainable_parameters,
+    unmerge,
+)
+from .calibrate import CalibrationPlan, calibrate
+from .config import ConfigError, LoraConfig, TLoraConfig
 from .errors import (
     AdapterFormatError,
     AdapterIOError,
@@ -19,59 +35,43 @@ from .errors import (
     ShapeError,
 )
 from .linalg import get_num_threads, set_num_threads
+from .nn import AdapterStateError, LoraLinear
+from .train import CheckpointError, EvalResult, TrainConfig, TrainResult, evaluate, train
 
 __all__ = [
     "AdapterFormatError",
     "AdapterIOError",
+    "AdapterStateError",
+    "CalibrationPlan",
+    "CheckpointError",
+    "ConfigError",
     "DtypeError",
     "EmptyInputError",
+    "EvalResult",
     "InfeasibleError",
+    "LoraConfig",
+    "LoraLinear",
     "LowRankError",
     "NonFiniteError",
     "RankError",
     "ShapeError",
-    "__version__",
-    "get_num_threads",
-    "set_num_threads",
-]
-
-# Adapters on torch models. Imported after the core names: these modules import torch.
-from .attach import (  # noqa: E402
-    TargetError,
-    adapter_config,
-    adapter_state,
-    attach,
-    load_adapter,
-    lora_layers,
-    merge,
-    save_adapter,
-    trainable_parameters,
-    unmerge,
-)
-from .calibrate import CalibrationPlan, calibrate  # noqa: E402
-from .config import ConfigError, LoraConfig, TLoraConfig  # noqa: E402
-from .nn import AdapterStateError, LoraLinear  # noqa: E402
-
-__all__ += [
-    "AdapterStateError",
-    "CalibrationPlan",
-    "ConfigError",
-    "LoraConfig",
-    "LoraLinear",
     "TLoraConfig",
     "TargetError",
+    "TrainConfig",
+    "TrainResult",
+    "__version__",
     "adapter_config",
     "adapter_state",
     "attach",
     "calibrate",
+    "evaluate",
+    "get_num_threads",
     "load_adapter",
     "lora_layers",
     "merge",
     "save_adapter",
+    "set_num_threads",
+    "train",
     "trainable_parameters",
     "unmerge",
 ]
-
-from .train import CheckpointError, EvalResult, TrainConfig, TrainResult, evaluate, train  # noqa: E402
-
-__all__ += ["CheckpointError", "EvalResult", "TrainConfig", "TrainResult", "evaluate", "train"]

@@ -6,28 +6,34 @@
 //!
 //! 1. Draw a Gaussian test matrix `Ω: [·, k]` from the seed.
 //! 2. Range finder with subspace iteration: `Q = qr(A Ω)`, then `q` times `Q = qr(Aᵀ Q)`, `Q = qr(A Q)`. After
-//!    `q` rounds `range(Q) ≈ range((A Aᵀ)^q A Ω)`, whose error decays like `(σ_{k+1}/σ_j)^{2q+1}`. The
+//!    `q` rounds `range(Q) = range((A Aᵀ)^q A Ω)`, whose error decays like `(σ_{k+1}/σ_j)^{2q+1}`. The
 //!    re-orthonormalisation after *every* product is what keeps the small singular directions from drowning in
 //!    the rounding error of the large ones: without it the columns of `(A Aᵀ)^q A Ω` collapse onto the top
 //!    singular vector in f32 after one or two rounds.
 //! 3. Project: `B = Qᵀ A`, computed as `(Aᵀ Q)ᵀ` because the operator only offers products from the right.
-//! 4. Thin SVD of the small `B = Ũ Σ Vᵀ`, then `U = Q Ũ`, truncated to `r`.
+//! 4. Thin SVD of the small `B = Ũ Σ Ṽᵀ`; `U = Q Ũ`, `V = Ṽ`, truncated to `r`.
 //!
-//! That is `2q + 2` operator products, each followed by a thin Householder QR of an `[·, k]` block.
+//! That is `2q + 2` operator products, each followed by a thin QR of a `[·, k]` block (Cholesky-QR in f64, see
+//! `Orthonormalizer`). For `W·C` the products are 80–90% of the time, so the f32 ones go through a dedicated
+//! AVX-512 kernel (`sgemm`) where the CPU has it.
 //!
 //! **Which side is sketched.** Every product and every QR in the loop costs the same whichever side the range
 //! finder runs on (one product with `A` and one with `Aᵀ` per round, one QR of each height), so the only
 //! difference is the final small SVD: it is of `B: [k, n]`, so the range finder runs on whichever of `A` and
-//! `Aᵀ` is tall. For `m < n` it runs on `Aᵀ` and the roles of `U` and `V` swap at the end. The test matrix is
-//! therefore always drawn on the smaller dimension, `Ω: [min(m, n), k]`, the same for `A` and `Aᵀ`.
+//! `Aᵀ` is tall, and `B` is `k × min(m, n)`. For `m < n` it runs on `Aᵀ` and the roles of `U` and `V` swap at the
+//! end. The test matrix is therefore always drawn on the smaller dimension, `Ω: [min(m, n), k]`.
 //!
 //! **Exact fallback.** When `k ≥ min(m, n)` the sketch would not be smaller than the matrix, so the operator is
 //! materialised (applied to the identity) and given to faer's exact thin SVD.
 //!
+//! **Orthonormality.** The returned singular vectors are re-orthonormalised in f64 (`polish_columns`), so in f32
+//! `V Vᵀ = I` holds to ~1e-7 rather than the ~5e-6 that f32 QR and SVD leave.
+//!
 //! **Determinism.** Column `j` of `Ω` comes from its own xoshiro256++ stream seeded from `(seed, j)`, so the test
-//! matrix, and with it the whole result, depends on the seed only, not on the thread count. Singular vectors are
-//! unique only up to sign; each pair `(u_i, v_i)` is flipped so that the largest-magnitude entry of `v_i` (the
-//! first one on a tie) is positive.
+//! matrix, and with it the result, is a function of the seed alone, not of the thread count (different thread
+//! counts can only change the last bits of faer's parallel reductions). Singular vectors are unique only up to
+//! sign; each pair `(u_i, v_i)` is flipped so that the largest-magnitude entry of `v_i` (the first one on a tie)
+//! is positive.
 
 use faer::dyn_stack::{MemBuffer, MemStack, StackReq};
 use faer::linalg::cholesky::llt::factor as llt;
@@ -37,8 +43,7 @@ use faer::linalg::matmul::triangular::{self, BlockStructure};
 use faer::linalg::qr::no_pivoting::factor as qr;
 use faer::linalg::svd::{self as faer_svd, ComputeSvdVectors};
 use faer::linalg::triangular_inverse::invert_lower_triangular;
-use faer::linalg::triangular_solve::solve_lower_triangular_in_place;
-use faer::reborrow::ReborrowMut;
+use faer::reborrow::{Reborrow, ReborrowMut};
 use faer::traits::RealField;
 use faer::{Accum, Conj, Mat, MatMut, MatRef, Par};
 use rayon::prelude::*;
@@ -84,8 +89,8 @@ pub trait Real: RealField + Copy + Send + Sync + core::ops::Neg<Output = Self> +
     fn finite(self) -> bool;
     /// `|self|`.
     fn magnitude(self) -> Self;
-    /// The machine epsilon of this type, as an f64.
-    fn epsilon_f64(self) -> f64;
+    /// The machine epsilon of this type.
+    const EPSILON: f64;
 }
 
 impl Real for f32 {
@@ -105,9 +110,7 @@ impl Real for f32 {
     fn magnitude(self) -> Self {
         self.abs()
     }
-    fn epsilon_f64(self) -> f64 {
-        f64::from(f32::EPSILON)
-    }
+    const EPSILON: f64 = f32::EPSILON as f64;
 }
 
 impl Real for f64 {
@@ -127,9 +130,7 @@ impl Real for f64 {
     fn magnitude(self) -> Self {
         self.abs()
     }
-    fn epsilon_f64(self) -> f64 {
-        f64::EPSILON
-    }
+    const EPSILON: f64 = f64::EPSILON;
 }
 
 /// An explicit matrix as an operator.
@@ -246,18 +247,9 @@ pub fn task_aware_basis<T: Real>(w: MatRef<'_, T>, c: MatRef<'_, T>, opts: &SvdO
     }
     check_rank(d_out, d_in, opts.rank)?;
     threads::run(|par| {
-        let t = std::time::Instant::now();
         check_finite(w, "weight")?;
-        let tw = t.elapsed().as_secs_f64();
         check_covariance(c)?;
-        if std::env::var("HRSVD_PROF").is_ok() {
-            eprintln!("validate w {tw:.3} total {:.3}", t.elapsed().as_secs_f64());
-        }
-        let t = std::time::Instant::now();
         let svd = svd_on_pool(&WeightCovariance { w, c }, opts, false, par)?;
-        if std::env::var("HRSVD_PROF").is_ok() {
-            eprintln!("svd_on_pool {:.3}", t.elapsed().as_secs_f64());
-        }
         Ok((svd.vt, svd.s))
     })
 }
@@ -301,7 +293,7 @@ fn check_finite<T: Real>(a: MatRef<'_, T>, name: &str) -> Result<()> {
 }
 
 /// Tile edge of the symmetry check: a 64 × 64 tile and the transposed copy of its mirror stay in L1.
-const BLOCK: usize = 32;
+const BLOCK: usize = 64;
 
 /// Rejects a covariance with NaN/infinity or with `|C_ij − C_ji| > 1e-4 · max|C| + tiny`.
 ///
@@ -325,25 +317,25 @@ fn check_covariance<T: Real>(c: MatRef<'_, T>) -> Result<()> {
         v.col(j).subrows(i0, len).try_as_col_major().expect("unit row stride").as_slice()
     };
     // Per-lane accumulators: a single running max is a loop-carried select chain that does not vectorise.
+    // Non-finite entries need no test of their own: they make `|x − y|` infinite or NaN, and NaN is kept.
     const LANES: usize = 16;
     #[derive(Clone, Copy)]
     struct Lanes<T> {
         abs: [T; LANES],
         diff: [T; LANES],
-        finite: [bool; LANES],
     }
     #[inline(always)]
+    #[allow(clippy::eq_op)]
     fn update<T: Real>(acc: &mut Lanes<T>, l: usize, x: T, y: T) {
         let (ax, ay, dxy) = (x.magnitude(), y.magnitude(), (x - y).magnitude());
         let m = if ay > ax { ay } else { ax };
         acc.abs[l] = if m > acc.abs[l] { m } else { acc.abs[l] };
-        acc.diff[l] = if dxy > acc.diff[l] { dxy } else { acc.diff[l] };
-        acc.finite[l] &= x.finite() & y.finite();
+        acc.diff[l] = if dxy > acc.diff[l] || dxy != dxy { dxy } else { acc.diff[l] };
     }
     // (max |C|, max |C_ij − C_ji|, all finite) over the tile pairs of column block bj.
     let scan_column_block = |bj: usize, mirror: &mut Vec<T>| {
         mirror.resize(BLOCK * BLOCK, zero);
-        let mut acc = Lanes { abs: [zero; LANES], diff: [zero; LANES], finite: [true; LANES] };
+        let mut acc = Lanes { abs: [zero; LANES], diff: [zero; LANES] };
         let (j0, jb) = (bj * BLOCK, BLOCK.min(d - bj * BLOCK));
         for bi in bj..blocks {
             let (i0, ib) = (bi * BLOCK, BLOCK.min(d - bi * BLOCK));
@@ -352,44 +344,51 @@ fn check_covariance<T: Real>(c: MatRef<'_, T>) -> Result<()> {
             #[cfg(target_arch = "x86_64")]
             if bi + 1 < blocks {
                 let next = (bi + 1) * BLOCK;
+                let per_line = 64 / core::mem::size_of::<T>();
                 for ii in 0..BLOCK.min(d - next) {
-                    let col = column(next + ii, j0, jb);
-                    for piece in col.chunks(64 / core::mem::size_of::<T>()) {
-                        // SAFETY: prefetching is a hint; the address is inside the slice.
+                    let top = v.ptr_at(j0, next + ii);
+                    for r in (0..jb).step_by(per_line) {
+                        // SAFETY: a prefetch is only a hint, and the address is inside column next + ii anyway.
                         unsafe {
-                            core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(
-                                piece.as_ptr().cast(),
-                            )
+                            core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(top.add(r).cast())
                         };
                     }
                 }
             }
             // mirror[jj·BLOCK + ii] = C[j0 + jj, i0 + ii], read down the columns of the upper tile.
-            for ii in 0..ib {
-                for (jj, &x) in column(i0 + ii, j0, jb).iter().enumerate() {
-                    mirror[jj * BLOCK + ii] = x;
+            if !transpose_tile_fast(v, i0, j0, ib, jb, mirror) {
+                for ii in 0..ib {
+                    for (jj, &x) in column(i0 + ii, j0, jb).iter().enumerate() {
+                        mirror[jj * BLOCK + ii] = x;
+                    }
                 }
             }
             for jj in 0..jb {
                 let lower = column(j0 + jj, i0, ib);
                 let upper = &mirror[jj * BLOCK..jj * BLOCK + ib];
-                let mut chunks = lower.chunks_exact(LANES).zip(upper.chunks_exact(LANES));
-                for (xs, ys) in &mut chunks {
-                    for l in 0..LANES {
-                        update(&mut acc, l, xs[l], ys[l]);
+                if let (Ok(lower), Ok(upper)) = (<&[T; BLOCK]>::try_from(lower), <&[T; BLOCK]>::try_from(upper)) {
+                    // Full tile: fixed trip counts, so the whole column compare unrolls into vector code.
+                    for c in 0..BLOCK / LANES {
+                        for l in 0..LANES {
+                            update(&mut acc, l, lower[c * LANES + l], upper[c * LANES + l]);
+                        }
                     }
-                }
-                let done = ib - ib % LANES;
-                for (l, (&x, &y)) in lower[done..].iter().zip(&upper[done..]).enumerate() {
-                    update(&mut acc, l, x, y);
+                } else {
+                    for (r, (&x, &y)) in lower.iter().zip(upper).enumerate() {
+                        update(&mut acc, r % LANES, x, y);
+                    }
                 }
             }
         }
-        let fold = |a: &[T; LANES]| a.iter().fold(0f64, |m, x| m.max(x.to_f64()));
-        (fold(&acc.abs), fold(&acc.diff), acc.finite.iter().all(|&f| f))
+        let max_abs = acc.abs.iter().fold(0f64, |m, x| m.max(x.to_f64()));
+        let diffs = acc.diff.map(|x| x.to_f64());
+        let finite = diffs.iter().all(|x| x.is_finite());
+        (max_abs, diffs.iter().fold(0f64, |m, &x| m.max(x)), finite)
     };
+    // Column block bj holds blocks − bj tile pairs: split down to single blocks so idle threads can steal.
     let (max_abs, max_diff, finite) = (0..blocks)
         .into_par_iter()
+        .with_max_len(1)
         .map_init(Vec::new, |mirror, bj| scan_column_block(bj, mirror))
         .reduce(|| (0.0, 0.0, true), |a, b| (a.0.max(b.0), a.1.max(b.1), a.2 & b.2));
     if !finite {
@@ -411,7 +410,47 @@ fn check_covariance<T: Real>(c: MatRef<'_, T>) -> Result<()> {
     Ok(())
 }
 
-/// Runs on the core's pool, after validation. `want_u = false` skips forming `U` (the basis needs only `V`).
+/// `mirror[jj·BLOCK + ii] = v[j0 + jj, i0 + ii]` for a full f32 tile with AVX-512 16 × 16 transposes (the scalar
+/// copy is most of the symmetry check's time); `false` where it does not apply.
+fn transpose_tile_fast<T: 'static>(
+    v: MatRef<'_, T>,
+    i0: usize,
+    j0: usize,
+    ib: usize,
+    jb: usize,
+    mirror: &mut [T],
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if core::any::TypeId::of::<T>() == core::any::TypeId::of::<f32>()
+        && ib == BLOCK
+        && jb == BLOCK
+        && v.row_stride() == 1
+        && sgemm::avx512()
+    {
+        let src = v.ptr_at(j0, i0) as *const f32;
+        let dst = mirror.as_mut_ptr() as *mut f32;
+        for bi in (0..BLOCK).step_by(16) {
+            for bj in (0..BLOCK).step_by(16) {
+                // SAFETY: T is f32; rows j0..j0+64 and columns i0..i0+64 are inside `v` (full tile), and the
+                // 64 × 64 buffer holds the destination block.
+                unsafe {
+                    sgemm::transpose16(
+                        src.offset(bj as isize + bi as isize * v.col_stride()),
+                        v.col_stride(),
+                        dst.add(bj * BLOCK + bi),
+                        BLOCK,
+                    )
+                };
+            }
+        }
+        return true;
+    }
+    let _ = (v, i0, j0, ib, jb, mirror);
+    false
+}
+
+/// Runs on the core's pool, after validation. `want_u = false` leaves `u` empty (`[m, 0]`): the basis needs
+/// only `V`, and skipping `U` saves a product and its re-orthonormalisation.
 fn svd_on_pool<T: Real, Op: LinearOperator<T> + ?Sized>(
     op: &Op,
     opts: &SvdOptions,
@@ -421,24 +460,32 @@ fn svd_on_pool<T: Real, Op: LinearOperator<T> + ?Sized>(
     let (m, n) = (op.nrows(), op.ncols());
     let small = m.min(n);
     let k = opts.rank.saturating_add(opts.oversample).min(small);
-    let mut svd = if k >= small {
+    // Singular vectors as columns until the very end: polishing and sign fixing read them contiguously.
+    let Factors { mut u, s, mut v } = if k >= small {
         exact_svd(op, par)?
     } else if m >= n {
         range_finder_svd(op, k, opts, want_u, par)?
     } else {
         let t = range_finder_svd(&Transposed(op), k, opts, true, par)?;
-        Svd { u: t.vt.transpose().to_owned(), s: t.s, vt: t.u.transpose().to_owned() }
+        Factors { u: t.v, s: t.s, v: t.u }
     };
-    truncate(&mut svd, opts.rank);
-    polish_rows(svd.vt.as_mut(), par);
-    polish_rows(svd.u.as_mut().transpose_mut(), par);
-    fix_signs(&mut svd);
-    Ok(svd)
+    let rank = opts.rank;
+    u = if want_u { polish_columns(u.subcols(0, rank), par) } else { Mat::zeros(m, 0) };
+    v = polish_columns(v.subcols(0, rank), par);
+    fix_signs(u.as_mut(), v.as_mut());
+    Ok(Svd { u, s: s[..rank].to_vec(), vt: v.transpose().to_owned() })
+}
+
+/// A thin SVD with both factors as columns: `u: [m, k]`, `v: [n, k]`.
+struct Factors<T> {
+    u: Mat<T>,
+    s: Vec<T>,
+    v: Mat<T>,
 }
 
 /// Exact thin SVD of the materialised operator. The cheaper of `A·I` and `Aᵀ·I` is the one with the smaller
 /// identity.
-fn exact_svd<T: Real, Op: LinearOperator<T> + ?Sized>(op: &Op, par: Par) -> Result<Svd<T>> {
+fn exact_svd<T: Real, Op: LinearOperator<T> + ?Sized>(op: &Op, par: Par) -> Result<Factors<T>> {
     let (m, n) = (op.nrows(), op.ncols());
     m.checked_mul(n).ok_or_else(|| Error::Value(format!("a {m}×{n} matrix does not fit in memory")))?;
     let mut full = Mat::<T>::zeros(m, n);
@@ -450,12 +497,11 @@ fn exact_svd<T: Real, Op: LinearOperator<T> + ?Sized>(op: &Op, par: Par) -> Resu
         full.copy_from(t.transpose());
     }
     ensure_finite(full.as_ref())?;
-    let (u, s, v) = thin_svd(full.as_ref(), par)?;
-    Ok(Svd { u, s, vt: v.transpose().to_owned() })
+    thin_svd(full.as_ref(), par)
 }
 
 /// `A = U diag(s) Vᵀ` with `U: [m, min]`, `V: [n, min]`, by faer with the caller's parallelism.
-fn thin_svd<T: Real>(a: MatRef<'_, T>, par: Par) -> Result<(Mat<T>, Vec<T>, Mat<T>)> {
+fn thin_svd<T: Real>(a: MatRef<'_, T>, par: Par) -> Result<Factors<T>> {
     let (m, n) = a.shape();
     let size = m.min(n);
     let mut u = Mat::<T>::zeros(m, size);
@@ -467,7 +513,7 @@ fn thin_svd<T: Real>(a: MatRef<'_, T>, par: Par) -> Result<(Mat<T>, Vec<T>, Mat<
     faer_svd::svd(a, s.as_mut(), Some(u.as_mut()), Some(v.as_mut()), par, MemStack::new(&mut mem), Default::default())
         .map_err(|_| Error::Value(format!("the SVD of a {m}×{n} matrix did not converge")))?;
     let s = (0..size).map(|i| s[i]).collect();
-    Ok((u, s, v))
+    Ok(Factors { u, s, v })
 }
 
 fn ensure_finite<T: Real>(a: MatRef<'_, T>) -> Result<()> {
@@ -534,7 +580,7 @@ impl<T: Real> Orthonormalizer<T> {
         let k = y.ncols();
         convert_columns(self.wide.as_mut(), y.as_ref(), |v| v.to_f64(), par);
         // One pass leaves columns orthonormal to ~κ²·1e-16; enough when that is below T's own rounding.
-        let one_pass_limit = (0.1 * T::from_f64(1.0).epsilon_f64() / f64::EPSILON).sqrt();
+        let one_pass_limit = (0.1 * T::EPSILON / f64::EPSILON).sqrt();
         for pass in 0..2 {
             tri_matmul(
                 self.gram.as_mut(),
@@ -551,7 +597,7 @@ impl<T: Real> Orthonormalizer<T> {
             let diag = (0..k).map(|i| self.gram[(i, i)]);
             let (lo, hi) = diag.fold((f64::INFINITY, 0f64), |(lo, hi), d| (lo.min(d), hi.max(d)));
             let condition = hi / lo;
-            if !(condition < 1e7) {
+            if condition.is_nan() || condition >= 1e7 {
                 return false;
             }
             invert_lower_triangular(self.inverse.as_mut(), self.gram.as_ref(), par);
@@ -632,7 +678,7 @@ fn range_finder_svd<T: Real, Op: LinearOperator<T> + ?Sized>(
     opts: &SvdOptions,
     want_u: bool,
     par: Par,
-) -> Result<Svd<T>> {
+) -> Result<Factors<T>> {
     let (p, q) = (op.nrows(), op.ncols());
     // y: the range basis, [p, k]; z: the co-range block, [q, k]. The test matrix lives in z first.
     let mut y = Mat::<T>::zeros(p, k);
@@ -642,39 +688,20 @@ fn range_finder_svd<T: Real, Op: LinearOperator<T> + ?Sized>(
     let mut mem = MemBuffer::new(StackReq::any_of(&[orth_p.scratch(par), orth_q.scratch(par)]));
     let stack = MemStack::new(&mut mem);
 
-    let prof = std::env::var("HRSVD_PROF").is_ok();
-    let mut tp = 0.0;
-    let mut tq = 0.0;
-    let t = std::time::Instant::now();
     op.apply(y.as_mut(), z.as_ref(), par);
-    tp += t.elapsed().as_secs_f64();
-    let t = std::time::Instant::now();
+    // A broken operator is caught here, before it costs 2q + 1 more products.
+    ensure_finite(y.as_ref())?;
     orth_p.orthonormalize(&mut y, par, stack);
-    tq += t.elapsed().as_secs_f64();
     for _ in 0..opts.power_iters {
-        let t = std::time::Instant::now();
         op.apply_transpose(z.as_mut(), y.as_ref(), par);
-        tp += t.elapsed().as_secs_f64();
-        let t = std::time::Instant::now();
         orth_q.orthonormalize(&mut z, par, stack);
-        tq += t.elapsed().as_secs_f64();
-        let t = std::time::Instant::now();
         op.apply(y.as_mut(), z.as_ref(), par);
-        tp += t.elapsed().as_secs_f64();
-        let t = std::time::Instant::now();
         orth_p.orthonormalize(&mut y, par, stack);
-        tq += t.elapsed().as_secs_f64();
     }
     // z = Aᵀ Q = Bᵀ: its SVD z = Uz Σ Vzᵀ gives A ≈ Q B = (Q Vz) Σ Uzᵀ.
-    let t = std::time::Instant::now();
     op.apply_transpose(z.as_mut(), y.as_ref(), par);
-    tp += t.elapsed().as_secs_f64();
-    let t = std::time::Instant::now();
     ensure_finite(z.as_ref())?;
-    let (uz, s, vz) = thin_svd(z.as_ref(), par)?;
-    if prof {
-        eprintln!("products {tp:.3} qr {tq:.3} svd {:.3}", t.elapsed().as_secs_f64());
-    }
+    let Factors { u: uz, s, v: vz } = thin_svd(z.as_ref(), par)?;
     let u = if want_u {
         let mut u = Mat::<T>::zeros(p, k);
         matmul(u.as_mut(), Accum::Replace, y.as_ref(), vz.as_ref(), T::from_f64(1.0), par);
@@ -682,68 +709,43 @@ fn range_finder_svd<T: Real, Op: LinearOperator<T> + ?Sized>(
     } else {
         Mat::zeros(p, 0)
     };
-    Ok(Svd { u, s, vt: uz.transpose().to_owned() })
+    Ok(Factors { u, s, v: uz })
 }
 
-fn truncate<T: Real>(svd: &mut Svd<T>, rank: usize) {
-    svd.s.truncate(rank);
-    if svd.u.ncols() > rank {
-        svd.u = svd.u.subcols(0, rank).to_owned();
-    }
-    if svd.vt.nrows() > rank {
-        svd.vt = svd.vt.subrows(0, rank).to_owned();
-    }
-}
-
-/// Re-orthonormalises the rows of `x: [r, n]` in f64 by one Cholesky-QR step, `X ← L⁻¹ X` with `L Lᵀ = X Xᵀ`.
+/// The columns of `x: [n, r]` re-orthonormalised in f64 (one Cholesky-QR pass; two for f64 data).
 ///
-/// Householder QR and the SVD leave f32 factors orthonormal only to a few `k·ε ≈ 5e-6`; callers of the basis
-/// rely on `A Aᵀ = I` to ~1e-6 (TLoRA freezes `A` and its scale assumes orthonormal rows). The input is already
-/// orthonormal to that level, so `X Xᵀ ≈ I` is perfectly conditioned, `L ≈ I` barely moves the rows (the span
-/// and the order are kept), and the only remaining error is the final rounding to `T`.
-fn polish_rows<T: Real>(x: MatMut<'_, T>, par: Par) {
-    let (r, n) = x.shape();
-    if r == 0 || n == 0 {
-        return;
+/// f32 QR and SVD leave factors orthonormal only to a few `k·ε ≈ 5e-6`; users of the basis rely on `A Aᵀ = I`
+/// (TLoRA freezes `A`, and its scale assumes orthonormal rows). The input is already orthonormal to that level, so
+/// the Gram is perfectly conditioned, `L ≈ I` barely moves the columns (span and order are kept), and what is
+/// left is the final rounding to `T`: ~1e-7 in f32.
+fn polish_columns<T: Real>(x: MatRef<'_, T>, par: Par) -> Mat<T> {
+    let mut out = x.to_owned();
+    let (n, r) = out.shape();
+    if n == 0 || r == 0 {
+        return out;
     }
-    let mut x = x;
-    let mut xd = Mat::<f64>::from_fn(r, n, |i, j| x[(i, j)].to_f64());
-    let mut gram = Mat::<f64>::zeros(r, r);
-    matmul(gram.as_mut(), Accum::Replace, xd.as_ref(), xd.transpose(), 1.0, par);
-    let mut mem = MemBuffer::new(llt::cholesky_in_place_scratch::<f64>(r, par, Default::default()));
-    let factored =
-        llt::cholesky_in_place(gram.as_mut(), Default::default(), par, MemStack::new(&mut mem), Default::default());
-    // Only a rank-deficient X (impossible for outputs of QR or SVD) fails; then there is nothing to improve.
-    if factored.is_err() {
-        return;
-    }
-    solve_lower_triangular_in_place(gram.as_ref(), xd.as_mut(), par);
-    for j in 0..n {
-        for i in 0..r {
-            x[(i, j)] = T::from_f64(xd[(i, j)]);
-        }
-    }
+    let mut orth = Orthonormalizer::<T>::new(n, r);
+    let mut mem = MemBuffer::new(orth.scratch(par));
+    orth.orthonormalize(&mut out, par, MemStack::new(&mut mem));
+    out
 }
 
-/// Makes the largest-magnitude entry of each right singular vector positive (first one on a tie).
-fn fix_signs<T: Real>(svd: &mut Svd<T>) {
+/// Makes the largest-magnitude entry of each right singular vector (column of `v`) positive, the first one on a
+/// tie, flipping the matching column of `u` (if present) with it.
+fn fix_signs<T: Real>(mut u: MatMut<'_, T>, mut v: MatMut<'_, T>) {
     let zero = T::from_f64(0.0);
-    for i in 0..svd.vt.nrows() {
-        let row = svd.vt.row(i);
+    for j in 0..v.ncols() {
+        let col = v.rb().col(j);
         let mut best = 0;
-        for j in 1..row.ncols() {
-            if row[j].magnitude() > row[best].magnitude() {
-                best = j;
+        for i in 1..col.nrows() {
+            if col[i].magnitude() > col[best].magnitude() {
+                best = i;
             }
         }
-        if row[best] < zero {
-            for j in 0..svd.vt.ncols() {
-                svd.vt[(i, j)] = -svd.vt[(i, j)];
-            }
-            if i < svd.u.ncols() {
-                for r in 0..svd.u.nrows() {
-                    svd.u[(r, i)] = -svd.u[(r, i)];
-                }
+        if col[best] < zero {
+            v.rb_mut().col_mut(j).iter_mut().for_each(|x| *x = -*x);
+            if j < u.ncols() {
+                u.rb_mut().col_mut(j).iter_mut().for_each(|x| *x = -*x);
             }
         }
     }
@@ -833,9 +835,9 @@ fn product<T: Real>(mut out: MatMut<'_, T>, a: MatRef<'_, T>, x: MatRef<'_, T>, 
 /// A single-precision matrix product specialised for the shapes of a randomized SVD: a large `a: [m, k]` times a
 /// skinny `x: [k, n]` (`n` = rank + oversampling, about 138).
 ///
-/// faer's general kernel reaches 70–75% of the AVX-512 peak on these shapes (it is tuned for squarer products);
-/// these products are 80–90% of the work of `task_aware_basis`, and this kernel gets 85–95% of peak instead.
-/// One 8 × 48 register tile (24 zmm accumulators) does `acc[c][·] += panel[k][·] · b_c[k]`: 48 lanes come from a
+/// These products are 80–90% of the time of `task_aware_basis`. faer's general kernel, tuned for squarer shapes,
+/// gets 125–150 GFLOP/s per Sapphire Rapids core on them; this one 150–170 with a row-major and 110–125 with a
+/// column-major `a` (about 300 and 230 on two cores, against ~200 for faer). One 8 × 48 register tile (24 zmm accumulators) does `acc[c][·] += panel[k][·] · b_c[k]`: 48 lanes come from a
 /// packed panel, 8 scalars are broadcast from 8 unit-stride streams. Which matrix plays which role follows `a`'s
 /// layout, so the big matrix is always read in its storage order and never transposed:
 ///
@@ -847,6 +849,8 @@ fn product<T: Real>(mut out: MatMut<'_, T>, a: MatRef<'_, T>, x: MatRef<'_, T>, 
 /// Each output element is accumulated by one thread in a fixed order, so results do not depend on the thread
 /// count. Returns `false` (and does nothing) where it does not apply, for the caller to use faer instead.
 #[cfg(target_arch = "x86_64")]
+// The AVX-512 intrinsics are stable since Rust 1.89 (faer itself needs 1.84).
+#[clippy::msrv = "1.89"]
 mod sgemm {
     use core::arch::x86_64::*;
     use std::sync::OnceLock;
@@ -858,19 +862,19 @@ mod sgemm {
     const NB: usize = 8;
     /// Lanes per packed panel: three zmm vectors.
     const PANEL: usize = 48;
-    /// Depth of a row-major block: 1024 f32 of a row are one 4 KiB page, which the hardware prefetcher streams.
-    const KC_ROW: usize = 128;
-    /// Rows of `out` per task in the row-major driver; the scratch block (`MC × n`) stays in L2.
-    const MC_ROW: usize = 256;
-    /// Depth and height of a column-major block: four packed 48-row slabs of 256 (192 KiB) stay in L2.
+    /// Depth of a block. A packed panel (`KC × 48` f32: 36 KiB row-major, 24 KiB column-major) stays in the
+    /// 48 KiB L1 while the broadcast streams pass it; measured best among 64–256 on Sapphire Rapids.
+    const KC_ROW: usize = 192;
     const KC_COL: usize = 128;
+    /// Rows of `out` per task in the row-major driver; the scratch block (`MC × n`) and the `MC × KC` slice of
+    /// `a` stay in L2.
+    const MC_ROW: usize = 256;
+    /// 48-row slabs per task in the column-major driver (192 rows: 22 tasks at 4096 rows split evenly over 2).
     const SLABS: usize = 4;
-    /// How many columns ahead the column-major packing prefetches.
-    const PREFETCH_COLS: usize = 8;
     /// Below this many multiply-adds the packing does not pay off.
     const MIN_WORK: usize = 1 << 22;
 
-    fn avx512() -> bool {
+    pub(super) fn avx512() -> bool {
         static HAS: OnceLock<bool> = OnceLock::new();
         *HAS.get_or_init(|| std::arch::is_x86_feature_detected!("avx512f"))
     }
@@ -899,6 +903,46 @@ mod sgemm {
             true
         } else {
             false
+        }
+    }
+
+    /// `dst[r·ld_dst + c] = src[c·ld_src + r]` for a 16 × 16 block: `src` holds 16 columns (16 contiguous floats each,
+    /// `ld_src` apart), `dst` receives them as 16 rows. The standard unpack / shuffle network.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn transpose16(src: *const f32, ld_src: isize, dst: *mut f32, ld_dst: usize) {
+        let r: [__m512; 16] = core::array::from_fn(|i| _mm512_loadu_ps(src.offset(i as isize * ld_src)));
+        let t: [__m512; 16] = core::array::from_fn(|i| {
+            let (a, b) = (r[i & !1], r[i | 1]);
+            if i % 2 == 0 {
+                _mm512_unpacklo_ps(a, b)
+            } else {
+                _mm512_unpackhi_ps(a, b)
+            }
+        });
+        // u[4g + 0..4] from t[4g + 0..4]: 64-bit interleaves of (t0, t2) and (t1, t3).
+        let u: [__m512; 16] = core::array::from_fn(|i| {
+            let g = i & !3;
+            let (a, b) = match i % 4 {
+                0 | 1 => (t[g], t[g + 2]),
+                _ => (t[g + 1], t[g + 3]),
+            };
+            let (a, b) = (_mm512_castps_pd(a), _mm512_castps_pd(b));
+            _mm512_castpd_ps(if i % 2 == 0 { _mm512_unpacklo_pd(a, b) } else { _mm512_unpackhi_pd(a, b) })
+        });
+        // 128-bit lanes: v[8h + j] pairs u[8h + j] with u[8h + 4 + j] (even lanes for j < 4, odd lanes after).
+        let v: [__m512; 16] = core::array::from_fn(|i| {
+            let (h, j) = (i & !7, i % 8);
+            let (a, b) = (u[h + j % 4], u[h + 4 + j % 4]);
+            if j < 4 {
+                _mm512_shuffle_f32x4::<0x88>(a, b)
+            } else {
+                _mm512_shuffle_f32x4::<0xdd>(a, b)
+            }
+        });
+        for i in 0..16 {
+            let (a, b) = (v[i % 8], v[8 + i % 8]);
+            let row = if i < 8 { _mm512_shuffle_f32x4::<0x88>(a, b) } else { _mm512_shuffle_f32x4::<0xdd>(a, b) };
+            _mm512_storeu_ps(dst.add(i * ld_dst), row);
         }
     }
 
@@ -1031,11 +1075,12 @@ mod sgemm {
     #[target_feature(enable = "avx512f")]
     unsafe fn row_major(out: StridedMut, a: Strided, x: Strided, m: usize, k: usize, n: usize, threads: usize) {
         let panels = panels(n);
+        let (kc_row, mc_row) = (KC_ROW, MC_ROW);
         let npad: usize = panels.iter().map(|p| p.1).sum();
         // packed[pc·npad + kc·lane0 + kk·w + l] = x[pc + kk, lane0 + l] (zero past n): depth block pc, panel at lane0.
         let mut packed = vec![0f32; k * npad];
         let pack_block = |pc: usize, block: &mut [f32]| {
-            let kc = KC_ROW.min(k - pc);
+            let kc = kc_row.min(k - pc);
             for &(lane0, w) in &panels {
                 let dst = &mut block[kc * lane0..kc * (lane0 + w)];
                 for l in 0..w.min(n.saturating_sub(lane0)) {
@@ -1046,22 +1091,22 @@ mod sgemm {
             }
         };
         if threads <= 1 {
-            packed.chunks_mut(KC_ROW * npad).enumerate().for_each(|(b, blk)| pack_block(b * KC_ROW, blk));
+            packed.chunks_mut(kc_row * npad).enumerate().for_each(|(b, blk)| pack_block(b * kc_row, blk));
         } else {
-            packed.par_chunks_mut(KC_ROW * npad).enumerate().for_each(|(b, blk)| pack_block(b * KC_ROW, blk));
+            packed.par_chunks_mut(kc_row * npad).enumerate().for_each(|(b, blk)| pack_block(b * kc_row, blk));
         }
         let zeros = vec![0f32; k];
         let packed = Strided { ptr: packed.as_ptr(), rs: 0, cs: 1 };
         let zero = Strided { ptr: zeros.as_ptr(), rs: 0, cs: 1 };
-        run_blocks(m.div_ceil(MC_ROW), threads, |blk, tmp| {
-            let i0 = blk * MC_ROW;
-            let mb = MC_ROW.min(m - i0);
+        run_blocks(m.div_ceil(mc_row), threads, |blk, tmp| {
+            let i0 = blk * mc_row;
+            let mb = mc_row.min(m - i0);
             let tiles = mb.div_ceil(NB);
             tmp.clear();
             tmp.resize(tiles * NB * npad, 0.0);
             let mut pc = 0;
             while pc < k {
-                let kc = KC_ROW.min(k - pc);
+                let kc = kc_row.min(k - pc);
                 let rows = |t: usize| -> [*const f32; NB] {
                     core::array::from_fn(|c| {
                         let i = i0 + t * NB + c;
@@ -1099,37 +1144,42 @@ mod sgemm {
     unsafe fn col_major(out: StridedMut, a: Strided, x: Strided, m: usize, k: usize, n: usize, threads: usize) {
         let zeros = vec![0f32; k];
         let zero = Strided { ptr: zeros.as_ptr(), rs: 0, cs: 1 };
-        let block_rows = SLABS * PANEL;
+        let (kc_col, slabs_n) = (KC_COL, SLABS);
+        let block_rows = slabs_n * PANEL;
         run_blocks(m.div_ceil(block_rows), threads, |blk, scratch| {
             let i0 = blk * block_rows;
             let slabs = panels(block_rows.min(m - i0));
             scratch.clear();
-            scratch.resize(SLABS * KC_COL * PANEL + NB * PANEL, 0.0);
-            let (pack, spill) = scratch.split_at_mut(SLABS * KC_COL * PANEL);
+            scratch.resize(slabs_n * kc_col * PANEL + NB * PANEL, 0.0);
+            let (pack, spill) = scratch.split_at_mut(slabs_n * kc_col * PANEL);
             let mut pc = 0;
             while pc < k {
-                let kc = KC_COL.min(k - pc);
-                // pack[s][kk][l] = a[i0 + lane0_s + l, pc + kk] (zero past m). Each kk is a new page: prefetch
-                // all of its lines a few columns ahead, the hardware prefetcher does not follow such strides.
-                let rows_here = block_rows.min(m - i0);
+                let kc = kc_col.min(k - pc);
+                // pack[s][kk][l] = a[i0 + lane0_s + l, pc + kk] (zero past m). Usually already in L2: see below.
                 for kk in 0..kc {
-                    if pc + kk + PREFETCH_COLS < k {
-                        for r in (0..rows_here).step_by(16) {
-                            _mm_prefetch::<_MM_HINT_T0>(a.at(i0 + r, pc + kk + PREFETCH_COLS) as *const i8);
-                        }
-                    }
                     for (s, &(lane0, w)) in slabs.iter().enumerate() {
-                        let dst = pack.as_mut_ptr().add(s * KC_COL * PANEL + kk * w);
-                        let rows = (m - i0 - lane0).min(w);
+                        let dst = pack.as_mut_ptr().add(s * kc_col * PANEL + kk * w);
                         let src = a.at(i0 + lane0, pc + kk);
-                        if rows == w {
-                            core::ptr::copy_nonoverlapping(src, dst, w);
-                        } else {
-                            core::ptr::copy_nonoverlapping(src, dst, rows);
-                            core::ptr::write_bytes(dst.add(rows), 0, w - rows);
+                        let rows = (m - i0 - lane0).min(w);
+                        for v in 0..w / 16 {
+                            // Masked past the last row, so the padding lanes are zero and nothing past `a` is read.
+                            let valid = rows.saturating_sub(16 * v).min(16);
+                            let mask: __mmask16 = if valid == 16 { 0xFFFF } else { (1u16 << valid) - 1 };
+                            _mm512_storeu_ps(dst.add(16 * v), _mm512_maskz_loadu_ps(mask, src.add(16 * v)));
                         }
                     }
                 }
+                // Every column of the block is a separate page, which no hardware prefetcher follows, and packing
+                // from memory would stall the core for a fifth of the time. So the kernels below spread prefetches
+                // of the next block (the next depth range, or the next rows) into L2 between their calls.
+                let (next_i0, next_pc) = if pc + kc < k { (i0, pc + kc) } else { (i0 + block_rows, 0) };
+                let next_rows = block_rows.min(m.saturating_sub(next_i0));
+                let next_cols = kc_col.min(k - next_pc);
+                let lines_per_col = next_rows.div_ceil(16);
+                let total_lines = if next_rows > 0 { lines_per_col * next_cols } else { 0 };
+                let calls = slabs.len() * n.div_ceil(NB);
+                let per_call = total_lines.div_ceil(calls.max(1));
+                let mut cursor = 0;
                 // Slab-outer: one packed slab (kc × 48) stays in L1 while the columns of x stream past it.
                 for (s, &(lane0, w)) in slabs.iter().enumerate() {
                     for j0 in (0..n).step_by(NB) {
@@ -1137,7 +1187,12 @@ mod sgemm {
                         let b: [*const f32; NB] =
                             core::array::from_fn(|c| if c < cols { x.at(pc, j0 + c) } else { zero.at(0, pc) });
                         let rows = (m - i0 - lane0).min(w);
-                        let panel = pack.as_ptr().add(s * KC_COL * PANEL);
+                        let panel = pack.as_ptr().add(s * kc_col * PANEL);
+                        for line in cursor..(cursor + per_call).min(total_lines) {
+                            let (col, piece) = (line / lines_per_col, line % lines_per_col);
+                            _mm_prefetch::<_MM_HINT_T1>(a.at(next_i0 + 16 * piece, next_pc + col) as *const i8);
+                        }
+                        cursor += per_call;
                         if rows == w && cols == NB {
                             kernel_any(w / 16, kc, panel, &b, None, out.at(i0 + lane0, j0), out.cs as usize, pc > 0);
                         } else {
@@ -1189,7 +1244,8 @@ mod tests {
     }
 
     fn exact(a: MatRef<'_, f64>) -> (Mat<f64>, Vec<f64>, Mat<f64>) {
-        thin_svd(a, Par::Seq).unwrap()
+        let Factors { u, s, v } = thin_svd(a, Par::Seq).unwrap();
+        (u, s, v)
     }
 
     fn max_abs(a: MatRef<'_, f64>) -> f64 {
@@ -1222,12 +1278,10 @@ mod tests {
         assert_eq!(svd.s.len(), rank);
         let (_, s_exact, _) = exact(a.as_ref());
         let scale = s_exact[0].max(f64::MIN_POSITIVE);
-        for i in 0..rank {
-            assert!((svd.s[i] - s_exact[i]).abs() <= s_tol * scale, "σ{i}: {} vs exact {}", svd.s[i], s_exact[i]);
-            if i > 0 {
-                assert!(svd.s[i] <= svd.s[i - 1]);
-            }
+        for (i, (&got, &want)) in svd.s.iter().zip(&s_exact).enumerate() {
+            assert!((got - want).abs() <= s_tol * scale, "σ{i}: {got} vs exact {want}");
         }
+        assert!(svd.s.windows(2).all(|p| p[1] <= p[0]));
         assert!(row_orthonormality_error(svd.vt.as_ref()) < 1e-10);
         assert!(row_orthonormality_error(svd.u.transpose()) < 1e-10);
         let top: f64 = s_exact[..rank].iter().map(|x| x * x).sum();
@@ -1261,6 +1315,105 @@ mod tests {
                         .fold(0f32, f32::max);
                     assert!(err < 1e-3 * (k as f32).sqrt(), "{m}x{k}x{n}: max error {err}");
                 }
+            }
+        }
+    }
+
+    /// `max |QᵀQ − I|` and the relative residual `‖Y − Q Qᵀ Y‖ / ‖Y‖` of an orthonormalised block.
+    fn orthonormalize_check<T: Real>(y: &Mat<T>) -> (f64, f64) {
+        let mut q = y.clone();
+        let (rows, k) = y.shape();
+        let mut orth = Orthonormalizer::<T>::new(rows, k);
+        let mut mem = MemBuffer::new(orth.scratch(Par::Seq));
+        orth.orthonormalize(&mut q, Par::Seq, MemStack::new(&mut mem));
+        let qd = Mat::from_fn(rows, k, |i, j| q[(i, j)].to_f64());
+        let yd = Mat::from_fn(rows, k, |i, j| y[(i, j)].to_f64());
+        let residual = (&yd - &qd * (qd.transpose() * &yd)).norm_l2() / yd.norm_l2().max(f64::MIN_POSITIVE);
+        (row_orthonormality_error(qd.transpose()), residual)
+    }
+
+    #[test]
+    fn orthonormalizer_keeps_the_span_on_every_path() {
+        // Well conditioned: one Cholesky-QR pass.
+        let y = gaussian::<f32>(500, 40, 1);
+        let (orth, res) = orthonormalize_check(&y);
+        assert!(orth < 1e-6 && res < 1e-6, "f32 random: {orth:e} {res:e}");
+        // κ = 1e5: a second pass in f32, always two in f64.
+        let s: Vec<f64> = (0..40).map(|i| 10f64.powf(-5.0 * i as f64 / 39.0)).collect();
+        let y64 = with_spectrum(500, 40, &s, 2);
+        let (orth, res) = orthonormalize_check(&y64);
+        assert!(orth < 1e-13 && res < 1e-13, "f64 κ=1e5: {orth:e} {res:e}");
+        let y32 = Mat::from_fn(500, 40, |i, j| y64[(i, j)] as f32);
+        let (orth, res) = orthonormalize_check(&y32);
+        assert!(orth < 1e-6 && res < 1e-6, "f32 κ=1e5: {orth:e} {res:e}");
+        // Rank-deficient and zero blocks: Householder, still orthonormal.
+        let deficient = with_spectrum(300, 30, &[3.0, 2.0, 1.0], 3);
+        let (orth, res) = orthonormalize_check(&deficient);
+        assert!(orth < 1e-12 && res < 1e-12, "rank 3: {orth:e} {res:e}");
+        let (orth, _) = orthonormalize_check(&Mat::<f32>::zeros(200, 20));
+        assert!(orth < 1e-6, "zero block: {orth:e}");
+    }
+
+    #[test]
+    fn no_power_iterations_on_a_fast_decaying_spectrum() {
+        let s: Vec<f64> = (0..50).map(|i| 0.5f64.powi(i)).collect();
+        let a = with_spectrum(150, 120, &s, 8);
+        check_against_exact(&a, 5, opts(5, 10, 0, 2), 1e-6, 1e-10);
+    }
+
+    /// Timing on the benchmark shapes (`cargo test --release -p lowrank-core rsvd::tests::bench -- --ignored
+    /// --nocapture`); `bench/` compares against torch side by side.
+    #[test]
+    #[ignore]
+    fn bench_task_aware_basis() {
+        crate::threads::set_num_threads(2);
+        for &(d_out, d_in) in &[(4096usize, 4096usize), (4096, 11008), (11008, 4096)] {
+            // C = G Gᵀ / t + 0.05 I with three outlier channels; W Gaussian with power-law column scales. Row-major
+            // views, as numpy hands them over.
+            let t = 1024;
+            let mut g = gaussian::<f32>(d_in, t, 1);
+            for &ch in &[3, d_in / 3, d_in - 5] {
+                for j in 0..t {
+                    g[(ch, j)] *= 30.0;
+                }
+            }
+            let mut c = Mat::<f32>::zeros(d_in, d_in);
+            crate::threads::run(|par| {
+                matmul(c.as_mut(), Accum::Replace, g.as_ref(), g.transpose(), 1.0 / t as f32, par);
+            });
+            let c = Mat::from_fn(d_in, d_in, |i, j| {
+                let v = if i >= j { c[(i, j)] } else { c[(j, i)] };
+                v + if i == j { 0.05 } else { 0.0 }
+            });
+            let w = gaussian::<f32>(d_in, d_out, 2);
+            let w = Mat::from_fn(d_in, d_out, |i, j| w[(i, j)] / (1.0 + i as f32).sqrt());
+            let (w_rows, c_rows) = (w.transpose(), c.transpose());
+            let o = opts(128, 10, 4, 0);
+            let mut times = Vec::new();
+            for _ in 0..3 {
+                let start = std::time::Instant::now();
+                let (vt, _) = task_aware_basis(w_rows, c_rows, &o).unwrap();
+                times.push(start.elapsed().as_secs_f64());
+                assert_eq!(vt.shape(), (128, d_in));
+            }
+            times.sort_by(f64::total_cmp);
+            println!("task_aware_basis {d_out}x{d_in}, rank 128, 2 threads: median {:.3}s {times:?}", times[1]);
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn transpose16_is_a_transpose() {
+        if !sgemm::avx512() {
+            return;
+        }
+        let src: Vec<f32> = (0..20 * 16).map(|i| i as f32).collect();
+        let mut dst = vec![0f32; 16 * 18];
+        // SAFETY: 16 columns of 16 floats, 20 apart, fit in `src`; 16 rows of 16, 18 apart, fit in `dst`.
+        unsafe { sgemm::transpose16(src.as_ptr(), 20, dst.as_mut_ptr(), 18) };
+        for r in 0..16 {
+            for c in 0..16 {
+                assert_eq!(dst[r * 18 + c], src[c * 20 + r], "({r}, {c})");
             }
         }
     }
@@ -1424,7 +1577,6 @@ mod tests {
             let rank = 64;
             let (vt, s) = task_aware_basis(w32.as_ref(), c32.as_ref(), &opts(rank, 10, 4, 0)).unwrap();
             let err = row_orthonormality_error(vt.as_ref());
-            eprintln!("{d_out}x{d_in} orth err {err}");
             assert!(err < 2e-6, "rows of vt orthonormal to {err}");
             let vt64 = Mat::from_fn(rank, d_in, |i, j| vt[(i, j)] as f64);
             let m = &w * &c;
@@ -1442,11 +1594,10 @@ mod tests {
         let a = with_spectrum(200, 120, &s, 1);
         let a32 = Mat::from_fn(200, 120, |i, j| a[(i, j)] as f32);
         let svd = randomized_svd_dense(a32.as_ref(), &opts(10, 10, 4, 0)).unwrap();
-        for i in 0..10 {
-            assert!((svd.s[i] as f64 - s[i]).abs() < 1e-5, "σ{i}");
+        for (i, (&got, &want)) in svd.s.iter().zip(&s).enumerate() {
+            assert!((got as f64 - want).abs() < 1e-5, "σ{i}");
         }
         let err = row_orthonormality_error(svd.vt.as_ref());
-        eprintln!("dense f32 orth err {err} u {}", row_orthonormality_error(svd.u.transpose()));
         assert!(err < 2e-6);
     }
 
@@ -1504,24 +1655,35 @@ mod tests {
     /// either side of the diagonal and in either storage order, is found and reported where it is.
     #[test]
     fn symmetry_check_covers_every_tile() {
+        symmetry_check_in::<f64>();
+        // f32 full tiles take the vectorised transpose.
+        symmetry_check_in::<f32>();
+    }
+
+    fn symmetry_check_in<T: Real>() {
         let d = 3 * BLOCK + 7;
+        let (one, half) = (T::from_f64(1.0), T::from_f64(0.5));
+        let identity = Mat::<T>::from_fn(d, d, |i, j| if i == j { one } else { T::from_f64(0.0) });
         for row_major in [false, true] {
-            for &(i, j) in &[(d - 1, BLOCK + 3), (BLOCK + 3, d - 1), (5, 2 * BLOCK + 1)] {
-                let mut c = Mat::<f64>::identity(d, d);
-                c[(i, j)] = 0.5;
+            for &(i, j) in &[(d - 1, BLOCK + 3), (BLOCK + 3, d - 1), (5, 2 * BLOCK + 1), (2 * BLOCK + 17, BLOCK + 40)] {
+                let mut c = identity.clone();
+                c[(i, j)] = half;
                 let c_row = c.transpose().to_owned();
                 let view = if row_major { c_row.transpose() } else { c.as_ref() };
                 assert!(view == c.as_ref());
                 let e = check_covariance(view).unwrap_err();
                 let pair = [format!("C[{i}, {j}]"), format!("C[{j}, {i}]")];
                 assert!(matches!(e, Error::Value(ref m) if pair.iter().any(|p| m.contains(p.as_str()))), "{e}");
-                c[(i, j)] = f64::INFINITY;
+                c[(i, j)] = T::from_f64(f64::INFINITY);
                 let c_row = c.transpose().to_owned();
                 let view = if row_major { c_row.transpose() } else { c.as_ref() };
                 let e = check_covariance(view).unwrap_err();
                 assert!(matches!(e, Error::NonFinite(ref m) if m.contains(&format!("({i}, {j})"))), "{e}");
             }
-            assert!(check_covariance(Mat::<f64>::identity(d, d).as_ref()).is_ok());
+            // A symmetric matrix with distinct entries everywhere passes (every mirrored pair really is compared).
+            let sym = Mat::<T>::from_fn(d, d, |i, j| T::from_f64((i * j + i + j) as f64));
+            let sym_row = sym.transpose().to_owned();
+            assert!(check_covariance(if row_major { sym_row.transpose() } else { sym.as_ref() }).is_ok());
         }
     }
 }
