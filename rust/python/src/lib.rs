@@ -187,7 +187,7 @@ impl CovarianceAccumulator {
             (acc.dim(), acc.covariance())
         });
         let cov = cov.map_err(PyLowRankError)?;
-        Ok(cov.into_pyarray(py).reshape([dim, dim])?)
+        cov.into_pyarray(py).reshape([dim, dim])
     }
 }
 
@@ -203,9 +203,10 @@ fn mat_to_numpy<'py, T: numpy::Element + Copy>(py: Python<'py>, m: &Mat<T>) -> P
             v.push(m[(i, j)]);
         }
     }
-    Ok(v.into_pyarray(py).reshape([r, c])?)
+    v.into_pyarray(py).reshape([r, c])
 }
 
+type BasisPair<'py, T> = (Bound<'py, PyArray2<T>>, Bound<'py, PyArray1<T>>);
 type SvdTriple<'py, T> = (Bound<'py, PyArray2<T>>, Bound<'py, PyArray1<T>>, Bound<'py, PyArray2<T>>);
 
 fn svd_impl<'py, T: numpy::Element + rsvd::Real>(
@@ -243,7 +244,7 @@ fn basis_impl<'py, T: numpy::Element + rsvd::Real>(
     w: PyReadonlyArray2<'py, T>,
     c: PyReadonlyArray2<'py, T>,
     opts: SvdOptions,
-) -> PyResult<(Bound<'py, PyArray2<T>>, Bound<'py, PyArray1<T>>)> {
+) -> PyResult<BasisPair<'py, T>> {
     let (ws, cs) = (w.shape().to_vec(), c.shape().to_vec());
     let (wd, cd) = (contiguous(&w, "weight")?, contiguous(&c, "covariance")?);
     let (vt, s) =
