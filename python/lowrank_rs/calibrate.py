@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from ._core import __version__
+from ._loss import describe, model_loss
 from .attach import _nearest, _resolve_modules_to_save, _resolve_targets, lora_layers
 from .config import ConfigError, TLoraConfig
 from .errors import AdapterFormatError, EmptyInputError, InfeasibleError, LowRankError, ShapeError
@@ -259,23 +260,15 @@ class _Session:
             self.forward = None
 
     def _loss(self, outputs: Any, batch: Mapping[str, Any]) -> torch.Tensor:
-        loss: Any
-        if self.loss_fn is not None:
-            loss = self.loss_fn(outputs, batch)
-            where = "loss_fn(outputs, batch)"
-        else:
-            loss = outputs.get("loss") if isinstance(outputs, Mapping) else getattr(outputs, "loss", None)
-            where = "the model's outputs.loss"
-            if loss is None:
-                raise LowRankError(
-                    f"{type(self.model).__name__} returned no loss: put labels in the calibration batches, or pass "
-                    "loss_fn=lambda outputs, batch: ... to calibrate"
-                )
-        if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.is_floating_point():
-            raise LowRankError(f"{where} must be a scalar floating-point tensor, got {_describe(loss)}")
-        if not torch.isfinite(loss.detach()).all():
-            raise LowRankError(f"{where} is {loss.item()} on a calibration example; scores need a finite loss")
-        return loss.reshape(())
+        return model_loss(
+            self.model,
+            outputs,
+            batch,
+            self.loss_fn,
+            caller="calibrate",
+            no_labels_hint="put labels in the calibration batches",
+            non_finite_hint="on a calibration example; scores need a finite loss",
+        )
 
     def _accumulator(self, readers: Tuple[str, ...], center: str, dim: int) -> CovarianceAccumulator:
         key = (readers, center)
@@ -521,7 +514,7 @@ class _Batch:
             if not isinstance(value, torch.Tensor) or value.dim() < 2:
                 raise ShapeError(
                     f"calibration batch {index}: {key} must be a torch tensor of shape [batch, seq, ...], "
-                    f"got {_describe(value)}"
+                    f"got {describe(value)}"
                 )
             rows, seq_len = value.shape[:2]
             break
@@ -534,7 +527,7 @@ class _Batch:
         if mask is not None and (not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (rows, seq_len)):
             raise ShapeError(
                 f"calibration batch {index}: attention_mask must be a [batch, seq] = [{rows}, {seq_len}] tensor, got "
-                f"{_describe(mask)}"
+                f"{describe(mask)}"
             )
         return cls(dict(batch), int(rows), int(seq_len), index)
 
@@ -587,7 +580,7 @@ class _Batch:
                 raise LowRankError(
                     f"count_prompt_tokens=False needs token-aligned labels ([batch, seq] = [{self.rows}, "
                     f"{self.seq_len}], -100 on prompt tokens), but calibration batch {self.index} has labels "
-                    f"{_describe(labels)}"
+                    f"{describe(labels)}"
                 )
             mask = mask & (labels.detach().cpu() != _IGNORE_INDEX)
         return mask.numpy()
@@ -635,14 +628,6 @@ def _device(model: nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
-
-
-def _describe(value: Any) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return repr(value)
-    return f"a {type(value).__name__}"
 
 
 def _check_config(config: Any) -> None:

@@ -18,7 +18,7 @@ from .errors import LowRankError
 
 __all__ = ["ConfigError", "LoraConfig", "TLoraConfig", "config_from_dict"]
 
-C = TypeVar("C", bound="LoraConfig")
+C = TypeVar("C", bound="JsonConfig")
 
 TargetSpec = Union[str, Sequence[str]]
 
@@ -27,8 +27,55 @@ class ConfigError(LowRankError, ValueError):
     """A config field with a value it cannot take, or a config mapping with unknown or missing keys."""
 
 
+class JsonConfig:
+    """The JSON round trip every config of the package shares (adapter configs, :class:`TrainConfig`).
+
+    Subclasses are frozen dataclasses; tuples serialise as lists, unknown keys are an error listing the valid ones.
+    """
+
+    def to_dict(self) -> Dict[str, Any]:
+        out: Dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    @classmethod
+    def from_dict(cls: Type[C], data: Mapping[str, Any]) -> C:
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{cls.__name__}.from_dict needs a mapping, not {type(data).__name__}")
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(data) - set(valid))
+        if unknown:
+            raise ConfigError(f"unknown {cls.__name__} field(s) {unknown}; valid fields: {valid}")
+        required = [
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        ]
+        missing = [name for name in required if name not in data]
+        if missing:
+            raise ConfigError(f"{cls.__name__} needs field(s) {missing}")
+        return cls(**dict(data))
+
+    def to_json(self, **kwargs: Any) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    @classmethod
+    def from_json(cls: Type[C], text: str) -> C:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{cls.__name__}.from_json: not valid JSON: {e}") from None
+        return cls.from_dict(data)
+
+    def _set(self, name: str, value: Any) -> None:
+        # Frozen dataclasses only allow normalisation in __post_init__ through object.__setattr__.
+        object.__setattr__(self, name, value)
+
+
 @dataclasses.dataclass(frozen=True)
-class LoraConfig:
+class LoraConfig(JsonConfig):
     """Plain LoRA (METHODS.md §1): ``y = W0 x + γ B A x`` on every target ``nn.Linear``.
 
     - ``target_modules``: module-name suffixes (a module ``m`` matches ``t`` when ``m == t`` or ``m`` ends with
@@ -73,46 +120,6 @@ class LoraConfig:
     def scaling_for(self, rank: int) -> float:
         """γ for a module of ``rank``, computed with PEFT's expression so the two agree bit for bit."""
         return self.alpha / math.sqrt(rank) if self.use_rslora else self.alpha / rank
-
-    def to_dict(self) -> Dict[str, Any]:
-        out: Dict[str, Any] = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            out[f.name] = list(value) if isinstance(value, tuple) else value
-        return out
-
-    @classmethod
-    def from_dict(cls: Type[C], data: Mapping[str, Any]) -> C:
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"{cls.__name__}.from_dict needs a mapping, not {type(data).__name__}")
-        valid = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(data) - set(valid))
-        if unknown:
-            raise ConfigError(f"unknown {cls.__name__} field(s) {unknown}; valid fields: {valid}")
-        required = [
-            f.name
-            for f in dataclasses.fields(cls)
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        ]
-        missing = [name for name in required if name not in data]
-        if missing:
-            raise ConfigError(f"{cls.__name__} needs field(s) {missing}")
-        return cls(**dict(data))
-
-    def to_json(self, **kwargs: Any) -> str:
-        return json.dumps(self.to_dict(), **kwargs)
-
-    @classmethod
-    def from_json(cls: Type[C], text: str) -> C:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{cls.__name__}.from_json: not valid JSON: {e}") from None
-        return cls.from_dict(data)
-
-    def _set(self, name: str, value: Any) -> None:
-        # Frozen dataclasses only allow normalisation in __post_init__ through object.__setattr__.
-        object.__setattr__(self, name, value)
 
 
 @dataclasses.dataclass(frozen=True)

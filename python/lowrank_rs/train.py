@@ -52,14 +52,15 @@ import tempfile
 import time
 import warnings
 from collections.abc import Mapping as MappingABC
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Type, TypeVar, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 from ._core import __version__
-from .config import ConfigError
-from .errors import EmptyInputError, LowRankError, NonFiniteError, ShapeError
+from ._loss import model_loss
+from .config import ConfigError, JsonConfig
+from .errors import EmptyInputError, LowRankError, ShapeError
 
 __all__ = [
     "CheckpointError",
@@ -73,7 +74,6 @@ __all__ = [
 
 PathLike = Union[str, "os.PathLike[str]"]
 LossFn = Callable[[Any, Mapping[str, torch.Tensor]], torch.Tensor]
-T = TypeVar("T", bound="TrainConfig")
 
 IGNORE_INDEX = -100
 CHECKPOINT_FORMAT = "lowrank_rs.train_checkpoint"
@@ -94,7 +94,7 @@ class CheckpointError(LowRankError, ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(JsonConfig):
     """How :func:`train` trains. A frozen, validated dataclass with a JSON round trip, like the adapter configs.
 
     - ``lr``, ``weight_decay``, ``betas``, ``eps``: AdamW's. Weight decay applies to matrices only, never to biases
@@ -222,40 +222,6 @@ class TrainConfig:
         if isinstance(step, bool) or not isinstance(step, numbers.Integral) or not 1 <= step <= total_steps:
             raise LowRankError(f"step must be an integer from 1 to total_steps = {total_steps}, got {step!r}")
         return self.lr * _lr_factor(step, total_steps, self.warmup_for(total_steps), self.min_lr_ratio)
-
-    # -- JSON -------------------------------------------------------------------------------------------------------
-
-    def to_dict(self) -> Dict[str, Any]:
-        out: Dict[str, Any] = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            out[f.name] = list(value) if isinstance(value, tuple) else value
-        return out
-
-    @classmethod
-    def from_dict(cls: Type[T], data: Mapping[str, Any]) -> T:
-        if not isinstance(data, MappingABC):
-            raise ConfigError(f"{cls.__name__}.from_dict needs a mapping, not {type(data).__name__}")
-        valid = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(data) - set(valid))
-        if unknown:
-            raise ConfigError(f"unknown {cls.__name__} field(s) {unknown}; valid fields: {valid}")
-        return cls(**dict(data))
-
-    def to_json(self, **kwargs: Any) -> str:
-        return json.dumps(self.to_dict(), **kwargs)
-
-    @classmethod
-    def from_json(cls: Type[T], text: str) -> T:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{cls.__name__}.from_json: not valid JSON: {e}") from None
-        return cls.from_dict(data)
-
-    def _set(self, name: str, value: Any) -> None:
-        # Frozen dataclasses only allow normalisation in __post_init__ through object.__setattr__.
-        object.__setattr__(self, name, value)
 
 
 def _lr_factor(step: int, total_steps: int, warmup: int, min_ratio: float) -> float:
@@ -661,23 +627,15 @@ class _Forward:
         return self.loss_of(self.outputs(batch), batch, where)
 
     def loss_of(self, outputs: Any, batch: Mapping[str, torch.Tensor], where: str) -> torch.Tensor:
-        loss: Any
-        if self.loss_fn is not None:
-            loss = self.loss_fn(outputs, batch)
-            source = "loss_fn(outputs, batch)"
-        else:
-            loss = outputs.get("loss") if isinstance(outputs, MappingABC) else getattr(outputs, "loss", None)
-            source = "the model's outputs.loss"
-            if loss is None:
-                raise LowRankError(
-                    f"{type(self.model).__name__} returned no loss: give the examples labels, or pass "
-                    "loss_fn=lambda outputs, batch: ... to train"
-                )
-        if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.is_floating_point():
-            raise LowRankError(f"{source} must be a scalar floating-point tensor, got {_describe(loss)}")
-        if not torch.isfinite(loss.detach()).all():
-            raise NonFiniteError(f"{source} is {loss.item()} at {where}; lower the learning rate or check the data")
-        return loss.reshape(())
+        return model_loss(
+            self.model,
+            outputs,
+            batch,
+            self.loss_fn,
+            caller="train",
+            no_labels_hint="give the examples labels",
+            non_finite_hint=f"at {where}; lower the learning rate or check the data",
+        )
 
 
 def _run_eval(forward: _Forward, data: _Examples, config: TrainConfig, pad_token_id: int, step: int) -> EvalResult:
@@ -741,12 +699,6 @@ def _clip(named: Sequence[Tuple[str, nn.Parameter]], max_norm: Optional[float]) 
 def _pad_token_id(model: nn.Module) -> int:
     pad = getattr(getattr(model, "config", None), "pad_token_id", None)
     return int(pad) if isinstance(pad, numbers.Integral) and not isinstance(pad, bool) else 0
-
-
-def _describe(value: Any) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"a {value.dtype} tensor of shape {list(value.shape)}"
-    return f"a {type(value).__name__}"
 
 
 # -- checkpoints ---------------------------------------------------------------------------------------------------
