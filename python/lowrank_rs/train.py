@@ -59,7 +59,7 @@ from torch import nn
 
 from ._core import __version__
 from ._loss import model_loss
-from .config import ConfigError, JsonConfig
+from .config import ConfigError, JsonConfig, _float, _int, _positive_float
 from .errors import EmptyInputError, LowRankError, ShapeError
 
 __all__ = [
@@ -137,57 +137,57 @@ class TrainConfig(JsonConfig):
     checkpoint_every: Optional[int] = None
 
     def __post_init__(self) -> None:
-        self._set("lr", _positive(_number(self.lr, "lr"), "lr"))
-        weight_decay = _number(self.weight_decay, "weight_decay")
+        self._set("lr", _positive_float(self.lr, "lr"))
+        weight_decay = _float(self.weight_decay, "weight_decay")
         if weight_decay < 0:
             raise ConfigError(f"weight_decay must be at least 0, got {weight_decay}")
         self._set("weight_decay", weight_decay)
         given = self.betas
         if isinstance(given, (str, bytes)) or not isinstance(given, Sequence) or len(given) != 2:
             raise ConfigError(f"betas must be a pair of numbers (beta1, beta2), got {given!r}")
-        betas = (_number(given[0], "betas"), _number(given[1], "betas"))
+        betas = (_float(given[0], "betas"), _float(given[1], "betas"))
         if not all(0.0 <= b < 1.0 for b in betas):
             raise ConfigError(f"betas must lie in [0, 1), got {list(betas)}")
         self._set("betas", betas)
-        self._set("eps", _positive(_number(self.eps, "eps"), "eps"))
-        warmup_ratio = _number(self.warmup_ratio, "warmup_ratio")
+        self._set("eps", _positive_float(self.eps, "eps"))
+        warmup_ratio = _float(self.warmup_ratio, "warmup_ratio")
         if not 0.0 <= warmup_ratio < 1.0:
             raise ConfigError(f"warmup_ratio must lie in [0, 1), got {warmup_ratio}")
         self._set("warmup_ratio", warmup_ratio)
         if self.warmup_steps is not None:
-            self._set("warmup_steps", _integer(self.warmup_steps, "warmup_steps", minimum=0))
+            self._set("warmup_steps", _int(self.warmup_steps, "warmup_steps", minimum=0))
             if warmup_ratio > 0:
                 raise ConfigError("give warmup_steps or warmup_ratio, not both")
-        min_lr_ratio = _number(self.min_lr_ratio, "min_lr_ratio")
+        min_lr_ratio = _float(self.min_lr_ratio, "min_lr_ratio")
         if not 0.0 <= min_lr_ratio <= 1.0:
             raise ConfigError(f"min_lr_ratio must lie in [0, 1], got {min_lr_ratio}")
         self._set("min_lr_ratio", min_lr_ratio)
         if self.epochs is not None:
-            self._set("epochs", _integer(self.epochs, "epochs", minimum=1))
+            self._set("epochs", _int(self.epochs, "epochs", minimum=1))
         if self.max_steps is not None:
-            self._set("max_steps", _integer(self.max_steps, "max_steps", minimum=1))
+            self._set("max_steps", _int(self.max_steps, "max_steps", minimum=1))
             if self.epochs is not None:
                 raise ConfigError("give epochs or max_steps, not both (max_steps cycles through the data as needed)")
-        self._set("batch_size", _integer(self.batch_size, "batch_size", minimum=1))
-        self._set("grad_accum", _integer(self.grad_accum, "grad_accum", minimum=1))
+        self._set("batch_size", _int(self.batch_size, "batch_size", minimum=1))
+        self._set("grad_accum", _int(self.grad_accum, "grad_accum", minimum=1))
         if self.max_grad_norm is not None:
-            self._set("max_grad_norm", _positive(_number(self.max_grad_norm, "max_grad_norm"), "max_grad_norm"))
+            self._set("max_grad_norm", _positive_float(self.max_grad_norm, "max_grad_norm"))
         if self.bf16 is not None and not isinstance(self.bf16, bool):
             raise ConfigError(f"bf16 must be true, false or null (bf16 on CUDA only), not {self.bf16!r}")
-        self._set("seed", _integer(self.seed, "seed", minimum=0))
+        self._set("seed", _int(self.seed, "seed", minimum=0))
         if not isinstance(self.shuffle, bool):
             raise ConfigError(f"shuffle must be true or false, not {self.shuffle!r}")
         if self.eval_every is not None:
-            self._set("eval_every", _integer(self.eval_every, "eval_every", minimum=1))
+            self._set("eval_every", _int(self.eval_every, "eval_every", minimum=1))
         if self.eval_batch_size is not None:
-            self._set("eval_batch_size", _integer(self.eval_batch_size, "eval_batch_size", minimum=1))
+            self._set("eval_batch_size", _int(self.eval_batch_size, "eval_batch_size", minimum=1))
         if self.checkpoint_dir is not None:
             if not isinstance(self.checkpoint_dir, (str, os.PathLike)) or not os.fspath(self.checkpoint_dir):
                 raise ConfigError(f"checkpoint_dir must be a directory path, not {self.checkpoint_dir!r}")
             # Stored as a string so that the config stays JSON and hashable.
             self._set("checkpoint_dir", os.fspath(self.checkpoint_dir))
         if self.checkpoint_every is not None:
-            self._set("checkpoint_every", _integer(self.checkpoint_every, "checkpoint_every", minimum=1))
+            self._set("checkpoint_every", _int(self.checkpoint_every, "checkpoint_every", minimum=1))
             if self.checkpoint_dir is None:
                 raise ConfigError("checkpoint_every needs checkpoint_dir, the directory to write checkpoints to")
 
@@ -983,26 +983,3 @@ def _optimizer_state_dict(
         entry["params"] = [index[name] for name in group["params"]]
         groups.append(entry)
     return {"state": state, "param_groups": groups}
-
-
-def _number(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ConfigError(f"{name} must be a number, not {type(value).__name__} {value!r}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ConfigError(f"{name} must be finite, got {value}")
-    return value
-
-
-def _positive(value: float, name: str) -> float:
-    if value <= 0:
-        raise ConfigError(f"{name} must be positive, got {value}")
-    return value
-
-
-def _integer(value: Any, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ConfigError(f"{name} must be an integer, not {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ConfigError(f"{name} must be at least {minimum}, got {value}")
-    return int(value)
