@@ -53,7 +53,7 @@ def open_prompts(model, seed=1):
     g = torch.Generator().manual_seed(seed)
     for layer in lr.talora_layers(model).values():
         layer.gate.copy_(torch.randn(layer.gate.shape, generator=g))
-        for v in layer.v.values():
+        for v in layer.v:
             v.copy_(torch.randn(v.shape, generator=g))
 
 
@@ -123,8 +123,8 @@ def test_exact_identity_at_init_and_only_adapter_trains(family):
     (layer,) = layers.values()
     d, heads = 32, 4
     shapes = {name: tuple(p.shape) for name, p in layer.named_parameters()}
-    assert shapes == {"theta0": (5, d), "B": (5, 3), "gate": (heads,), "u.a": (3,), "u.b": (3,), "v.a": (d,),
-                      "v.b": (d,)}  # fmt: skip
+    assert shapes == {"theta0": (5, d), "B": (5, 3), "gate": (heads,), "u.0": (3,), "u.1": (3,), "v.0": (d,),
+                      "v.1": (d,)}  # fmt: skip
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {n for n, _ in model.named_parameters() if ".talora." in n}
     assert lr.trainable_parameters(model) == 5 * d + 5 * 3 + heads + 2 * (3 + d)
@@ -175,7 +175,7 @@ def oracle(family, attention, layer, hidden, mask, task_ids):
     tasks = list(layer.task_names)
     for row, task in enumerate(task_ids):
         name = tasks[task]
-        a_i = torch.outer(layer.u[name].double(), layer.v[name].double())  # [r, d]
+        a_i = torch.outer(*(w.double() for w in layer.task_parameters(name)))  # [r, d]
         prompt = layer.theta0.double() + layer.B.double() @ a_i  # P_i = θ0 + B A_i, [L_p, d]
         kp = _linear(prompt, k_lin).view(-1, kv_heads, d_h).transpose(0, 1).repeat_interleave(heads // kv_heads, 0)
         vp = _linear(prompt, v_lin).view(-1, kv_heads, d_h).transpose(0, 1).repeat_interleave(heads // kv_heads, 0)
@@ -241,11 +241,11 @@ def test_padding_and_batch_mates_do_not_change_an_example(family):
 
 
 def test_tasks_differ_and_a_single_id_covers_the_batch():
-    model = talora("llama")
+    model = talora("llama", tasks=("train", "keys"))  # names that are also attributes of torch's containers
     open_prompts(model)
     ids = tokens(2, 5)
     with torch.no_grad():
-        with lr.use_tasks(model, "b"):
+        with lr.use_tasks(model, "keys"):
             both_b = outputs(model, ids)
         with lr.use_tasks(model, torch.tensor(1)):
             assert torch.equal(outputs(model, ids), both_b)
@@ -263,6 +263,30 @@ def test_cached_decoding_matches_the_full_forward():
         prefix = model(input_ids=ids[:, :-1], use_cache=True)
         step = model(input_ids=ids[:, -1:], cache=prefix.past_key_values, use_cache=True).logits[:, -1]
     torch.testing.assert_close(step, full, atol=1e-5, rtol=1e-5)
+
+
+def test_export_traces_task_ids_as_an_input():
+    # A later ONNX export selects each task's prompt by a task_id input: nothing in the forward may depend on the ids'
+    # values in Python.
+    model = talora("llama", layers=[0, 1], attn="sdpa")
+    open_prompts(model)
+
+    class WithTasks(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, task_ids):
+            with lr.use_tasks(self.inner, task_ids):
+                return self.inner(input_ids=input_ids, use_cache=False).logits
+
+    wrapper = WithTasks(model).eval()
+    ids = tokens(2, 6)
+    program = torch.export.export(wrapper, (ids, torch.tensor([0, 1])), strict=False)
+    with torch.no_grad():
+        for task_ids in ([1, 0], [1, 1]):
+            task_ids = torch.tensor(task_ids)
+            torch.testing.assert_close(program.module()(ids, task_ids), wrapper(ids, task_ids), atol=1e-6, rtol=1e-6)
 
 
 def test_nested_use_tasks_restores_and_deepcopy_is_independent():
@@ -290,8 +314,8 @@ def test_orthogonality_penalty_closed_and_general_forms():
     open_prompts(model)
     general = closed = 0.0
     for layer in lr.talora_layers(model).values():
-        u = {t: layer.u[t].detach().double() for t in layer.task_names}
-        v = {t: layer.v[t].detach().double() for t in layer.task_names}
+        u = {t: layer.task_parameters(t)[0].detach().double() for t in layer.task_names}
+        v = {t: layer.task_parameters(t)[1].detach().double() for t in layer.task_names}
         for i in layer.task_names:
             for j in layer.task_names:
                 if i != j:
@@ -330,12 +354,12 @@ def test_which_parameters_get_gradient_when():
     with torch.no_grad():
         next(iter(lr.talora_layers(model).values())).gate.fill_(0.5)
     grads = _lm_loss(model, ids, ["a", "b"])
-    assert {n for n, g in grads.items() if g > 0} == {"gate", "theta0", "v.a", "v.b"}
+    assert {n for n, g in grads.items() if g > 0} == {"gate", "theta0", "v.0", "v.1"}
     # Everything moves once v ≠ 0 — except the fast weights of a task that is not in the batch.
     open_prompts(model)
     grads = _lm_loss(model, ids, ["a", "b"])
-    assert {n for n, g in grads.items() if g > 0} == {"gate", "theta0", "B", "u.a", "v.a", "u.b", "v.b"}
-    assert grads["u.c"] == grads["v.c"] == 0
+    assert {n for n, g in grads.items() if g > 0} == {"gate", "theta0", "B", "u.0", "v.0", "u.1", "v.1"}
+    assert grads["u.2"] == grads["v.2"] == 0
     assert all(p.grad is None for n, p in model.named_parameters() if ".talora." not in n)
 
 
@@ -376,8 +400,8 @@ def test_training_opens_the_gate_first_then_the_rest():
     with _Watch(model) as watch:
         lr.train(model, lm_examples(4, ["a", "b"]), config=config, progress=False)
     assert watch.moving[0] == {"gate"}
-    assert watch.moving[1] == {"gate", "theta0", "v.a", "v.b"}
-    assert watch.moving[2] == {"gate", "theta0", "B", "u.a", "u.b", "v.a", "v.b"}
+    assert watch.moving[1] == {"gate", "theta0", "v.0", "v.1"}
+    assert watch.moving[2] == {"gate", "theta0", "B", "u.0", "u.1", "v.0", "v.1"}
 
 
 def test_two_learning_rates_and_the_default_one_for_saved_modules():
@@ -437,6 +461,21 @@ def test_resume_is_exact_and_the_checkpoint_holds_both_groups(tmp_path):
     assert {g.get("name"): g["initial_lr"] for g in groups} == {"talora.slow": 5e-3, "talora.fast": 5e-2}
 
 
+def test_gradient_checkpointing_recomputes_with_the_same_tasks():
+    # The recomputed forward runs during backward; lr.train keeps the batch's tasks set until backward is done.
+    data = lm_examples(4, ["a", "b"])
+    runs = []
+    for checkpointing in (False, True):
+        model = talora("llama", layers=[0, 1])
+        open_prompts(model)
+        if checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        result = lr.train(model, data, config=lr.TrainConfig(max_steps=2, batch_size=2), progress=False)
+        runs.append((result.losses, [p.detach() for p in model.parameters() if p.requires_grad]))
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(p, q) for p, q in zip(runs[0][1], runs[1][1]))
+
+
 def test_evaluate_takes_task_names_too():
     model = talora("bert", classify=True, modules_to_save=["classifier"])
     data = [{"input_ids": tokens(1, 5, seed=i)[0], "labels": i % 3, "task": "ab"[i % 2]} for i in range(4)]
@@ -453,10 +492,10 @@ def test_add_task_starts_from_the_mean_and_training_it_changes_only_it():
     lr.add_task(model, "c")
     assert lr.task_names(model) == ("a", "b", "c") and lr.adapter_config(model).tasks == ("a", "b", "c")
     for layer in lr.talora_layers(model).values():
-        assert torch.equal(layer.u["c"], (layer.u["a"] + layer.u["b"]) / 2)
-        assert torch.equal(layer.v["c"], (layer.v["a"] + layer.v["b"]) / 2)
+        (ua, va), (ub, vb), (uc, vc) = (layer.task_parameters(t) for t in "abc")
+        assert torch.equal(uc, (ua + ub) / 2) and torch.equal(vc, (va + vb) / 2)
     trainable = {n.rsplit(".talora.", 1)[-1] for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {"u.c", "v.c"}
+    assert trainable == {"u.2", "v.2"}
 
     ids = tokens(3, 5, seed=9)
     state = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -465,7 +504,7 @@ def test_add_task_starts_from_the_mean_and_training_it_changes_only_it():
     data = [{"input_ids": tokens(1, 5, seed=20 + i)[0], "labels": i % 3, "task": "c"} for i in range(8)]
     lr.train(model, data, config=lr.TrainConfig(max_steps=3, batch_size=4), progress=False)
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, state[n])}
-    assert {n.rsplit(".talora.", 1)[-1] for n in changed} == {"u.c", "v.c"}
+    assert {n.rsplit(".talora.", 1)[-1] for n in changed} == {"u.2", "v.2"}
     with torch.no_grad():
         assert torch.equal(outputs(_with(model, "a"), ids), before["a"])
         assert torch.equal(outputs(_with(model, "b"), ids), before["b"])
@@ -487,12 +526,13 @@ def test_add_task_options():
     model = talora("llama", modules_to_save=["lm_head"])
     lr.add_task(model, "fresh", init="random", train_shared=True, train_saved=True)
     (layer,) = lr.talora_layers(model).values()
-    assert torch.equal(layer.v["fresh"], torch.zeros(32)) and layer.u["fresh"].abs().sum() > 0
+    u, v = layer.task_parameters("fresh")
+    assert torch.equal(v, torch.zeros(32)) and u.abs().sum() > 0
     trainable = {n.rsplit(".talora.", 1)[-1] for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {"theta0", "B", "gate", "u.fresh", "v.fresh", "lm_head.weight"}
+    assert trainable == {"theta0", "B", "gate", "u.2", "v.2", "lm_head.weight"}
     # A task's random init depends on the seed, its layer and its name only.
     twin = talora("llama", tasks=("a", "b", "fresh"))
-    assert torch.equal(next(iter(lr.talora_layers(twin).values())).u["fresh"], layer.u["fresh"])
+    assert torch.equal(next(iter(lr.talora_layers(twin).values())).task_parameters("fresh")[0], u)
 
 
 # --- files ------------------------------------------------------------------------------------------------------------

@@ -150,10 +150,11 @@ def _sites(model: nn.Module, layers: Optional[Sequence[int]]) -> Tuple[List[_Sit
             f"{model_type!r}. Other architectures need their query/key/value/output projections mapped in "
             "lowrank_rs.talora._FAMILIES"
         )
+    # By class name along the MRO: transformers before 4.48 had eager/SDPA/flash subclasses of one attention class.
     found = [
         (name, m)
         for name, m in model.named_modules()
-        if type(m).__name__ == family.attention and not getattr(m, "is_cross_attention", False)
+        if any(c.__name__ == family.attention for c in type(m).__mro__) and not getattr(m, "is_cross_attention", False)
     ]
     if not found:
         raise TargetError(f"no {family.attention} module in this {type(model).__name__}; is it a {model_type} model?")
@@ -177,13 +178,13 @@ def _sites(model: nn.Module, layers: Optional[Sequence[int]]) -> Tuple[List[_Sit
             raise AdapterStateError(f"{name!r} already has a {CHILD!r} attribute")
         if family.rotary:
             head_dim = int(attention.head_dim)
-            scaling = float(attention.scaling)
+            scaling = float(getattr(attention, "scaling", head_dim**-0.5))
             rotary = getattr(sys.modules[type(attention).__module__], "apply_rotary_pos_emb", None)
             if rotary is None:
                 raise TargetError(f"{type(attention).__name__}'s module has no apply_rotary_pos_emb to rotate queries")
         else:
             head_dim = int(attention.self.attention_head_size)
-            scaling = float(attention.self.scaling)
+            scaling = float(getattr(attention.self, "scaling", head_dim**-0.5))
             rotary = None
         for proj in (q, k, v, o):
             if not isinstance(getattr(proj, "weight", None), torch.Tensor):
@@ -267,7 +268,8 @@ def use_tasks(model: nn.Module, task_ids: TaskIds) -> Iterator[torch.Tensor]:
 
     ``task_ids``: one task per example — a LongTensor ``[batch]`` of task indices, or a list of task names or indices
     — or a single name or index (a 0-d tensor too) for every example of the batch. Ids are checked here, once, not in
-    the forward. Blocks nest; leaving one restores the ids before it.
+    the forward — except while ``torch.export`` or ``torch.compile`` traces, when their values are not known yet.
+    Blocks nest; leaving one restores the ids before it.
 
     With gradient checkpointing, call ``backward`` inside the block too: the recomputed forward needs the ids.
     """
@@ -311,6 +313,9 @@ def _task_ids(value: Any, names: Sequence[str]) -> torch.Tensor:
         )
     if ids.numel() == 0:
         raise TaskError("task ids are empty; give one task per example")
+    if torch.compiler.is_compiling():
+        # Tracing for export or compilation: the ids are graph inputs whose values are not known here.
+        return ids
     bad = ids[(ids < 0) | (ids >= len(names))]
     if bad.numel():
         raise TaskError(f"task id {int(bad[0])} does not exist: the model has {len(names)} tasks {list(names)}")
@@ -366,10 +371,11 @@ def add_task(
             else:
                 site = layer_name[: -len("." + CHILD)]
                 layer.add_task(name, *layer.fresh_task(_generator(config.init_seed, f"{site}#{name}")))
+    new = str(len(config.tasks))  # the new task's id: its index in the layers' u and v lists
     for layer in layers.values():
         for param_name, p in layer.named_parameters():
             kind, _, task = param_name.partition(".")
-            p.requires_grad_(task == name or (train_shared and kind in _SLOW))
+            p.requires_grad_(task == new or (train_shared and kind in _SLOW))
     for saved in attachment.modules_to_save:
         model.get_submodule(saved).requires_grad_(train_saved)
     attachment.config = dataclasses.replace(config, tasks=config.tasks + (name,))
@@ -460,8 +466,9 @@ def _tensors(model: nn.Module, tasks: Sequence[str]) -> Dict[str, torch.Tensor]:
         for kind in _SLOW:
             out[f"{PEFT_PREFIX}{name}.{kind}"] = getattr(layer, kind).detach()
         for task in tasks:
-            out[f"{PEFT_PREFIX}{name}.u.{task}"] = layer.u[task].detach()
-            out[f"{PEFT_PREFIX}{name}.v.{task}"] = layer.v[task].detach()
+            u, v = layer.task_parameters(task)
+            out[f"{PEFT_PREFIX}{name}.u.{task}"] = u.detach()
+            out[f"{PEFT_PREFIX}{name}.v.{task}"] = v.detach()
     for saved in attachment.modules_to_save:
         for key, value in model.get_submodule(saved).state_dict().items():
             out[f"{PEFT_PREFIX}{saved}.{key}"] = value.detach()
@@ -603,8 +610,9 @@ def load_talora(
             for kind in _SLOW:
                 getattr(layer, kind).copy_(tensors[f"{PEFT_PREFIX}{name}.{kind}"])
             for task in tasks:
-                layer.u[task].copy_(tensors[f"{PEFT_PREFIX}{name}.u.{task}"])
-                layer.v[task].copy_(tensors[f"{PEFT_PREFIX}{name}.v.{task}"])
+                u, v = layer.task_parameters(task)
+                u.copy_(tensors[f"{PEFT_PREFIX}{name}.u.{task}"])
+                v.copy_(tensors[f"{PEFT_PREFIX}{name}.v.{task}"])
     for module_name, state in saved.items():
         model.get_submodule(module_name).load_state_dict(state, strict=True)
     return model

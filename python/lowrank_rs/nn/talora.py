@@ -16,7 +16,7 @@ to that projection's input, which is the per-head attention output ``[batch, seq
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -38,7 +38,8 @@ class TaLoraLayer(nn.Module):
     Parameters (in the base weight's dtype and on its device):
 
     - ``theta0``: ``[L_p, d]`` shared prompt, ``N(0, prompt_init_std²)``; ``B``: ``[L_p, r]``, ``N(0, 1)`` (slow).
-    - ``u[task]``: ``[r]``, ``N(0, 1/r)``; ``v[task]``: ``[d]``, zero (fast). ``v = 0`` makes ``A_i = 0``.
+    - ``u[i]``: ``[r]``, ``N(0, 1/r)``; ``v[i]``: ``[d]``, zero (fast), for task id ``i`` (``task_names[i]``;
+      :meth:`task_parameters` finds them by name). ``v = 0`` makes ``A_i = 0``.
     - ``gate``: ``[H]``, zero (slow), so the layer starts as the base layer exactly.
 
     ``task_ids`` (set by :func:`lowrank_rs.use_tasks`) is a LongTensor ``[batch]`` (or 0-d, for every example) of
@@ -87,9 +88,11 @@ class TaLoraLayer(nn.Module):
         self.theta0 = nn.Parameter(theta0.to(**factory))
         self.B = nn.Parameter(torch.randn(prompt_length, r, generator=generator).to(**factory))
         self.gate = nn.Parameter(torch.zeros(num_heads, **factory))
-        # Tasks come one by one through add_task, each with its own random stream (see lowrank_rs.talora).
-        self.u = nn.ParameterDict()
-        self.v = nn.ParameterDict()
+        # Tasks come one by one through add_task, each with its own random stream (see lowrank_rs.talora). Lists by
+        # task id rather than dicts by name: a ParameterDict key may not be an attribute name ("train", "keys").
+        self.u = nn.ParameterList()
+        self.v = nn.ParameterList()
+        self._task_names: List[str] = []
         # Not submodules: the model owns them, and registering them here would duplicate their weights in state dicts.
         self._site: Tuple[nn.Module, ...] = (attention, q_proj, k_proj, v_proj, o_proj)
         self._rotary = rotary
@@ -106,7 +109,14 @@ class TaLoraLayer(nn.Module):
 
     @property
     def task_names(self) -> Tuple[str, ...]:
-        return tuple(self.u.keys())
+        return tuple(self._task_names)
+
+    def task_parameters(self, name: str) -> Tuple[nn.Parameter, nn.Parameter]:
+        """Task ``name``'s ``(u, v)``: ``[r]`` and ``[d]``."""
+        if name not in self._task_names:
+            raise TaskError(f"task {name!r} is not one of this layer's tasks {self._task_names}")
+        index = self._task_names.index(name)
+        return self.u[index], self.v[index]
 
     def fresh_task(self, generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """A new task's ``(u, v)``: ``u ~ N(0, 1/r)``, ``v = 0`` (float32, CPU)."""
@@ -114,7 +124,7 @@ class TaLoraLayer(nn.Module):
 
     def add_task(self, name: str, u: torch.Tensor, v: torch.Tensor) -> None:
         """Register task ``name`` with fast weights ``u: [r]``, ``v: [d]`` (copied into new parameters)."""
-        if name in self.u:
+        if name in self._task_names:
             raise TaskError(f"task {name!r} exists already")
         if tuple(u.shape) != (self.r,) or tuple(v.shape) != (self.hidden_size,):
             raise ShapeError(
@@ -122,14 +132,15 @@ class TaLoraLayer(nn.Module):
                 f"[d] = [{self.hidden_size}]"
             )
         factory = {"device": self.theta0.device, "dtype": self.theta0.dtype}
-        self.u[name] = nn.Parameter(u.detach().to(**factory).clone())
-        self.v[name] = nn.Parameter(v.detach().to(**factory).clone())
+        self.u.append(nn.Parameter(u.detach().to(**factory).clone()))
+        self.v.append(nn.Parameter(v.detach().to(**factory).clone()))
+        self._task_names.append(name)
 
     # -- the equations -------------------------------------------------------------------------------------------------
 
     def fast_weights(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """``U: [T, r]`` and ``V: [T, d]``, the tasks' ``u_i`` and ``v_i`` stacked in task order."""
-        return torch.stack(list(self.u.values())), torch.stack(list(self.v.values()))
+        return torch.stack(list(self.u)), torch.stack(list(self.v))
 
     def prompts(self) -> torch.Tensor:
         """``P_i = θ0 + B u_i v_iᵀ`` for every task: ``[T, L_p, d]``."""
