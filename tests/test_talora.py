@@ -586,6 +586,9 @@ def test_file_and_state_errors(tmp_path):
         lr.save_adapter(model, tmp_path / "x", tasks=["z"])
     with pytest.raises(lr.TaskError, match="at least one"):
         lr.save_adapter(model, tmp_path / "x", tasks=[])
+    with pytest.raises(ConfigError, match="list of task names"):
+        lr.save_adapter(model, tmp_path / "x", tasks="a")
+    assert not (tmp_path / "x").exists()
     with pytest.raises(lr.TaskError, match=r"holds tasks \['a', 'b'\]"):
         lr.load_adapter(talora("llama", tasks=("a", "c")), tmp_path / "ta")
     with pytest.raises(lr.ShapeError, match="prompt_length"):
@@ -635,6 +638,7 @@ def test_file_and_state_errors(tmp_path):
 
 
 def test_task_id_errors():
+    assert issubclass(lr.TaskError, lr.LowRankError) and issubclass(lr.TaskError, ValueError)
     model = talora("llama")
     ids = tokens(3, 4)
     with pytest.raises(lr.TaskError, match="use_tasks"):
@@ -671,6 +675,8 @@ def test_attach_and_add_task_errors():
         lr.attach(base_model("llama"), lr.TaLoraConfig(tasks=["a"], layers=[1, -1]))
     with pytest.raises(lr.TargetError, match="modules_to_save entry 'nothing'"):
         lr.attach(base_model("llama"), lr.TaLoraConfig(tasks=["a"], modules_to_save=["nothing"]))
+    with pytest.raises(lr.LowRankError, match="LoRA options"):
+        lr.attach(base_model("llama"), lr.TaLoraConfig(tasks=["a"]), ranks={"model.layers.0.self_attn.q_proj": 2})
     model = talora("llama")
     with pytest.raises(lr.AdapterStateError, match="already has an adapter"):
         lr.attach(model, lr.TaLoraConfig(tasks=["a"]))
@@ -684,6 +690,8 @@ def test_attach_and_add_task_errors():
         lr.add_task(model, "a.b")
     with pytest.raises(lr.TaskError, match="init must be"):
         lr.add_task(model, "c", init="zeros")
+    with pytest.raises(lr.LowRankError, match="train_shared must be true or false"):
+        lr.add_task(model, "c", train_shared="yes")
     with pytest.raises(lr.AdapterStateError, match="no TA-LoRA adapter"):
         lr.add_task(base_model("llama"), "c")
     assert lr.task_names(model) == ("a", "b")

@@ -100,7 +100,8 @@ def attach(
 
     ``config``: a :class:`~lowrank_rs.config.LoraConfig` / :class:`~lowrank_rs.config.TLoraConfig`, or a
     :class:`~lowrank_rs.calibrate.CalibrationPlan`, which supplies the config, ``ranks``, ``scales`` and ``init_a``
-    itself and must cover every target of its config.
+    itself and must cover every target of its config. A :class:`~lowrank_rs.config.TaLoraConfig` adds TA-LoRA
+    prompts instead (:mod:`lowrank_rs.talora`), and takes none of the per-module overrides.
 
     Afterwards only adapter parameters and ``modules_to_save`` require grad (``A`` stays frozen for a
     :class:`~lowrank_rs.config.TLoraConfig` with ``train_a=False``). Per-module overrides are keyed by full module
@@ -119,6 +120,8 @@ def attach(
         raise LowRankError(f"attach needs a torch.nn.Module, not {type(model).__name__}")
     method = _method_for_config(config)
     if method is not None:
+        if ranks is not None or scales is not None or init_a is not None:
+            raise LowRankError(f"ranks, scales and init_a are LoRA options; a {type(config).__name__} takes none")
         return method.attach(model, config)
     # A plan is recognised by what it provides rather than by its class: calibrate depends on attach, not back.
     from_plan = not isinstance(config, LoraConfig) and callable(getattr(config, "attach_arguments", None))
@@ -200,7 +203,8 @@ def lora_layers(model: nn.Module) -> Dict[str, LoraLinear]:
 def merge(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weight (``W = W0 + γ B A``, float32 math, the weight's dtype kept).
 
-    TA-LoRA does not merge: it raises :class:`AdapterStateError` saying so."""
+    TA-LoRA does not merge: it raises :class:`AdapterStateError` saying so.
+    """
     method = _method_of(model)
     if method is not None:
         return method.merge(model)

@@ -389,8 +389,13 @@ def orthogonality_penalty(model: nn.Module) -> torch.Tensor:
     """``Σ_layers Σ_{i≠j} ‖A_iᵀ A_j‖²_F`` (float32 scalar, unweighted); :func:`lowrank_rs.train` adds
     ``orthogonality_weight`` times it to the loss. For rank-1 ``A_i = u_i v_iᵀ`` each term is
     ``(u_i·u_j)² ‖v_i‖² ‖v_j‖²``."""
-    layers = _require_layers(model)
-    return torch.stack([layer.orthogonality().to(torch.float32).cpu() for layer in layers.values()]).sum()
+    total: Optional[torch.Tensor] = None
+    for layer in _require_layers(model).values():
+        term = layer.orthogonality()
+        # Layers may sit on different devices (a model split across GPUs); the sum lives on the first one's.
+        total = term if total is None else total + term.to(total.device)
+    assert total is not None  # _require_layers never returns an empty mapping
+    return total
 
 
 # -- what lr.train needs -----------------------------------------------------------------------------------------------
