@@ -2,6 +2,8 @@
 
 - :func:`calibrate` → :class:`CalibrationPlan` (TLoRA), :func:`attach`, :func:`train`, :func:`save_adapter`,
   :func:`load_adapter`, :func:`merge` / :func:`unmerge` — adapters on Hugging Face models.
+- TA-LoRA (:class:`TaLoraConfig`): :func:`use_tasks` around a forward, :func:`add_task`, :func:`task_names`,
+  :func:`orthogonality_penalty`.
 - :mod:`lowrank_rs.linalg` — the calibration math of the Rust core; :mod:`lowrank_rs.package` — adapter files.
 - Every error raised on bad input is a :class:`LowRankError`.
 """
@@ -22,7 +24,7 @@ from .attach import (
     unmerge,
 )
 from .calibrate import CalibrationPlan, calibrate
-from .config import ConfigError, LoraConfig, TLoraConfig
+from .config import ConfigError, LoraConfig, TaLoraConfig, TLoraConfig
 from .errors import (
     AdapterFormatError,
     AdapterIOError,
@@ -36,6 +38,7 @@ from .errors import (
 )
 from .linalg import get_num_threads, set_num_threads
 from .nn import AdapterStateError, LoraLinear
+from .talora import TaLoraLayer, TaskError, add_task, orthogonality_penalty, talora_layers, task_names, use_tasks
 from .train import CheckpointError, EvalResult, TrainConfig, TrainResult, evaluate, train
 
 __all__ = [
@@ -56,12 +59,16 @@ __all__ = [
     "RankError",
     "ShapeError",
     "TLoraConfig",
+    "TaLoraConfig",
+    "TaLoraLayer",
+    "TaskError",
     "TargetError",
     "TrainConfig",
     "TrainResult",
     "__version__",
     "adapter_config",
     "adapter_state",
+    "add_task",
     "attach",
     "calibrate",
     "evaluate",
@@ -69,9 +76,13 @@ __all__ = [
     "load_adapter",
     "lora_layers",
     "merge",
+    "orthogonality_penalty",
     "save_adapter",
     "set_num_threads",
+    "talora_layers",
+    "task_names",
     "train",
     "trainable_parameters",
     "unmerge",
+    "use_tasks",
 ]

@@ -100,7 +100,8 @@ def attach(
 
     ``config``: a :class:`~lowrank_rs.config.LoraConfig` / :class:`~lowrank_rs.config.TLoraConfig`, or a
     :class:`~lowrank_rs.calibrate.CalibrationPlan`, which supplies the config, ``ranks``, ``scales`` and ``init_a``
-    itself and must cover every target of its config.
+    itself and must cover every target of its config. A :class:`~lowrank_rs.config.TaLoraConfig` adds TA-LoRA
+    prompts instead (:mod:`lowrank_rs.talora`), and takes none of the per-module overrides.
 
     Afterwards only adapter parameters and ``modules_to_save`` require grad (``A`` stays frozen for a
     :class:`~lowrank_rs.config.TLoraConfig` with ``train_a=False``). Per-module overrides are keyed by full module
@@ -117,6 +118,11 @@ def attach(
     """
     if not isinstance(model, nn.Module):
         raise LowRankError(f"attach needs a torch.nn.Module, not {type(model).__name__}")
+    method = _method_for_config(config)
+    if method is not None:
+        if ranks is not None or scales is not None or init_a is not None:
+            raise LowRankError(f"ranks, scales and init_a are LoRA options; a {type(config).__name__} takes none")
+        return method.attach(model, config)
     # A plan is recognised by what it provides rather than by its class: calibrate depends on attach, not back.
     from_plan = not isinstance(config, LoraConfig) and callable(getattr(config, "attach_arguments", None))
     if from_plan:
@@ -195,7 +201,13 @@ def lora_layers(model: nn.Module) -> Dict[str, LoraLinear]:
 
 
 def merge(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its base weight (``W = W0 + γ B A``, float32 math, the weight's dtype kept)."""
+    """Fold every adapter into its base weight (``W = W0 + γ B A``, float32 math, the weight's dtype kept).
+
+    TA-LoRA does not merge: it raises :class:`AdapterStateError` saying so.
+    """
+    method = _method_of(model)
+    if method is not None:
+        return method.merge(model)
     layers = _require_layers(model)
     merged = [name for name, layer in layers.items() if layer.merged]
     if merged:
@@ -207,6 +219,9 @@ def merge(model: nn.Module) -> nn.Module:
 
 def unmerge(model: nn.Module) -> nn.Module:
     """Take every merged adapter out of its base weight again."""
+    method = _method_of(model)
+    if method is not None:
+        return method.unmerge(model)
     layers = _require_layers(model)
     unmerged = [name for name, layer in layers.items() if not layer.merged]
     if unmerged:
@@ -227,7 +242,11 @@ def trainable_parameters(model: nn.Module) -> int:
 
 
 def adapter_state(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """The adapter's tensors under PEFT's names: LoRA factors and every ``modules_to_save`` module's state."""
+    """The adapter's tensors under PEFT's names: LoRA factors and every ``modules_to_save`` module's state (for
+    TA-LoRA, the tensors its adapter file holds)."""
+    method = _method_of(model)
+    if method is not None:
+        return method.adapter_state(model)
     layers = _require_layers(model)
     out: Dict[str, torch.Tensor] = {}
     for name, layer in layers.items():
@@ -240,7 +259,9 @@ def adapter_state(model: nn.Module) -> Dict[str, torch.Tensor]:
     return out
 
 
-def save_adapter(model: nn.Module, path: PathLike, *, vllm: bool = False) -> None:
+def save_adapter(
+    model: nn.Module, path: PathLike, *, vllm: bool = False, tasks: Optional[Sequence[str]] = None
+) -> None:
     """Write the attached adapter as a PEFT LoRA directory (atomically, through the Rust core).
 
     ``peft.PeftModel.from_pretrained(base, path)`` rebuilds the same model. Per-module ranks and scales become
@@ -252,8 +273,16 @@ def save_adapter(model: nn.Module, path: PathLike, *, vllm: bool = False) -> Non
     zero-padded to the largest rank ``R`` (zero rows of ``A`` times zero columns of ``B`` add exactly nothing), with
     ``r = lora_alpha = R`` and no rsLoRA: scaling 1 everywhere, in vLLM and in PEFT alike. vLLM refuses
     ``modules_to_save``, so a model with any raises instead of writing a file vLLM cannot load.
+
+    A TA-LoRA model is written in its own format (``lowrank_rs.talora``); ``tasks`` then picks the tasks to save
+    (all by default), which is how one task is exported on its own.
     """
     attachment = _require_attachment(model)
+    method = _method_for_config(attachment.config)
+    if method is not None:
+        return method.save_adapter(model, path, vllm=vllm, tasks=tasks)
+    if tasks is not None:
+        raise LowRankError("tasks= chooses the TA-LoRA tasks to save; this model's adapter has no tasks")
     layers = _require_layers(model)
     config = attachment.config
     base_names = _base_module_names(model, layers)
@@ -333,6 +362,9 @@ def load_adapter(model: nn.Module, path: PathLike) -> nn.Module:
     A module the model lacks, a shape that does not fit, or a PEFT feature this package does not implement raises.
     """
     tensors, peft_config = read_adapter(path, framework="torch")
+    method = next((m for m in _METHODS if m.peft_type == peft_config.get("peft_type")), None) or _method_of(model)
+    if method is not None:
+        return method.load_adapter(model, tensors, peft_config, path)
     _check_peft_config(peft_config, path)
     extras = peft_config.get("lowrank_rs") if isinstance(peft_config.get("lowrank_rs"), dict) else None
     factors, rest = _split_tensors(tensors)
@@ -756,3 +788,27 @@ def _require_layers(model: nn.Module) -> Dict[str, LoraLinear]:
     if not layers:
         raise AdapterStateError("the model has no LoRA layers; call lowrank_rs.attach first")
     return layers
+
+
+# --- methods in modules of their own --------------------------------------------------------------------------------
+
+# TA-LoRA (lowrank_rs.talora) builds on this module, so this module cannot import it without a cycle. It registers a
+# handler instead, and attach, save_adapter, load_adapter, adapter_state, merge and unmerge hand it the configs,
+# models and files that are its own. A handler has `config_type` and `peft_type`, and the functions
+# `attach(model, config)`, `save_adapter(model, path, **options)`, `load_adapter(model, tensors, peft_config, path)`,
+# `adapter_state(model)`, `merge(model)` and `unmerge(model)`.
+_METHODS: List[Any] = []
+
+
+def register_method(handler: Any) -> None:
+    """Hand the configs of ``handler.config_type`` and files of ``handler.peft_type`` over to ``handler``."""
+    if handler not in _METHODS:
+        _METHODS.append(handler)
+
+
+def _method_for_config(config: Any) -> Optional[Any]:
+    return next((m for m in _METHODS if isinstance(config, m.config_type)), None)
+
+
+def _method_of(model: nn.Module) -> Optional[Any]:
+    return _method_for_config(getattr(getattr(model, _STATE_ATTR, None), "config", None))

@@ -38,6 +38,14 @@ config and the loss/eval history). Nothing is pickled, so reading one never exec
 temporary directory and renamed into place, so a crash leaves either the whole checkpoint or none.
 ``resume_from`` restores all of it; a run interrupted after a checkpoint and resumed on the same device then gives
 the same losses and parameters, bit for bit, as a run that never stopped.
+
+**Adapter methods** may add to the loop through the object their attachment's ``training_hooks(model)`` returns
+(TA-LoRA does; LoRA needs none): ``convert_example(example, where)`` rewrites each example before collation (TA-LoRA
+turns a ``task`` name into ``task_ids``); ``param_groups(names)`` gives ``(label, parameter names, lr)`` groups with
+learning rates of their own, scheduled like ``lr`` (every other trainable parameter gets ``lr``);
+``regularizer()`` is a term added to each micro-batch's loss (so once per optimizer step, and included in the
+recorded losses); ``model_inputs(batch)`` is what of a batch goes to ``model(**...)`` and ``context(batch)`` a context
+manager around each forward and backward. Groups are saved in checkpoints by parameter name, like the rest.
 """
 
 from __future__ import annotations
@@ -52,6 +60,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Mapping as MappingABC
+from contextlib import nullcontext
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -59,6 +68,7 @@ from torch import nn
 
 from ._core import __version__
 from ._loss import model_loss
+from .attach import _STATE_ATTR
 from .config import ConfigError, JsonConfig, _float, _int, _positive_float
 from .errors import EmptyInputError, LowRankError, ShapeError
 
@@ -252,7 +262,8 @@ class EvalResult:
 class TrainResult:
     """What :func:`train` did.
 
-    ``losses``, ``learning_rates`` and ``grad_norms`` (before clipping) have one entry per optimizer step of the
+    ``losses``, ``learning_rates`` (``TrainConfig.lr`` as scheduled; a method's own parameter groups follow the same
+    schedule from their own rates) and ``grad_norms`` (before clipping) have one entry per optimizer step of the
     whole run, steps before a resumed checkpoint included, so ``losses[k:]`` of a resumed run can be compared with an
     uninterrupted one. ``tokens``, ``tokens_per_second`` and ``wall_time`` cover this call only; tokens are
     ``attention_mask`` sums (``input_ids`` elements without a mask), and tokens per second count training time, not
@@ -379,7 +390,7 @@ def _pad_stack(key: str, values: List[torch.Tensor], pad: int) -> torch.Tensor:
 class _Examples:
     """A sequence of examples, checked to be indexable and non-empty."""
 
-    def __init__(self, data: Any, what: str) -> None:
+    def __init__(self, data: Any, what: str, convert: Optional[Callable[[Any, str], Any]] = None) -> None:
         if isinstance(data, (torch.Tensor, str, bytes, MappingABC)) or not (
             hasattr(data, "__len__") and hasattr(data, "__getitem__")
         ):
@@ -391,13 +402,18 @@ class _Examples:
             )
         self.data = data
         self.what = what
+        self.convert = convert
         self.size = len(data)
         if self.size == 0:
             raise EmptyInputError(f"{what} is empty; training and evaluation need at least one example")
 
     def batch(self, indices: Sequence[int], pad_token_id: int) -> Dict[str, torch.Tensor]:
         indices = [int(i) for i in indices]
-        return _collate([self.data[i] for i in indices], pad_token_id, [f"{self.what}[{i}]" for i in indices])
+        names = [f"{self.what}[{i}]" for i in indices]
+        examples = [self.data[i] for i in indices]
+        if self.convert is not None:
+            examples = [self.convert(example, name) for example, name in zip(examples, names)]
+        return _collate(examples, pad_token_id, names)
 
 
 def _tokens(batch: Mapping[str, torch.Tensor]) -> int:
@@ -409,6 +425,30 @@ def _tokens(batch: Mapping[str, torch.Tensor]) -> int:
 
 
 # -- the loop ------------------------------------------------------------------------------------------------------
+
+
+class _NoMethodHooks:
+    """The hooks of a method that adds nothing to the loop (see "Adapter methods" in the module docs)."""
+
+    def convert_example(self, example: Any, where: str) -> Any:
+        return example
+
+    def param_groups(self, names: Sequence[str]) -> List[Tuple[str, List[str], float]]:
+        return []
+
+    def regularizer(self) -> Optional[torch.Tensor]:
+        return None
+
+    def model_inputs(self, batch: Mapping[str, Any]) -> Mapping[str, Any]:
+        return batch
+
+    def context(self, batch: Mapping[str, Any]) -> Any:
+        return nullcontext()
+
+
+def _method_hooks(model: nn.Module) -> Any:
+    make = getattr(getattr(model, _STATE_ATTR, None), "training_hooks", None)
+    return make(model) if callable(make) else _NoMethodHooks()
 
 
 @dataclasses.dataclass
@@ -446,6 +486,8 @@ def train(
       batches are moved there.
     - ``train_data``, ``eval_data``: sequences of examples (see the module docs); ``eval_data`` is evaluated every
       ``config.eval_every`` steps and at the end.
+      For a TA-LoRA model each example also carries its task: ``task`` (a name) or ``task_ids`` (an index); a batch
+      may mix tasks.
     - ``config``: a :class:`TrainConfig` (defaults if ``None``).
     - ``loss_fn(outputs, batch)``: the loss, when ``outputs.loss`` is not it (or is absent).
     - ``resume_from``: a checkpoint directory (``.../step-NNNNNNNN``) or a ``checkpoint_dir`` (its latest checkpoint).
@@ -471,18 +513,21 @@ def train(
             f"no parameter of this {type(model).__name__} requires grad, so there is nothing to train; call "
             "lr.attach(model, config) first (it freezes the base model and makes the adapters trainable)"
         )
-    train_set = _Examples(train_data, "train_data")
-    eval_set = _Examples(eval_data, "eval_data") if eval_data is not None else None
+    hooks = _method_hooks(model)
+    train_set = _Examples(train_data, "train_data", hooks.convert_example)
+    eval_set = _Examples(eval_data, "eval_data", hooks.convert_example) if eval_data is not None else None
     pad_token_id = _pad_token_id(model)
     device = named[0][1].device
     total_steps = config.total_steps(train_set.size)
 
-    optimizer = _adamw(named, config)
+    optimizer = _adamw(named, config, hooks.param_groups([n for n, _ in named]))
     warmup = config.warmup_for(total_steps)
 
     def factor(index: int) -> float:
-        # LambdaLR passes the 0-based number of scheduler steps taken; the lr it sets is used by the next step.
-        return _lr_factor(index + 1, total_steps, warmup, config.min_lr_ratio)
+        # LambdaLR passes the 0-based number of scheduler steps taken; the lr it sets is used by the next step. The
+        # scheduler also steps after the last step, to a step that is never taken (and that, with warmup over the
+        # whole run, would divide by T - W = 0): it gets the last step's factor.
+        return _lr_factor(min(index + 1, total_steps), total_steps, warmup, config.min_lr_ratio)
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     order_generator = torch.Generator()
@@ -503,7 +548,7 @@ def train(
         order_generator.manual_seed(config.seed)
 
     use_bf16 = config.bf16 if config.bf16 is not None else device.type == "cuda"
-    forward = _Forward(model, loss_fn, device, use_bf16)
+    forward = _Forward(model, loss_fn, device, use_bf16, hooks)
     tokens = 0
     train_seconds = 0.0
     from tqdm.auto import tqdm
@@ -527,11 +572,17 @@ def train(
             for micro in torch.split(step_indices, config.batch_size):
                 batch = train_set.batch(micro.tolist(), pad_token_id)
                 tokens += _tokens(batch)
-                loss = forward.loss(batch, f"step {position.step + 1}")
-                weight = len(micro) / rows
-                (loss * weight).backward()
+                # Backward inside the method's context too: gradient checkpointing recomputes the forward there.
+                with hooks.context(batch):
+                    loss = forward.loss(batch, f"step {position.step + 1}")
+                    penalty = hooks.regularizer()
+                    if penalty is not None:
+                        loss = loss + penalty.to(loss.device, loss.dtype)
+                    weight = len(micro) / rows
+                    (loss * weight).backward()
                 step_loss += loss.detach().double().cpu() * weight
-            learning_rate = float(optimizer.param_groups[0]["lr"])
+            # What the schedule gives TrainConfig.lr (LambdaLR's own product); method groups scale by the same factor.
+            learning_rate = config.lr * factor(position.step)
             grad_norm = _clip(named, config.max_grad_norm)
             optimizer.step()
             scheduler.step()
@@ -603,8 +654,9 @@ def evaluate(
     use_bf16 = config.bf16 if config.bf16 is not None else device.type == "cuda"
     was_training = model.training
     try:
-        forward = _Forward(model, loss_fn, device, use_bf16)
-        return _run_eval(forward, _Examples(data, "data"), config, _pad_token_id(model), 0)
+        hooks = _method_hooks(model)
+        forward = _Forward(model, loss_fn, device, use_bf16, hooks)
+        return _run_eval(forward, _Examples(data, "data", hooks.convert_example), config, _pad_token_id(model), 0)
     finally:
         model.train(was_training)
 
@@ -612,15 +664,19 @@ def evaluate(
 class _Forward:
     """The model's forward pass under the run's autocast, and the loss taken from its outputs."""
 
-    def __init__(self, model: nn.Module, loss_fn: Optional[LossFn], device: torch.device, bf16: bool) -> None:
+    def __init__(
+        self, model: nn.Module, loss_fn: Optional[LossFn], device: torch.device, bf16: bool, hooks: Any
+    ) -> None:
         self.model = model
         self.loss_fn = loss_fn
         self.device = device
         self.bf16 = bf16
+        self.hooks = hooks
 
     def outputs(self, batch: Dict[str, torch.Tensor]) -> Any:
-        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            return self.model(**batch)
+        with self.hooks.context(batch):
+            with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                return self.model(**self.hooks.model_inputs(batch))
 
     def loss(self, batch: Dict[str, torch.Tensor], where: str) -> torch.Tensor:
         batch = {k: v.to(self.device) for k, v in batch.items()}
@@ -676,14 +732,31 @@ def _hits(outputs: Any, labels: Optional[torch.Tensor], rows: int) -> Optional[T
     return int(correct.sum()), int(counted.sum())
 
 
-def _adamw(named: Sequence[Tuple[str, nn.Parameter]], config: TrainConfig) -> torch.optim.AdamW:
-    decay = [p for _, p in named if p.dim() >= 2]
-    no_decay = [p for _, p in named if p.dim() < 2]
-    groups = [
-        {"params": params, "weight_decay": wd}
-        for params, wd in ((decay, config.weight_decay), (no_decay, 0.0))
-        if params
+def _adamw(
+    named: Sequence[Tuple[str, nn.Parameter]],
+    config: TrainConfig,
+    method_groups: Sequence[Tuple[str, Sequence[str], float]] = (),
+) -> torch.optim.AdamW:
+    # Parameters a method puts in a group of its own (with its own lr) leave the default group; within every group,
+    # matrices get weight decay and 1-D parameters none.
+    claimed = {name for _, names, _ in method_groups for name in names}
+    sets: List[Tuple[Optional[str], float, List[nn.Parameter]]] = [
+        (None, config.lr, [p for n, p in named if n not in claimed])
     ]
+    for label, names, group_lr in method_groups:
+        chosen = set(names)
+        sets.append((label, float(group_lr), [p for n, p in named if n in chosen]))
+    groups: List[Dict[str, Any]] = []
+    for label, group_lr, params in sets:
+        for subset, wd in (
+            ([p for p in params if p.dim() >= 2], config.weight_decay),
+            ([p for p in params if p.dim() < 2], 0.0),
+        ):
+            if subset:
+                group: Dict[str, Any] = {"params": subset, "weight_decay": wd, "lr": group_lr}
+                if label is not None:
+                    group["name"] = label
+                groups.append(group)
     return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps)
 
 
