@@ -22,7 +22,7 @@ from .attach import (
     unmerge,
 )
 from .calibrate import CalibrationPlan, calibrate
-from .config import ConfigError, LoraConfig, TLoraConfig
+from .config import ConfigError, LoraConfig, TLoraConfig, TrfConfig
 from .errors import (
     AdapterFormatError,
     AdapterIOError,
@@ -35,8 +35,9 @@ from .errors import (
     ShapeError,
 )
 from .linalg import get_num_threads, set_num_threads
-from .nn import AdapterStateError, LoraLinear
+from .nn import AdapterStateError, LoraLinear, TaskFilter
 from .train import CheckpointError, EvalResult, TrainConfig, TrainResult, evaluate, train
+from .trf import init_task_vectors, trf_filters
 
 __all__ = [
     "AdapterFormatError",
@@ -57,8 +58,10 @@ __all__ = [
     "ShapeError",
     "TLoraConfig",
     "TargetError",
+    "TaskFilter",
     "TrainConfig",
     "TrainResult",
+    "TrfConfig",
     "__version__",
     "adapter_config",
     "adapter_state",
@@ -66,6 +69,7 @@ __all__ = [
     "calibrate",
     "evaluate",
     "get_num_threads",
+    "init_task_vectors",
     "load_adapter",
     "lora_layers",
     "merge",
@@ -73,5 +77,6 @@ __all__ = [
     "set_num_threads",
     "train",
     "trainable_parameters",
+    "trf_filters",
     "unmerge",
 ]

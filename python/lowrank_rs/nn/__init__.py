@@ -1,5 +1,6 @@
-"""Adapter modules, each wrapping a base layer and keeping it as ``base_layer``."""
+"""Adapter modules: LoRA layers wrap a base layer and keep it as ``base_layer``; LoRATRF filters hook onto one."""
 
 from .lora import AdapterStateError, LoraLinear
+from .trf import TaskFilter
 
-__all__ = ["AdapterStateError", "LoraLinear"]
+__all__ = ["AdapterStateError", "LoraLinear", "TaskFilter"]
