@@ -445,12 +445,17 @@ def check_weights(
     if set(expected) != set(weights):
         only_model = sorted(set(expected) - set(weights))
         only_file = sorted(set(weights) - set(expected))
-        raise TargetError(
-            f"{where!r} does not fit the model's LoRATRF filters: the model filters {only_model[:3]} (none in the "
-            f"file); the file filters {only_file[:3]} (not filtered in the model) — a different model, "
-            "filter_site or filter_layers"
-            + (f"; nearest model modules: {_nearest(only_file[0], expected)}" if only_file and expected else "")
-        )
+        if not weights:
+            detail = f"the model has filters ({only_model[:3]}), the file none: a plain LoRA adapter"
+        elif not expected:
+            detail = f"the file has filters ({only_file[:3]}), the model none: it was attached without a TrfConfig"
+        else:
+            detail = (
+                f"filters only in the model: {only_model[:3]}; only in the file: {only_file[:3]} (another model, "
+                f"filter_site or filter_layers; nearest model modules to the first: "
+                f"{_nearest(only_file[0], expected) if only_file else []})"
+            )
+        raise TargetError(f"{where!r} does not fit the model's LoRATRF filters: {detail}")
     for module, (dim, rank) in expected.items():
         shapes = {"task_vector": (dim,), "C": (dim, rank), "D": (rank, dim)}
         for tensor, shape in shapes.items():
