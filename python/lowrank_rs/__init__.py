@@ -24,7 +24,7 @@ from .attach import (
     unmerge,
 )
 from .calibrate import CalibrationPlan, calibrate
-from .config import ConfigError, LoraConfig, TaLoraConfig, TLoraConfig
+from .config import ConfigError, LoraConfig, TaLoraConfig, TLoraConfig, TrfConfig
 from .errors import (
     AdapterFormatError,
     AdapterIOError,
@@ -37,9 +37,10 @@ from .errors import (
     ShapeError,
 )
 from .linalg import get_num_threads, set_num_threads
-from .nn import AdapterStateError, LoraLinear
+from .nn import AdapterStateError, LoraLinear, TaskFilter
 from .talora import TaLoraLayer, TaskError, add_task, orthogonality_penalty, talora_layers, task_names, use_tasks
 from .train import CheckpointError, EvalResult, TrainConfig, TrainResult, evaluate, train
+from .trf import init_task_vectors, trf_filters
 
 __all__ = [
     "AdapterFormatError",
@@ -63,8 +64,10 @@ __all__ = [
     "TaLoraLayer",
     "TaskError",
     "TargetError",
+    "TaskFilter",
     "TrainConfig",
     "TrainResult",
+    "TrfConfig",
     "__version__",
     "adapter_config",
     "adapter_state",
@@ -73,6 +76,7 @@ __all__ = [
     "calibrate",
     "evaluate",
     "get_num_threads",
+    "init_task_vectors",
     "load_adapter",
     "lora_layers",
     "merge",
@@ -83,6 +87,7 @@ __all__ = [
     "task_names",
     "train",
     "trainable_parameters",
+    "trf_filters",
     "unmerge",
     "use_tasks",
 ]

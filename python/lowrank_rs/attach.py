@@ -26,9 +26,10 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Set, 
 import torch
 from torch import nn
 
+from . import trf as _trf
 from ._core import __version__
-from .config import LoraConfig, TLoraConfig, config_from_dict
-from .errors import AdapterFormatError, LowRankError, ShapeError
+from .config import LoraConfig, TLoraConfig, TrfConfig, config_from_dict
+from .errors import AdapterFormatError, LowRankError, ShapeError, TargetError
 from .nn.lora import AdapterStateError, LoraLinear
 from .package import read_adapter, write_adapter
 
@@ -78,10 +79,6 @@ _UNSUPPORTED_PEFT_FIELDS = (
 )
 
 
-class TargetError(LowRankError, ValueError):
-    """A target or ``modules_to_save`` name that matches no module, or matches a module that cannot be adapted."""
-
-
 @dataclasses.dataclass(frozen=True)
 class _Attachment:
     config: LoraConfig
@@ -95,6 +92,8 @@ def attach(
     ranks: Optional[Mapping[str, int]] = None,
     scales: Optional[Mapping[str, float]] = None,
     init_a: Optional[Mapping[str, Any]] = None,
+    plan: Any = None,
+    batches: Optional[Iterable[Mapping[str, Any]]] = None,
 ) -> nn.Module:
     """Wrap every target ``nn.Linear`` of ``model`` in a :class:`~lowrank_rs.nn.LoraLinear`, in place.
 
@@ -113,6 +112,11 @@ def attach(
       (``alpha / sqrt(r_i)`` with rsLoRA). Scales of rank-0 modules are allowed (plans carry one per module).
     - ``init_a``: initial ``A`` per module, ``[r_i, d_in]`` (TLoRA's task-aware basis); others are Kaiming-uniform.
 
+    A :class:`~lowrank_rs.config.TrfConfig` adds LoRATRF's filters (METHODS.md §3, :mod:`lowrank_rs.trf`) to the
+    LoRA part, trainable too. ``plan`` (a :class:`~lowrank_rs.calibrate.CalibrationPlan`) makes that LoRA part TLoRA,
+    with the plan's ranks, scales and ``A``; ``batches`` feed ``task_vector_init="mean"``. Both are for a TrfConfig
+    only.
+
     Returns ``model``. A target that matches nothing, or matches a layer that is not an ``nn.Linear``, raises
     :class:`TargetError` naming the nearest module names; a model attached before raises :class:`AdapterStateError`.
     """
@@ -129,9 +133,14 @@ def attach(
         if ranks is not None or scales is not None or init_a is not None:
             raise LowRankError("attach(model, plan) takes ranks, scales and init_a from the plan; pass none of them")
         config, ranks, scales, init_a = config.attach_arguments()
+    if isinstance(config, TrfConfig):
+        config, ranks, scales, init_a = _trf.prepare(model, config, plan, ranks, scales, init_a)
+        from_plan = from_plan or plan is not None
+    elif plan is not None or batches is not None:
+        raise LowRankError("attach's plan= and batches= are for a TrfConfig (LoRATRF); pass a plan as the config")
     if not isinstance(config, LoraConfig):
         raise LowRankError(f"attach needs a LoraConfig, TLoraConfig or CalibrationPlan, not {type(config).__name__}")
-    if getattr(model, _STATE_ATTR, None) is not None or lora_layers(model):
+    if getattr(model, _STATE_ATTR, None) is not None or lora_layers(model) or _trf.trf_filters(model):
         raise AdapterStateError("this model already has LoRA adapters attached; attach to a fresh copy of the model")
 
     modules = dict(model.named_modules())
@@ -155,7 +164,8 @@ def attach(
         if r == 0 and name in init_a and torch.as_tensor(init_a[name]).numel() != 0:
             raise ShapeError(f"init_a[{name!r}] is not empty, but ranks[{name!r}] is 0 (no adapter on that module)")
 
-    freeze_a = isinstance(config, TLoraConfig) and not config.train_a
+    lora_part = config.tlora if isinstance(config, TrfConfig) else config
+    freeze_a = isinstance(lora_part, TLoraConfig) and not lora_part.train_a
     wrapped: Dict[str, LoraLinear] = {}
     for name, r in plan:
         if r == 0:
@@ -174,12 +184,14 @@ def attach(
             init_a=init_a.get(name),
             generator=_module_generator(config.init_seed, name),
         )
+    filters = _trf.build_filters(model, config, list(wrapped), keep, batches) if isinstance(config, TrfConfig) else {}
     # The new adapters are not in the model yet, so this freezes the base (including each wrapped base_layer) only.
     for p in model.parameters():
         p.requires_grad_(False)
     for name, layer in wrapped.items():
         parent, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent), leaf, layer)
+    _trf.install(model, filters)
     for name in keep:
         modules[name].requires_grad_(True)
     setattr(model, _STATE_ATTR, _Attachment(config, tuple(keep)))
@@ -256,6 +268,7 @@ def adapter_state(model: nn.Module) -> Dict[str, torch.Tensor]:
     for name in attachment.modules_to_save if attachment is not None else ():
         for key, value in model.get_submodule(name).state_dict().items():
             out[f"{PEFT_PREFIX}{name}.{key}"] = value.detach()
+    out.update(_trf.filter_state(model, PEFT_PREFIX))
     return out
 
 
@@ -294,6 +307,8 @@ def save_adapter(
     target_modules = _peft_target_modules(config.target_modules, set(layers), base_names, excluded_by)
 
     if vllm:
+        if _trf.trf_filters(model):
+            raise LowRankError("vLLM serves LoRA only and cannot run LoRATRF's filters; save without vllm=True")
         if attachment.modules_to_save:
             raise LowRankError(
                 f"vLLM cannot load adapters with modules_to_save ({list(attachment.modules_to_save)}); "
@@ -348,6 +363,7 @@ def save_adapter(
             "ranks": ranks,
             "scaling": gammas,
             "vllm": vllm,
+            **_trf.describe(model),
         },
     }
     write_adapter(path, tensors, peft_config)
@@ -367,6 +383,7 @@ def load_adapter(model: nn.Module, path: PathLike) -> nn.Module:
         return method.load_adapter(model, tensors, peft_config, path)
     _check_peft_config(peft_config, path)
     extras = peft_config.get("lowrank_rs") if isinstance(peft_config.get("lowrank_rs"), dict) else None
+    filter_weights, tensors = _trf.split_tensors(tensors, extras, PEFT_PREFIX, path)
     factors, rest = _split_tensors(tensors)
     if not factors:
         raise AdapterFormatError(f"{os.fspath(path)!r} holds no LoRA weights (no '*.lora_A.weight' tensors)")
@@ -401,6 +418,7 @@ def load_adapter(model: nn.Module, path: PathLike) -> nn.Module:
         outside = sorted(set(factors) - set(targets))
         if outside:
             raise TargetError(f"the adapter's config does not target {outside[0]!r}, yet the file has weights for it")
+        filters = _trf.expected_filters(model, config, [t for t in targets if t in factors], kept)
     else:
         kept = list(attachment.modules_to_save)
         layers = lora_layers(model)
@@ -415,10 +433,13 @@ def load_adapter(model: nn.Module, path: PathLike) -> nn.Module:
                 raise AdapterStateError(f"{name!r} is merged; unmerge the model before loading new adapter weights")
             if layer.r != ranks[name]:
                 raise ShapeError(f"{name!r} has an adapter of rank {layer.r}; the file's is rank {ranks[name]}")
+        filters = _trf.present_filters(model)
+    _trf.check_weights(filters, filter_weights, path)
     saved = _saved_module_states(rest, peft_config, kept, modules)
 
     if attachment is None:
-        attach(model, config, ranks={t: ranks.get(t, 0) for t in targets}, scales=gammas)
+        attach(model, _trf.for_loading(config), ranks={t: ranks.get(t, 0) for t in targets}, scales=gammas)
+        setattr(model, _STATE_ATTR, _Attachment(config, tuple(kept)))
     with torch.no_grad():
         for name, layer in lora_layers(model).items():
             a, b = factors[name]
@@ -427,6 +448,7 @@ def load_adapter(model: nn.Module, path: PathLike) -> nn.Module:
             layer.scaling = gammas[name]
     for name, state in saved.items():
         modules[name].load_state_dict(state, strict=True)
+    _trf.load_weights(model, filter_weights)
     return model
 
 
@@ -580,7 +602,12 @@ def _json_number(x: float) -> Union[int, float]:
 
 def _base_module_names(model: nn.Module, layers: Mapping[str, LoraLinear]) -> List[str]:
     """Module names as they were before ``attach``: what PEFT will see on a fresh copy of the base model."""
-    return [name for name, _ in model.named_modules() if not any(name.startswith(w + ".") for w in layers)]
+    filters = {f"{name}.{_trf.FILTER_ATTR}" for name in _trf.trf_filters(model)}
+    return [
+        name
+        for name, _ in model.named_modules()
+        if not any(name.startswith(w + ".") for w in layers) and name not in filters
+    ]
 
 
 def _peft_selects_targets(spec: Union[str, Sequence[str]], name: str, excluded_by: Sequence[str]) -> bool:

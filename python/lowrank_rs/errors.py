@@ -17,6 +17,7 @@ __all__ = [
     "NonFiniteError",
     "RankError",
     "ShapeError",
+    "TargetError",
 ]
 
 
@@ -54,3 +55,7 @@ class AdapterFormatError(LowRankError, ValueError):
 
 class AdapterIOError(LowRankError, OSError):
     """The operating system refused to read or write an adapter file."""
+
+
+class TargetError(LowRankError, ValueError):
+    """A target or ``modules_to_save`` name that matches no module, or matches a module that cannot be adapted."""
