@@ -310,3 +310,34 @@ def test_cli_finetune_default_model_runs(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "stdlib-package" in printed and "| TLoRA |" in printed and "| LoRA |" in printed
     assert (out / "tlora-adapter" / "adapter_config.json").exists()
+
+
+def test_finetune_every_method_and_multitask_data(workdir, tmp_path):
+    rows = []
+    for i in range(48):
+        task = "polarity" if i % 2 else "length"
+        text = ("good " if i % 3 else "bad ") * (1 + i % 4) + f"item {i}"
+        label = ("pos" if i % 3 else "neg") if task == "polarity" else ("long" if i % 4 > 1 else "short")
+        rows.append({"text": text, "label": label, "task": task})
+    data = _write(tmp_path / "multi.jsonl", rows)
+    result = finetune(
+        workdir / "bert",
+        data,
+        methods=["lora", "loratrf", "talora"],
+        settings=Settings(rank=2, calibration_examples=8, progress=False),
+        train_config=lr.TrainConfig(lr=5e-3, max_steps=3, batch_size=8),
+        out=tmp_path / "job",
+        plots=False,
+        log=lambda _: None,
+    )
+    by_method = {m.method: m for m in result.methods}
+    assert set(by_method) == {"lora", "loratrf", "talora"}
+    assert by_method["talora"].rank_budget is None
+    # Each saved adapter reloads into a fresh model with the saved behaviour: TA-LoRA with both tasks.
+    config = json.loads((tmp_path / "job" / "talora-adapter" / "adapter_config.json").read_text())
+    assert config["lowrank_rs"]["config"]["tasks"] == ["length", "polarity"]
+    model = BertForSequenceClassification.from_pretrained(workdir / "bert", num_labels=4, ignore_mismatched_sizes=True)
+    lr.load_adapter(model, by_method["talora"].adapter_dir)
+    assert lr.task_names(model) == ("length", "polarity")
+    trf = json.loads((tmp_path / "job" / "loratrf-adapter" / "adapter_config.json").read_text())
+    assert trf["peft_type"] == "LORA" and trf["lowrank_rs"]["filters"]

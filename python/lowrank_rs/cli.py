@@ -65,7 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     finetune.add_argument(
         "--methods",
         default="tlora,lora",
-        help=f"comma-separated methods to train and compare, from {', '.join(methods)} (default tlora,lora)",
+        help=f"comma-separated methods to train and compare, from {', '.join(methods)} (default tlora,lora). "
+        "loratrf uses the paper's per-family targets and rank unless --targets is given; talora trains one prompt "
+        "set per task of the data (rows with a 'task' field) with --rank as its shared rank",
     )
     finetune.add_argument("--out", default="lowrank-rs-out/finetune", help="output directory (default %(default)s)")
     finetune.add_argument("--no-plots", action="store_true", help="skip the PNG plots")

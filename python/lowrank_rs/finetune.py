@@ -25,7 +25,7 @@ from torch import nn
 
 from .attach import attach, save_adapter, trainable_parameters
 from .calibrate import CalibrationPlan, calibrate
-from .config import LoraConfig, TLoraConfig
+from .config import LoraConfig, TaLoraConfig, TLoraConfig, TrfConfig
 from .data import DataError, Dataset, from_pairs, load_jsonl, split, tokenize
 from .errors import LowRankError
 from .train import EvalResult, TrainConfig, TrainResult, collate, evaluate, train
@@ -145,7 +145,11 @@ def load_model(
             kwargs["dtype"] = dtype
         if task.kind == "classification":
             model = AutoModelForSequenceClassification.from_pretrained(
-                task.model_path, num_labels=len(task.labels), **kwargs
+                # A checkpoint that already has a head for another label set gets a new one.
+                task.model_path,
+                num_labels=len(task.labels),
+                ignore_mismatched_sizes=True,
+                **kwargs,
             )
         else:
             model = AutoModelForCausalLM.from_pretrained(task.model_path, **kwargs)
@@ -199,6 +203,8 @@ class Settings:
     max_length: int = 128
     seed: int = 0
     progress: bool = True
+    # Task names of multi-task data (TA-LoRA's tasks); single-task data trains one task, "default".
+    tasks: Tuple[str, ...] = ("default",)
 
     @property
     def lora_alpha(self) -> float:
@@ -249,11 +255,46 @@ def _prepare_tlora(model: nn.Module, examples: Sequence[Dict[str, torch.Tensor]]
     return Prepared(attach(model, plan), plan, seconds)
 
 
+def _prepare_loratrf(model: nn.Module, examples: Sequence[Dict[str, torch.Tensor]], s: Settings, pad: int) -> Prepared:
+    _, heads = _targets(model, s)
+    # The LoRA part takes the paper's per-family targets and rank unless the user named targets.
+    lora: Dict[str, Any] = {}
+    if s.targets:
+        lora = {"target_modules": list(s.targets), "r": s.rank, "alpha": s.lora_alpha}
+    config = TrfConfig(modules_to_save=heads, init_seed=s.seed, task_vector_init="mean", **lora)
+    batches = calibration_batches(examples, s.calibration_examples, pad)
+    return Prepared(attach(model, config, batches=batches))
+
+
+def _prepare_talora(model: nn.Module, examples: Sequence[Dict[str, torch.Tensor]], s: Settings, pad: int) -> Prepared:
+    _, heads = _targets(model, s)
+    config = TaLoraConfig(tasks=list(s.tasks), r=s.rank, modules_to_save=heads, init_seed=s.seed)
+    return Prepared(attach(model, config))
+
+
 Preparer = Callable[[nn.Module, Sequence[Dict[str, torch.Tensor]], Settings, int], Prepared]
 METHODS: Dict[str, Tuple[str, Preparer]] = {
     "lora": ("LoRA", _prepare_lora),
     "tlora": ("TLoRA", _prepare_tlora),
+    "loratrf": ("LoRATRF", _prepare_loratrf),
+    "talora": ("TA-LoRA", _prepare_talora),
 }
+# Methods whose examples carry the task of each row (a `task_ids` field).
+TASK_AWARE = ("talora",)
+
+
+def with_task_ids(
+    examples: Sequence[Dict[str, torch.Tensor]], data: Dataset, tasks: Sequence[str]
+) -> List[Dict[str, torch.Tensor]]:
+    """``examples`` (tokenised from ``data``) with each row's task index in ``tasks`` as ``task_ids``."""
+    index = {name: i for i, name in enumerate(tasks)}
+    out = []
+    for example, row in zip(examples, data.rows):
+        name = row.get("task", tasks[0] if len(tasks) == 1 else None)
+        if name not in index:
+            raise DataError(f"a row of {data.name} has task {name!r}, which is not one of {list(tasks)}")
+        out.append({**example, "task_ids": torch.tensor(index[name])})
+    return out
 
 
 def prepare(
@@ -272,7 +313,7 @@ def prepare(
 class MethodResult:
     method: str
     trainable_parameters: int
-    rank_budget: int
+    rank_budget: Optional[int]
     eval: EvalResult
     train: TrainResult
     calibration_seconds: float
@@ -308,8 +349,9 @@ class FinetuneResult:
         for m in self.methods:
             r = m.row()
             calibration = f"{m.calibration_seconds:.1f} s" if m.calibration_seconds else "—"
+            budget = "—" if r["rank budget"] is None else r["rank budget"]
             lines.append(
-                f"| {r['method']} | {r['trainable']:,} | {r['rank budget']} | {r['eval loss']:.4f} | "
+                f"| {r['method']} | {r['trainable']:,} | {budget} | {r['eval loss']:.4f} | "
                 f"{_percent(r['eval accuracy'])} | {calibration} | {r['training s']:.1f} s |"
             )
         return "\n".join(lines)
@@ -365,6 +407,7 @@ def finetune(
     train_examples = tokenize(task.train, tokenizer, settings.max_length)
     test_examples = tokenize(task.test, tokenizer, settings.max_length)
     pad = tokenizer.pad_token_id
+    settings = dataclasses.replace(settings, tasks=task.train.tasks or ("default",))
     train_config = with_eval_schedule(train_config, len(train_examples))
     targets, heads = _targets(base, settings)
     log(f"targets: {', '.join(targets)}" + (f"; trained in full: {', '.join(heads)}" if heads else ""))
@@ -380,12 +423,16 @@ def finetune(
         torch.manual_seed(settings.seed)
         model_, _ = load_model(task, device=device)
         prepared = prepare(method, model_, train_examples, settings, pad)
+        train_rows, test_rows = train_examples, test_examples
+        if method in TASK_AWARE:
+            train_rows = with_task_ids(train_examples, task.train, settings.tasks)
+            test_rows = with_task_ids(test_examples, task.test, settings.tasks)
         if prepared.plan is not None:
             plans[method] = prepared.plan
             prepared.plan.save(os.path.join(out, f"{method}-plan"))
             log(prepared.plan.table())
         trained = train(
-            prepared.model, train_examples, eval_data=test_examples, config=train_config, progress=settings.progress
+            prepared.model, train_rows, eval_data=test_rows, config=train_config, progress=settings.progress
         )
         adapter_dir = os.path.join(out, f"{method}-adapter")
         save_adapter(prepared.model, adapter_dir)
@@ -398,7 +445,7 @@ def finetune(
             MethodResult(
                 method,
                 trainable_parameters(prepared.model),
-                settings.rank * len(_adapted(prepared.model, prepared.plan)),
+                _rank_budget(prepared.model, prepared.plan),
                 final,
                 trained,
                 prepared.calibration_seconds,
@@ -429,13 +476,14 @@ def with_eval_schedule(config: TrainConfig, num_examples: int) -> TrainConfig:
     return dataclasses.replace(config, eval_every=every) if every >= 1 else config
 
 
-def _adapted(model: nn.Module, plan: Optional[CalibrationPlan]) -> List[str]:
-    # The budget counts every target module, rank-0 ones included: that is what TLoRA distributes.
+def _rank_budget(model: nn.Module, plan: Optional[CalibrationPlan]) -> Optional[int]:
+    # TLoRA's budget counts what it distributed (rank-0 modules included); others sum their LoRA ranks.
     if plan is not None:
-        return list(plan.ranks)
+        return plan.budget
     from .attach import lora_layers
 
-    return list(lora_layers(model))
+    ranks = [layer.r for layer in lora_layers(model).values()]
+    return sum(ranks) if ranks else None
 
 
 def _plots(
