@@ -3,6 +3,8 @@
 - :func:`calibrate` → :class:`CalibrationPlan` (TLoRA), :func:`attach`, :func:`train`, :func:`save_adapter`,
   :func:`load_adapter`, :func:`merge` / :func:`unmerge` — adapters on Hugging Face models.
 - :mod:`lowrank_rs.linalg` — the calibration math of the Rust core; :mod:`lowrank_rs.package` — adapter files.
+- :func:`export_onnx`, :class:`OrtModel` — ONNX export and ONNX Runtime sessions (:mod:`lowrank_rs.export`; the
+  ``onnx`` extra, imported only when used).
 - Every error raised on bad input is a :class:`LowRankError`.
 """
 
@@ -34,6 +36,7 @@ from .errors import (
     RankError,
     ShapeError,
 )
+from .export import ExportError, OrtModel, export_onnx
 from .linalg import get_num_threads, set_num_threads
 from .nn import AdapterStateError, LoraLinear
 from .train import CheckpointError, EvalResult, TrainConfig, TrainResult, evaluate, train
@@ -48,11 +51,13 @@ __all__ = [
     "DtypeError",
     "EmptyInputError",
     "EvalResult",
+    "ExportError",
     "InfeasibleError",
     "LoraConfig",
     "LoraLinear",
     "LowRankError",
     "NonFiniteError",
+    "OrtModel",
     "RankError",
     "ShapeError",
     "TLoraConfig",
@@ -65,6 +70,7 @@ __all__ = [
     "attach",
     "calibrate",
     "evaluate",
+    "export_onnx",
     "get_num_threads",
     "load_adapter",
     "lora_layers",
