@@ -19,12 +19,18 @@ onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxscript")
 
 
+from torch import nn  # noqa: E402
+
 import lowrank_rs as lr  # noqa: E402
 from lowrank_rs.attach import TargetError, lora_layers  # noqa: E402
 from lowrank_rs.export import (  # noqa: E402
+    GraphInput,
+    GraphInputModule,
+    MethodExport,
     MissingDependencyError,
     OrtModel,
     add_export_arguments,
+    register_method,
     run_export,
     write_ort_adapter,
 )
@@ -367,3 +373,74 @@ def test_missing_onnx_packages_are_reported_and_never_imported_eagerly(monkeypat
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     with pytest.raises(MissingDependencyError, match=r"lowrank-rs\[onnx\]"):
         OrtModel("whatever.onnx")
+
+
+# --- the per-method hook, as LoRATRF and TA-LoRA will use it ----------------------------------------------------------
+
+
+class Shift(nn.Module):
+    """A toy adapter method: ``base(x) + shift``."""
+
+    def __init__(self, base):
+        super().__init__()
+        self.base_layer = base
+        self.shift = nn.Parameter(torch.randn(base.out_features) * 0.5)
+
+    def forward(self, x):
+        return self.base_layer(x) + self.shift
+
+
+class ShiftSlot(GraphInputModule):
+    """Reads ``<name>.shift`` (overridable, default zero) and a required per-example ``task_scale`` input."""
+
+    def __init__(self, name, base):
+        super().__init__()
+        self.base_layer, self.key = base, f"{name}.shift"
+
+    def graph_inputs(self, model_inputs):
+        batch = next(iter(model_inputs.values())).shape[0]
+        zero = torch.zeros(self.base_layer.out_features)
+        return [
+            GraphInput(self.key, zero, {}, zero),
+            GraphInput("task_scale", torch.ones(batch), {0: "batch"}, None),
+        ]
+
+    def forward(self, x):
+        return self.base_layer(x) + self.feed("task_scale")[:, None, None] * self.feed(self.key)
+
+
+class ShiftExport(MethodExport):
+    name, file_methods, module_type = "shift", ("shift",), Shift
+
+    def merged(self, name, module):
+        return module  # kept as graph ops, as a LoRATRF filter is
+
+    def slot(self, name, module):
+        return ShiftSlot(name, module.base_layer if isinstance(module, Shift) else module)
+
+    def model_tensors(self, name, module):
+        return {f"{name}.shift": module.shift}
+
+
+def test_a_registered_method_exports_merged_and_as_slots(monkeypatch, tmp_path):
+    from lowrank_rs.export import methods
+
+    monkeypatch.setattr(methods, "_METHODS", list(methods._METHODS))
+    register_method(ShiftExport())
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), Shift(nn.Linear(16, 4))).eval()
+    x = torch.randn(3, 5, 8)
+    with torch.no_grad():
+        want, base = model(x), model[2].base_layer(model[1](model[0](x)))
+    lr.export_onnx(model, tmp_path / "merged.onnx", {"input": torch.randn(2, 4, 8)})
+    assert max_diff(OrtModel(tmp_path / "merged.onnx")(x).output, want) <= 1e-5
+    lr.export_onnx(model, tmp_path / "slots.onnx", {"input": torch.randn(2, 4, 8)}, mode="adapters")
+    write_ort_adapter(model, tmp_path / "shift.onnx_adapter", graph=tmp_path / "slots.onnx")
+    session = OrtModel(tmp_path / "slots.onnx", adapters={"s": tmp_path / "shift.onnx_adapter"})
+    assert session.input_names == ["input", "task_scale"] and list(session.adapter_inputs) == ["2.shift"]
+    scale = torch.tensor([1.0, 0.0, 2.0])
+    got = session(x, task_scale=scale, adapter="s").output
+    assert max_diff(got, base + scale[:, None, None] * model[2].shift.detach()) <= 1e-5
+    assert max_diff(session(x, task_scale=scale).output, base) <= 1e-5
+    with pytest.raises(lr.LowRankError, match="task_scale"):
+        session(x)

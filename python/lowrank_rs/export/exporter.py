@@ -153,6 +153,7 @@ def export_onnx(
                 raise ExportError(
                     f"torch.onnx.export (dynamo) failed on {type(model).__name__}: {_first_line(e)}"
                 ) from e
+    assert program is not None  # export without a file name returns the program
     proto = program.model_proto
     _set_defaults(proto, extra, symbols)
     meta = {
@@ -401,11 +402,12 @@ def _export_attention(model: nn.Module) -> Iterator[None]:
     if impl in (None, "eager", "sdpa") or not hasattr(model, "set_attn_implementation"):
         yield
         return
-    model.set_attn_implementation("sdpa")
+    switch = getattr(model, "set_attn_implementation")  # noqa: B009  (a method of transformers models only)
+    switch("sdpa")
     try:
         yield
     finally:
-        model.set_attn_implementation(impl)
+        switch(impl)
 
 
 @contextlib.contextmanager

@@ -63,10 +63,11 @@ class LoraSlot(GraphInputModule):
 
     def graph_inputs(self, model_inputs: Mapping[str, torch.Tensor]) -> List[GraphInput]:
         w = self.base_layer.weight
-        factory = {"dtype": w.dtype, "device": w.device}
+        a = torch.zeros(w.shape[1], _EXAMPLE_RANK, dtype=w.dtype, device=w.device)
+        b = torch.zeros(_EXAMPLE_RANK, w.shape[0], dtype=w.dtype, device=w.device)
         return [
-            GraphInput(self.a_name, torch.zeros(w.shape[1], _EXAMPLE_RANK, **factory), {1: self.symbol}, EMPTY),
-            GraphInput(self.b_name, torch.zeros(_EXAMPLE_RANK, w.shape[0], **factory), {0: self.symbol}, EMPTY),
+            GraphInput(self.a_name, a, {1: self.symbol}, EMPTY),
+            GraphInput(self.b_name, b, {0: self.symbol}, EMPTY),
         ]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

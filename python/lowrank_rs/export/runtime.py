@@ -232,6 +232,9 @@ def _gpu_present() -> bool:
     try:
         import torch
 
-        return bool(torch.cuda.is_available())
+        if torch.version.cuda is not None:
+            return bool(torch.cuda.is_available())
     except Exception:  # pragma: no cover - a broken CUDA setup counts as no GPU
         return False
+    # A CPU-only torch cannot tell; ONNX Runtime falls back to the CPU (with a warning) when CUDA does not start.
+    return True
