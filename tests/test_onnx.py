@@ -178,6 +178,7 @@ def test_adapters_graph_runs_base_and_adapter(families, family):
     fam = families(family)
     session = OrtModel(fam.graph)
     name = session.load_adapter(fam.adapter_file)
+    assert name == "adapter" and session.adapters == ["adapter"]
     inputs = batch()
     base, tuned = logits(fam.base, inputs), logits(fam.model, inputs)
     assert max_diff(tuned, base) > 0.05  # the adapter changes the output, so the checks below can tell

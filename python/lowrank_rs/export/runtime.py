@@ -105,14 +105,17 @@ class OrtModel:
         return self._active
 
     def load_adapter(self, path: PathLike, name: Optional[str] = None) -> str:
-        """Load an ``.onnx_adapter`` file under ``name`` (default: the file name without suffix); returns the name.
+        """Load an ``.onnx_adapter`` file under ``name`` (default: the file name without ``.onnx_adapter``); returns
+        the name.
 
         The file is checked against the graph first: every tensor must be an adapter input of this graph, with its
         dtype and a fitting shape. A corrupt file raises :class:`~lowrank_rs.AdapterFormatError`, one that does not
         fit raises :class:`~lowrank_rs.TargetError`, :class:`~lowrank_rs.DtypeError` or
         :class:`~lowrank_rs.ShapeError`; nothing is loaded then.
         """
-        name = name if name is not None else os.path.basename(os.fspath(path)).split(".")[0]
+        if name is None:
+            name = os.path.basename(os.fspath(path))
+            name = name[: -len(".onnx_adapter")] if name.endswith(".onnx_adapter") else name
         if not isinstance(name, str) or not name:
             raise LowRankError(f"adapter name must be a non-empty string, got {name!r}")
         if not self.adapter_inputs:
