@@ -5,6 +5,8 @@
 - TA-LoRA (:class:`TaLoraConfig`): :func:`use_tasks` around a forward, :func:`add_task`, :func:`task_names`,
   :func:`orthogonality_penalty`.
 - :mod:`lowrank_rs.linalg` — the calibration math of the Rust core; :mod:`lowrank_rs.package` — adapter files.
+- :func:`export_onnx`, :class:`OrtModel` — ONNX export and ONNX Runtime sessions (:mod:`lowrank_rs.export`; the
+  ``onnx`` extra, imported only when used).
 - Every error raised on bad input is a :class:`LowRankError`.
 """
 
@@ -36,6 +38,7 @@ from .errors import (
     RankError,
     ShapeError,
 )
+from .export import ExportError, OrtModel, export_onnx
 from .linalg import get_num_threads, set_num_threads
 from .nn import AdapterStateError, LoraLinear, TaskFilter
 from .talora import TaLoraLayer, TaskError, add_task, orthogonality_penalty, talora_layers, task_names, use_tasks
@@ -52,11 +55,13 @@ __all__ = [
     "DtypeError",
     "EmptyInputError",
     "EvalResult",
+    "ExportError",
     "InfeasibleError",
     "LoraConfig",
     "LoraLinear",
     "LowRankError",
     "NonFiniteError",
+    "OrtModel",
     "RankError",
     "ShapeError",
     "TLoraConfig",
@@ -75,6 +80,7 @@ __all__ = [
     "attach",
     "calibrate",
     "evaluate",
+    "export_onnx",
     "get_num_threads",
     "init_task_vectors",
     "load_adapter",

@@ -1,0 +1,37 @@
+"""ONNX export and ONNX Runtime sessions (the ``onnx`` extra: ``pip install 'lowrank-rs[onnx]'``).
+
+- :func:`export_onnx` — a torch model with adapters → an ONNX graph, merged or with hot-swappable adapter inputs.
+- :func:`write_ort_adapter` — an adapter directory (ours or PEFT's) or attached model → an ``.onnx_adapter`` file.
+- :class:`OrtModel` — an exported graph in an ONNX Runtime session, called like the torch model.
+- :mod:`lowrank_rs.export.methods` — the hooks through which each adapter method joins the export.
+- :func:`add_export_arguments`, :func:`run_export` — the ``lowrank-rs export`` command.
+
+Importing this package needs torch only; ``onnx``, ``onnxscript`` and ``onnxruntime`` are imported when used.
+"""
+
+from __future__ import annotations
+
+# Each method's export hooks register themselves when their module is imported: add new methods' modules here.
+from . import lora  # noqa: F401
+from ._common import ExportError, MissingDependencyError
+from .adapter_file import write_ort_adapter
+from .cli import add_export_arguments, run_export
+from .exporter import export_onnx
+from .methods import EMPTY, GraphInput, GraphInputModule, MethodExport, register_method
+from .runtime import OrtModel, OrtOutput
+
+__all__ = [
+    "EMPTY",
+    "ExportError",
+    "GraphInput",
+    "GraphInputModule",
+    "MethodExport",
+    "MissingDependencyError",
+    "OrtModel",
+    "OrtOutput",
+    "add_export_arguments",
+    "export_onnx",
+    "register_method",
+    "run_export",
+    "write_ort_adapter",
+]

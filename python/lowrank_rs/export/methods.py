@@ -1,0 +1,180 @@
+"""What each adapter method contributes to an ONNX export: the one place a method plugs into ``export_onnx``.
+
+An export swaps modules of the torch model for export-time replacements, traces the model, and puts the original
+modules back. A method says, through one :class:`MethodExport` registered with :func:`register_method`:
+
+- ``merged(name, module)``: the replacement in a merged graph (LoRA: a plain linear layer with ``W0 + γ B A``).
+- ``slot(name, module)``: the replacement in an adapter-attached graph, a :class:`GraphInputModule` that reads its
+  adapter tensors from graph inputs, so ONNX Runtime can feed them from an ``.onnx_adapter`` file per request.
+- ``model_tensors`` / ``file_tensors``: the values of those graph inputs for an attached adapter, or for an adapter
+  directory's tensors; these are what an ``.onnx_adapter`` file holds.
+
+A replacement that reads graph inputs declares them as :class:`GraphInput` s: each has a name, an example value to
+trace with, its dynamic axes (each with its own symbol) and a default. With ``default=EMPTY`` the exported graph
+gets an initializer of size zero along the dynamic axes under the input's name, which makes the input optional:
+ONNX Runtime runs the default when no adapter supplies a value. ``default=None`` makes the input required (a
+``task_id``, say); a tensor default makes it an overridable initializer holding that tensor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, Dict, List, Mapping, Optional, Tuple, Type, Union
+
+import torch
+from torch import nn
+
+from ..errors import LowRankError
+
+__all__ = [
+    "EMPTY",
+    "GraphInput",
+    "GraphInputModule",
+    "MethodExport",
+    "adapter_modules",
+    "method_for_file",
+    "method_named",
+    "register_method",
+    "registered_methods",
+]
+
+EMPTY = "empty"
+
+Default = Union[None, str, torch.Tensor]
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphInput:
+    """One graph input a replacement module reads.
+
+    - ``name``: the graph input's name (and the parameter name in ``.onnx_adapter`` files).
+    - ``example``: a value to trace with, in the graph's dtype and on the model's device. Dynamic axes should not
+      have size 0 or 1 here: torch.export specialises those sizes into constants.
+    - ``dynamic``: axis → symbol. Give every independent size its own symbol; axes that must agree share one.
+      ``"batch"`` and ``"sequence"`` are the model inputs' axes 0 and 1 (size the example from ``model_inputs``).
+    - ``default``: :data:`EMPTY` (an initializer of size 0 along every dynamic axis), a tensor (an overridable
+      initializer with that value), or ``None`` (a required input).
+    """
+
+    name: str
+    example: torch.Tensor
+    dynamic: Mapping[int, str] = dataclasses.field(default_factory=dict)
+    default: Default = EMPTY
+
+    def empty_default(self) -> torch.Tensor:
+        shape = [0 if axis in self.dynamic else n for axis, n in enumerate(self.example.shape)]
+        return torch.zeros(shape, dtype=self.example.dtype)
+
+
+class GraphInputModule(nn.Module):
+    """A replacement module that reads graph inputs: declare them in ``graph_inputs``, read them with ``feed``.
+
+    The export wrapper binds the traced inputs before it runs the model and unbinds them afterwards, so a forward
+    outside an export raises instead of silently running without the adapter.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._feeds: Optional[Mapping[str, torch.Tensor]] = None
+
+    def graph_inputs(self, model_inputs: Mapping[str, torch.Tensor]) -> List[GraphInput]:
+        """The graph inputs this module reads; ``model_inputs`` are the export's example model inputs."""
+        raise NotImplementedError
+
+    def bind(self, feeds: Optional[Mapping[str, torch.Tensor]]) -> None:
+        self._feeds = feeds
+
+    def feed(self, name: str) -> torch.Tensor:
+        if self._feeds is None:
+            raise LowRankError(f"{type(self).__name__} runs only inside export_onnx (its graph inputs are not bound)")
+        return self._feeds[name]
+
+
+class MethodExport:
+    """Base class of a method's export hooks; subclass, then :func:`register_method` an instance.
+
+    - ``name``: the method name users pass to ``export_onnx(method=...)`` for a base model's adapter slots.
+    - ``file_methods``: values of the ``lowrank_rs.method`` field of adapter files this method reads (plain PEFT
+      LoRA directories have none and go to the method named ``"lora"``).
+    - ``module_type``: the method's adapter module class, found in models by ``isinstance``.
+    - ``internal_children``: the adapter module's submodules are its own parts (base layer, factors), never
+      targets of a slot themselves. Set it False for an adapter module that wraps a whole block whose inner
+      layers may carry adapters of their own; those are then found and swapped too (innermost first).
+    """
+
+    name: ClassVar[str] = ""
+    file_methods: ClassVar[Tuple[str, ...]] = ()
+    module_type: ClassVar[Type[nn.Module]] = nn.Module
+    internal_children: ClassVar[bool] = True
+
+    def merged(self, name: str, module: nn.Module) -> nn.Module:
+        """The module that replaces ``module`` in a merged graph (a :class:`GraphInputModule` if it needs inputs)."""
+        raise NotImplementedError
+
+    def slot(self, name: str, module: nn.Module) -> GraphInputModule:
+        """The module that replaces ``module`` in an adapter-attached graph.
+
+        ``module`` is either one of this method's adapter modules or a bare base module named by ``targets`` when a
+        base model is exported; the slot computes the base module's output when its inputs hold their defaults.
+        """
+        raise NotImplementedError
+
+    def slot_target(self, name: str, module: nn.Module) -> Optional[str]:
+        """Why a bare module named by ``targets`` cannot take a slot of this method, or ``None`` if it can."""
+        return None
+
+    def model_tensors(self, name: str, module: nn.Module) -> Dict[str, torch.Tensor]:
+        """The slot's graph-input values for ``module``'s current adapter (one of this method's modules)."""
+        raise NotImplementedError
+
+    def file_tensors(
+        self, tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any], where: str
+    ) -> Tuple[Dict[str, Dict[str, torch.Tensor]], Dict[str, torch.Tensor]]:
+        """Split an adapter directory's tensors and config (as ``read_adapter`` returns them) into the slot
+        graph-input values of each adapted module (module → input name → value) and the rest: ``modules_to_save``
+        states keyed by parameter name without PEFT's prefix."""
+        raise NotImplementedError
+
+
+_METHODS: List[MethodExport] = []
+
+
+def register_method(method: MethodExport) -> MethodExport:
+    """Make ``method``'s hooks known to the exporter; a later registration of the same name replaces the earlier."""
+    if not isinstance(method, MethodExport) or not method.name:
+        raise LowRankError("register_method needs a MethodExport instance with a name")
+    _METHODS[:] = [m for m in _METHODS if m.name != method.name] + [method]
+    return method
+
+
+def registered_methods() -> List[MethodExport]:
+    return list(_METHODS)
+
+
+def method_named(name: str) -> MethodExport:
+    for m in _METHODS:
+        if m.name == name:
+            return m
+    raise LowRankError(f"no export hooks for adapter method {name!r}; known: {sorted(m.name for m in _METHODS)}")
+
+
+def method_for_file(method: Optional[str], where: str) -> MethodExport:
+    wanted = method or "lora"
+    for m in _METHODS:
+        if wanted in m.file_methods:
+            return m
+    known = sorted(x for m in _METHODS for x in m.file_methods)
+    raise LowRankError(f"{where!r} holds a {wanted!r} adapter, which has no ONNX export yet; exportable: {known}")
+
+
+def adapter_modules(model: nn.Module) -> Dict[str, Tuple[MethodExport, nn.Module]]:
+    """Every adapter module of a registered method in ``model`` with its method's hooks, by module name."""
+    found: Dict[str, Tuple[MethodExport, nn.Module]] = {}
+    for name, module in model.named_modules():
+        if any(name.startswith(outer + ".") and hook.internal_children for outer, (hook, _) in found.items()):
+            continue
+        for method in _METHODS:
+            if isinstance(module, method.module_type):
+                found[name] = (method, module)
+                break
+    return found
