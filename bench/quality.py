@@ -333,7 +333,7 @@ def section_multitask(bench: Bench) -> str:
     for shots in (16, 32, 64):
         for seed in bench.seeds:
             pick = torch.randperm(len(new_train_plain), generator=torch.Generator().manual_seed(seed))[:shots].tolist()
-            fs_config = bench.config(seed, epochs=max(4, 640 // shots), batch_size=8)
+            fs_config = bench.config(seed, epochs=1 if bench.args.quick else max(4, 640 // shots), batch_size=8)
 
             model = bench.model(len(union), seed)
             lr.load_adapter(model, keep[("talora", seed)])

@@ -82,6 +82,18 @@ def test_stdlib_task_is_deterministic_and_covers_every_label():
     assert a.fingerprint.startswith("sha256:")
 
 
+def test_stdlib_task_does_not_depend_on_what_the_process_imported():
+    # This process has torch, transformers and peft loaded, which patch stdlib classes; a bare interpreter must
+    # build the very same texts.
+    import subprocess
+    import sys
+
+    code = "from lowrank_rs.data import stdlib; print(stdlib.package_task().fingerprint)"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    bare = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert bare.stdout.strip() == stdlib_data.package_task().fingerprint
+
+
 def test_stdlib_multitask_labels_the_same_texts():
     tasks = stdlib_data.multitask()
     assert set(tasks) == {"package", "domain", "kind", "one_line"}

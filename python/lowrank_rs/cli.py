@@ -26,6 +26,8 @@ Step by step (same --model/--data conventions):
   lowrank-rs eval --adapter ADAPTER    loss and accuracy on the held-out examples
   lowrank-rs inspect PATH              what is in an adapter directory or a calibration plan
 
+  lowrank-rs export merged|adapters|adapter-file ...   ONNX graphs and ONNX Runtime adapter files
+
   lowrank-rs demo                      the calibration core alone, on generated activations (no model needed)
 
 Run `lowrank-rs COMMAND --help` for each command's options.

@@ -84,7 +84,14 @@ def docstrings(packages: Sequence[str] = PACKAGES) -> List[Docstring]:
                 if inspect.isclass(obj):
                     _add(found, obj, package, "class", f"{module_name}.{name}")
                     for member_name, member in sorted(vars(obj).items()):
-                        if not member_name.startswith("_") and inspect.isfunction(member):
+                        # Other libraries patch methods onto stdlib classes (transformers adds
+                        # logging.Logger.warning_advice); only the package's own code counts, so the task does not
+                        # depend on what else the process imported.
+                        if (
+                            not member_name.startswith("_")
+                            and inspect.isfunction(member)
+                            and member.__module__ == module_name
+                        ):
                             _add(found, member, package, "method", f"{module_name}.{name}.{member_name}")
                 elif inspect.isfunction(obj):
                     _add(found, obj, package, "function", f"{module_name}.{name}")
