@@ -42,10 +42,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, table, write_section
 
 import lowrank_rs as lr
-import lowrank_rs.train as train_module
 from lowrank_rs.data import from_pairs, tokenize
 from lowrank_rs.data import stdlib as stdlib_data
 from lowrank_rs.finetune import calibration_batches, default_model_path, default_targets, load_task
+from lowrank_rs.train import collate
 
 Examples = List[Dict[str, torch.Tensor]]
 
@@ -275,7 +275,7 @@ def section_multitask(bench: Bench) -> str:
         with torch.no_grad():
             for i in range(0, len(rows), 64):
                 chunk = rows[i : i + 64]
-                batch = train_module.collate(chunk, bench.tokenizer.pad_token_id)
+                batch = collate(chunk, bench.tokenizer.pad_token_id)
                 task_ids = batch.pop("task_ids", None)
                 labels = batch.pop("labels")
                 if task_ids is not None:
