@@ -353,3 +353,24 @@ def test_finetune_every_method_and_multitask_data(workdir, tmp_path):
     assert lr.task_names(model) == ("length", "polarity")
     trf = json.loads((tmp_path / "job" / "loratrf-adapter" / "adapter_config.json").read_text())
     assert trf["peft_type"] == "LORA" and trf["lowrank_rs"]["filters"]
+
+
+@pytest.mark.parametrize("method", ["loratrf", "talora"])
+def test_cli_train_and_eval_newer_methods(workdir, tmp_path, capsys, method):
+    common = ["--model", str(workdir / "bert"), "--data", str(workdir / "cls.jsonl"), "--no-progress"]
+    adapter = tmp_path / method
+    argv = ["train", *common, "--method", method, "--out", str(adapter), "--max-steps", "3", "--lr", "5e-3"]
+    assert cli.main([*argv, "--calibration-examples", "8"]) == 0
+    trained = capsys.readouterr().out.split("eval loss ")[1].split(",")[0]
+    # The saved adapter, loaded by `eval` into a fresh model, gives the trained model's evaluation.
+    assert cli.main(["eval", *common, "--adapter", str(adapter)]) == 0
+    assert f"loss {trained}," in capsys.readouterr().out
+
+
+def test_cli_finetune_method_means_method_against_lora(workdir, tmp_path, capsys):
+    common = ["--model", str(workdir / "bert"), "--data", str(workdir / "cls.jsonl"), "--no-progress", "--no-plots"]
+    out = tmp_path / "job"
+    assert cli.main(["finetune", *common, "--method", "loratrf", "--max-steps", "2", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| LoRATRF |" in printed and "| LoRA |" in printed
+    assert (out / "loratrf-adapter").is_dir() and (out / "lora-adapter").is_dir()

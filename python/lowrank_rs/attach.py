@@ -157,17 +157,17 @@ def attach(
     ranks = _per_module(ranks, "ranks", targets, _rank_value)
     scales = _per_module(scales, "scales", targets, _scale_value)
     init_a = _per_module(init_a, "init_a", targets, lambda v, _name: v)
-    plan = [(name, ranks.get(name, config.r)) for name in targets]
-    if all(r == 0 for _, r in plan):
+    module_ranks = [(name, ranks.get(name, config.r)) for name in targets]
+    if all(r == 0 for _, r in module_ranks):
         raise LowRankError("every target module has rank 0, so no adapter would be attached")
-    for name, r in plan:
+    for name, r in module_ranks:
         if r == 0 and name in init_a and torch.as_tensor(init_a[name]).numel() != 0:
             raise ShapeError(f"init_a[{name!r}] is not empty, but ranks[{name!r}] is 0 (no adapter on that module)")
 
     lora_part = config.tlora if isinstance(config, TrfConfig) else config
     freeze_a = isinstance(lora_part, TLoraConfig) and not lora_part.train_a
     wrapped: Dict[str, LoraLinear] = {}
-    for name, r in plan:
+    for name, r in module_ranks:
         if r == 0:
             continue
         if name in scales:

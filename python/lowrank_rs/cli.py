@@ -71,6 +71,11 @@ def _parser() -> argparse.ArgumentParser:
         "loratrf uses the paper's per-family targets and rank unless --targets is given; talora trains one prompt "
         "set per task of the data (rows with a 'task' field) with --rank as its shared rank",
     )
+    finetune.add_argument(
+        "--method",
+        choices=methods,
+        help="train this method and compare it with the LoRA baseline (short for --methods METHOD,lora)",
+    )
     finetune.add_argument("--out", default="lowrank-rs-out/finetune", help="output directory (default %(default)s)")
     finetune.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
 
@@ -208,11 +213,14 @@ def _load(args: argparse.Namespace) -> Any:
 def _finetune(args: argparse.Namespace) -> None:
     from .finetune import finetune
 
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.method is not None:
+        methods = [args.method] + ([] if args.method == "lora" else ["lora"])
     finetune(
         args.model,
         args.data,
         eval_data=args.eval_data,
-        methods=[m.strip() for m in args.methods.split(",") if m.strip()],
+        methods=methods,
         settings=_settings(args),
         train_config=_train_config(args),
         out=args.out,
@@ -252,12 +260,14 @@ def _calibrate(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
+    import dataclasses
+
     import torch
 
     from .attach import attach, save_adapter, trainable_parameters
     from .calibrate import CalibrationPlan
     from .data import tokenize
-    from .finetune import load_model, prepare, with_eval_schedule
+    from .finetune import TASK_AWARE, load_model, prepare, with_eval_schedule, with_task_ids
     from .train import train
 
     if args.resume and not args.checkpoint_dir:
@@ -265,11 +275,14 @@ def _train(args: argparse.Namespace) -> None:
     if args.plan and args.method != "tlora":
         raise LowRankError(f"--plan is a TLoRA calibration plan; it does not go with --method {args.method}")
     task = _load(args)
-    settings = _settings(args)
+    settings = dataclasses.replace(_settings(args), tasks=task.train.tasks or ("default",))
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(task, device=args.device)
     train_examples = tokenize(task.train, tokenizer, args.max_length)
     test_examples = tokenize(task.test, tokenizer, args.max_length)
+    if args.method in TASK_AWARE:
+        train_examples = with_task_ids(train_examples, task.train, settings.tasks)
+        test_examples = with_task_ids(test_examples, task.test, settings.tasks)
     if args.plan:
         attach(model, CalibrationPlan.load(args.plan))
     else:
@@ -296,7 +309,8 @@ def _eval(args: argparse.Namespace) -> None:
 
     from .attach import load_adapter
     from .data import tokenize
-    from .finetune import load_model
+    from .finetune import load_model, with_task_ids
+    from .talora import task_names
     from .train import evaluate
 
     task = _load(args)
@@ -306,9 +320,18 @@ def _eval(args: argparse.Namespace) -> None:
         load_adapter(model, args.adapter)
     elif task.kind == "classification":
         print("note: no --adapter, so the classification head is untrained (random)")
-    result = evaluate(model, tokenize(task.test, tokenizer, args.max_length), batch_size=args.batch_size)
+    examples = tokenize(task.test, tokenizer, args.max_length)
+    if args.adapter and talora_layers_of(model):
+        examples = with_task_ids(examples, task.test, task_names(model))
+    result = evaluate(model, examples, batch_size=args.batch_size)
     accuracy = f", accuracy {100 * result.accuracy:.2f}%" if result.accuracy is not None else ""
     print(f"{task.test.name}: {result.examples} examples, loss {result.loss:.4f}{accuracy}")
+
+
+def talora_layers_of(model: Any) -> bool:
+    from .nn.talora import TaLoraLayer
+
+    return any(isinstance(m, TaLoraLayer) for m in model.modules())
 
 
 def _inspect_cmd(args: argparse.Namespace) -> None:
