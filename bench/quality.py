@@ -22,7 +22,7 @@ Sections (``--sections``):
   its fast weights and the head train), the shared LoRA continues training on them with the new prefix, and a fresh
   LoRA starts from the pretrained model.
 
-``python bench/quality.py`` runs all of it (about an hour on 2 CPU cores; one epoch, 48 tokens, to fit);
+``python bench/quality.py`` runs all of it (about an hour on 2 CPU cores; one epoch, 32 tokens, to fit);
 ``--quick`` checks the script in a few minutes on a sliver of the data.
 """
 
@@ -397,7 +397,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a sliver of the data, one seed, one epoch")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--max-length", type=int, default=48)
+    parser.add_argument("--max-length", type=int, default=32)
     parser.add_argument("--sections", default="methods,loratrf,multitask")
     args = parser.parse_args()
     if args.quick:
