@@ -27,6 +27,7 @@ inputs. The equations are ``TaLoraLayer.branch`` itself, run on those tensors.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
@@ -51,15 +52,13 @@ def prompt_input_names(layer: str) -> Tuple[str, str]:
 
 
 def _symbol(layer: str) -> str:
-    import re
-
     return "prompt_" + re.sub(r"\W", "_", layer)
 
 
 class _Branch:
     """``TaLoraLayer.branch`` run on given prompt keys/values and gate instead of the layer's parameters."""
 
-    branch = TaLoraLayer.branch
+    branch: Any = TaLoraLayer.branch  # Any: typed for TaLoraLayer's self, run on this duck-typed one
 
     def __init__(self, layer: TaLoraLayer, keys: torch.Tensor, values: torch.Tensor, gate: torch.Tensor) -> None:
         self.num_heads, self.num_kv_heads = layer.num_heads, layer.num_kv_heads
@@ -94,7 +93,7 @@ class _Standin(GraphInputModule):
         else:
             self._previous = layer.task_ids
             layer.task_ids = self.task_ids(feeds)
-            layer.branch = self.branch  # an instance attribute, found before the class's method
+            layer.branch = self.branch  # type: ignore[method-assign]  # an instance attribute, found first
 
 
 class MergedPrompts(_Standin):
@@ -111,14 +110,15 @@ class MergedPrompts(_Standin):
 
     def graph_inputs(self, model_inputs: Mapping[str, torch.Tensor]) -> List[GraphInput]:
         batch = next(iter(model_inputs.values())).shape[0]
-        example = torch.arange(batch, device=self.keys.device) % self.num_tasks
+        example = torch.arange(batch, device=self.get_buffer("keys").device) % self.num_tasks
         return [GraphInput(TASK_INPUT, example, {0: "batch"}, None)]
 
     def task_ids(self, feeds: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return feeds[TASK_INPUT]
 
     def branch(self, query: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
-        return _Branch(self._layer[0], self.keys, self.values, self.gate).branch(query, task_ids)
+        keys, values = self.get_buffer("keys"), self.get_buffer("values")
+        return _Branch(self._layer[0], keys, values, self.gate).branch(query, task_ids)
 
 
 class PromptSlot(_Standin):
@@ -131,10 +131,9 @@ class PromptSlot(_Standin):
 
     def graph_inputs(self, model_inputs: Mapping[str, torch.Tensor]) -> List[GraphInput]:
         layer = self._layer[0]
-        factory = {"dtype": layer.theta0.dtype, "device": layer.theta0.device}
-        prompt = torch.zeros(_EXAMPLE_RANK, layer.hidden_size, **factory)
-        gate = torch.zeros(layer.num_heads, **factory)
-        dtype = layer.theta0.dtype
+        dtype, device = layer.theta0.dtype, layer.theta0.device
+        prompt = torch.zeros(_EXAMPLE_RANK, layer.hidden_size, dtype=dtype, device=device)
+        gate = torch.zeros(layer.num_heads, dtype=dtype, device=device)
         return [
             GraphInput(self.prompt_name, prompt, {0: self.symbol}, torch.zeros(1, layer.hidden_size, dtype=dtype)),
             GraphInput(self.gate_name, gate, {}, torch.zeros(layer.num_heads, dtype=dtype)),

@@ -46,8 +46,8 @@ class _Filter:
     """``TaskFilter``'s own ``gate`` and ``forward`` run on given tensors instead of its parameters (they read
     ``task_vector``, ``C`` and ``D`` only), so the graph computes exactly the torch filter's equations."""
 
-    gate = TaskFilter.gate
-    forward = TaskFilter.forward
+    gate: Any = TaskFilter.gate  # Any: typed for TaskFilter's self, run on this duck-typed one
+    forward: Any = TaskFilter.forward
 
     def __init__(self, t: torch.Tensor, c: torch.Tensor, d: torch.Tensor) -> None:
         self.task_vector, self.C, self.D = t, c, d
@@ -82,11 +82,17 @@ class FilterSlot(GraphInputModule):
         self.dim, self.dtype, self.device = dim, dtype, device
 
     def graph_inputs(self, model_inputs: Mapping[str, torch.Tensor]) -> List[GraphInput]:
-        factory = {"dtype": self.dtype, "device": self.device}
+        dtype, device = self.dtype, self.device
         return [
-            GraphInput(self.t_name, torch.ones(self.dim, **factory), {}, torch.ones(self.dim, dtype=self.dtype)),
-            GraphInput(self.c_name, torch.zeros(self.dim, _EXAMPLE_RANK, **factory), {1: self.symbol}, EMPTY),
-            GraphInput(self.d_name, torch.zeros(_EXAMPLE_RANK, self.dim, **factory), {0: self.symbol}, EMPTY),
+            GraphInput(
+                self.t_name, torch.ones(self.dim, dtype=dtype, device=device), {}, torch.ones(self.dim, dtype=dtype)
+            ),
+            GraphInput(
+                self.c_name, torch.zeros(self.dim, _EXAMPLE_RANK, dtype=dtype, device=device), {1: self.symbol}, EMPTY
+            ),
+            GraphInput(
+                self.d_name, torch.zeros(_EXAMPLE_RANK, self.dim, dtype=dtype, device=device), {0: self.symbol}, EMPTY
+            ),
         ]
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -111,7 +117,7 @@ class LayerFilterSlot(FilterSlot):
         if feeds is None:
             original.__dict__.pop("forward", None)
         else:
-            original.forward = self.forward  # an instance attribute, found before the class's method
+            original.forward = self.forward  # type: ignore[method-assign]  # an instance attribute, found first
 
 
 class FilteredLinearSlot(GraphInputModule):
