@@ -13,6 +13,11 @@ for the graphs in ONNX Runtime and for the adapted model (LoRA unmerged) in torc
 Targets (DESIGN.md): merged ≤ 1.05× base; adapter-attached ≤ 1.3× merged. ``eager / merged`` is ONNX Runtime's
 speed-up over torch eager.
 
+A second table has the merged graphs of the two methods whose merged graphs are not the base graph's ops: LoRATRF
+(its default config for the family: LoRA part folded, one filter per layer kept as graph ops) and TA-LoRA (three
+tasks, prompt length 10, the last half of the layers; every task's prompt keys/values precomputed, a mixed-task
+batch selecting them by ``task_id``), each against the same base graph and against its torch model in eager mode.
+
 Usage: ``python bench/onnx.py [--quick] [--no-write]``. Writes its section of ``bench/RESULTS.md`` (``--quick``:
 tiny models, a smoke run that writes nothing).
 """
@@ -20,6 +25,7 @@ tiny models, a smoke run that writes nothing).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import importlib.util
 import sys
@@ -131,6 +137,77 @@ def bench_model(label, base, config, shapes, repeats, providers, workdir):
             )
             print("  " + " | ".join(rows[-1]), flush=True)
         adapted.to("cpu")
+    return rows, paths["base"]
+
+
+def method_models(base):
+    """LoRATRF and TA-LoRA copies of ``base`` with non-trivial weights (filters and prompt branches active)."""
+    g = torch.Generator().manual_seed(2)
+    trf = lr.attach(copy.deepcopy(base), lr.TrfConfig(init_seed=0))
+    talora = lr.attach(copy.deepcopy(base), lr.TaLoraConfig(tasks=["a", "b", "c"], init_seed=0))
+    with torch.no_grad():
+        for layer in lr.lora_layers(trf).values():
+            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=g) * 0.02)
+        for f in lr.trf_filters(trf).values():
+            f.D.copy_(torch.randn(f.D.shape, generator=g) * 0.02)
+        for layer in lr.talora_layers(talora).values():
+            layer.gate.fill_(0.1)
+            for v in layer.v:
+                v.copy_(torch.randn(v.shape, generator=g) * 0.1)
+    return [("LoRATRF", trf.eval()), ("TA-LoRA", talora.eval())]
+
+
+def bench_methods(label, base, base_graph, shapes, repeats, providers, workdir):
+    """Merged LoRATRF and TA-LoRA graphs vs the base graph and vs their torch models."""
+    vocab = base.config.vocab_size
+    example = inputs(2, 16, vocab)
+    rows = []
+    for method, model in method_models(base):
+        path = workdir / f"{method}.onnx"
+        print(f"  exporting {label}, {method} merged ...", flush=True)
+        lr.export_onnx(model, path, example)
+        talora = method == "TA-LoRA"
+        for device, provider in providers:
+            sessions = {"base": OrtModel(base_graph, providers=provider), "merged": OrtModel(path, providers=provider)}
+            model.to(device)
+            for batch, seq in shapes:
+                feeds = {k: v.numpy() for k, v in inputs(batch, seq, vocab).items()}
+                tensors = {k: torch.from_numpy(v).to(device) for k, v in feeds.items()}
+                ids = torch.arange(batch) % 3  # a mixed-task batch
+                method_feeds = {**feeds, "task_id": ids.numpy()} if talora else feeds
+                context = (lambda: lr.use_tasks(model, ids.to(device))) if talora else contextlib.nullcontext
+
+                def eager(context=context, tensors=tensors):
+                    with torch.inference_mode(), context():
+                        out = model(**tensors)
+                    if device == "cuda":
+                        torch.cuda.synchronize()
+                    return out
+
+                want = eager().logits.float().cpu().numpy()
+                got = sessions["merged"].run(method_feeds).logits
+                assert np.abs(got - want).max() < 1e-2 * max(1.0, np.abs(want).max()), f"{method} graph differs"
+                t = {
+                    "base": median_time(lambda: sessions["base"].run(feeds), repeats, warmup=3),
+                    "merged": median_time(lambda: sessions["merged"].run(method_feeds), repeats, warmup=3),
+                    "eager": median_time(eager, repeats, warmup=3),
+                }
+                ms = {k: v * 1e3 for k, v in t.items()}
+                rows.append(
+                    [
+                        device,
+                        label,
+                        method,
+                        f"{batch}×{seq}",
+                        f"{ms['base']:.3g}",
+                        f"{ms['merged']:.3g}",
+                        f"{ms['eager']:.3g}",
+                        f"**{t['merged'] / t['base']:.2f}×**",
+                        f"{t['eager'] / t['merged']:.2f}×",
+                    ]
+                )
+                print("  " + " | ".join(rows[-1]), flush=True)
+            model.to("cpu")
     return rows
 
 
@@ -163,18 +240,34 @@ def main() -> None:
         "adapters / merged (≤ 1.3)",
         "eager / merged",
     ]
-    rows = []
+    rows, method_rows = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for i, (label, model, config) in enumerate(models(args.quick)):
             workdir = Path(tmp) / str(i)
             workdir.mkdir()
-            rows += bench_model(label, model, config, shapes, repeats, providers, workdir)
+            model_rows, base_graph = bench_model(label, model, config, shapes, repeats, providers, workdir)
+            rows += model_rows
+            method_rows += bench_methods(label, model, base_graph, shapes, repeats, providers, workdir)
+    method_header = [
+        "device",
+        "model",
+        "method",
+        "batch×seq",
+        "base graph (ms)",
+        "merged (ms)",
+        "torch eager (ms)",
+        "merged / base",
+        "eager / merged",
+    ]
     body = (
         "## ONNX Runtime deployment (`bench/onnx.py`)\n\n"
         f"Machine: {desc}; onnxruntime {onnxruntime.__version__} ({', '.join(d for d, _ in providers)})\n\n"
         f"Medians of {repeats} runs after 3 warm-up runs; ONNX Runtime with its default threads and graph "
         "optimisations, inputs and outputs on the host; torch eager runs the adapted model with LoRA unmerged.\n\n"
         + table(header, rows)
+        + "\n\nLoRATRF and TA-LoRA merged graphs (filters, and the prompt branch with precomputed per-task keys/values "
+        "selected by a `task_id` input, as graph ops; a mixed-task batch for TA-LoRA), against the same base graph "
+        "and their torch models in eager mode:\n\n" + table(method_header, method_rows)
     )
     if not args.quick and not args.no_write:
         write_section("onnx", body)

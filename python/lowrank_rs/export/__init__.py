@@ -12,7 +12,9 @@ Importing this package needs torch only; ``onnx``, ``onnxscript`` and ``onnxrunt
 from __future__ import annotations
 
 # Each method's export hooks register themselves when their module is imported: add new methods' modules here.
-from . import lora  # noqa: F401
+# Registration order matters where methods share a module type: LoRATRF (trf) takes over some of LoRA's layers, so it
+# registers after lora (methods are asked latest first).
+from . import lora, talora, trf  # noqa: F401
 from ._common import ExportError, MissingDependencyError
 from .adapter_file import write_ort_adapter
 from .cli import add_export_arguments, run_export

@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Set
 
 from ..errors import LowRankError
 from ._common import FLOAT_DTYPES
+from .methods import method_named
 
 __all__ = ["add_export_arguments", "run_export"]
 
@@ -104,13 +105,16 @@ def run_export(args: argparse.Namespace) -> None:
         raise LowRankError("export adapters needs --adapter DIR or --targets NAME ... to know which modules get slots")
     if len(methods) > 1:
         raise LowRankError(f"the slots would mix adapter methods {sorted(methods)}; export one method per graph")
+    method = methods.pop()
+    if args.adapter and method_named(method).slots_from_model:
+        targets = _attach_for_slots(model, args.adapter[0], saved, targets)
     out = export_onnx(
         model,
         args.out,
         inputs,
         mode="adapters",
-        targets=sorted(set(targets)),
-        method=methods.pop(),
+        targets=sorted(set(targets)) or None,
+        method=method,
         modules_to_save=sorted(saved) or None,
         opset=args.opset,
     )
@@ -121,6 +125,23 @@ def run_export(args: argparse.Namespace) -> None:
     for adapter, name in zip(args.adapter, names):
         path = write_ort_adapter(adapter, out.with_name(f"{out.stem}.{name}.onnx_adapter"), graph=out)
         print(f"wrote {path}")
+
+
+def _attach_for_slots(model: Any, adapter: str, saved: Set[str], targets: List[str]) -> List[str]:
+    """Attach ``adapter`` so its method's slots take its shape; returns the targets it does not cover.
+
+    The saved modules get their base values back: they are the graph's defaults, which must be the base model.
+    """
+    from ..attach import load_adapter
+    from .methods import adapter_modules
+
+    modules = dict(model.named_modules())
+    base = {n: {k: v.clone() for k, v in modules[n].state_dict().items()} for n in saved if n in modules}
+    load_adapter(model, adapter)
+    for name, state in base.items():
+        model.get_submodule(name).load_state_dict(state)
+    present = set(adapter_modules(model))
+    return [t for t in targets if t not in present]
 
 
 def load_model(directory: str, dtype: str) -> Any:

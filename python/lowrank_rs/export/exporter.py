@@ -164,6 +164,8 @@ def export_onnx(
         "outputs": output_names,
         "adapter_inputs": [n for n, gi in extra.items() if gi.default is not None],
     }
+    for hook in {id(h): h for h, _ in adapted.values()}.values():
+        meta.update(hook.metadata(mode, {n: m for n, (h, m) in adapted.items() if h is hook}))
     proto.metadata_props.add(key=METADATA_KEY, value=json.dumps(meta))
     _save(proto, path)
     return path

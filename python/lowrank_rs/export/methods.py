@@ -96,16 +96,33 @@ class MethodExport:
     - ``name``: the method name users pass to ``export_onnx(method=...)`` for a base model's adapter slots.
     - ``file_methods``: values of the ``lowrank_rs.method`` field of adapter files this method reads (plain PEFT
       LoRA directories have none and go to the method named ``"lora"``).
-    - ``module_type``: the method's adapter module class, found in models by ``isinstance``.
+    - ``module_type``: the method's adapter module class, found in models by ``isinstance`` (see :meth:`claims`).
     - ``internal_children``: the adapter module's submodules are its own parts (base layer, factors), never
       targets of a slot themselves. Set it False for an adapter module that wraps a whole block whose inner
       layers may carry adapters of their own; those are then found and swapped too (innermost first).
+    - ``slots_from_model``: the slots are shaped by an attached adapter (LoRATRF's filters, TA-LoRA's prompts), not
+      by module names alone, so ``lowrank-rs export adapters --adapter DIR`` attaches the first adapter and exports
+      that model (with the base model's values as the defaults of saved modules).
     """
 
     name: ClassVar[str] = ""
     file_methods: ClassVar[Tuple[str, ...]] = ()
     module_type: ClassVar[Type[nn.Module]] = nn.Module
     internal_children: ClassVar[bool] = True
+    slots_from_model: ClassVar[bool] = False
+
+    def claims(self, name: str, module: nn.Module) -> bool:
+        """Whether ``module`` is one of this method's adapter modules; by default, an instance of ``module_type``.
+
+        Methods are asked latest-registered first, so a method that takes over some of another method's modules
+        (LoRATRF: the LoRA layers whose input it filters) registers after it.
+        """
+        return isinstance(module, self.module_type)
+
+    def metadata(self, mode: str, modules: Mapping[str, nn.Module]) -> Dict[str, Any]:
+        """Entries for the graph's ``lowrank_rs`` metadata (TA-LoRA: the task names a ``task_id`` input indexes),
+        given the export ``mode`` and this method's adapter modules by name."""
+        return {}
 
     def merged(self, name: str, module: nn.Module) -> nn.Module:
         """The module that replaces ``module`` in a merged graph (a :class:`GraphInputModule` if it needs inputs)."""
@@ -173,8 +190,8 @@ def adapter_modules(model: nn.Module) -> Dict[str, Tuple[MethodExport, nn.Module
     for name, module in model.named_modules():
         if any(name.startswith(outer + ".") and hook.internal_children for outer, (hook, _) in found.items()):
             continue
-        for method in _METHODS:
-            if isinstance(module, method.module_type):
+        for method in reversed(_METHODS):
+            if method.claims(name, module):
                 found[name] = (method, module)
                 break
     return found

@@ -7,9 +7,11 @@ import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from ..errors import AdapterIOError, LowRankError, ShapeError
+from ..nn.talora import TaskError
 from ._common import ExportError, require
 from .adapter_file import check_adapter, read_ort_adapter, session_adapter_inputs
 from .exporter import METADATA_KEY
+from .talora import TASK_INPUT
 
 __all__ = ["OrtModel", "OrtOutput"]
 
@@ -54,6 +56,10 @@ class OrtModel:
     Adapters (adapters-mode graphs): ``adapter="name"`` runs one request with that adapter, ``adapter=None`` runs
     the base model, and without the argument the adapter chosen by :meth:`set_adapter` (initially none) runs.
     Switching costs nothing: the session is never rebuilt.
+
+    TA-LoRA merged graphs take each example's task, as the torch model takes it from ``lr.use_tasks``:
+    ``task_ids=`` a ``[batch]`` array or list of task ids or names, or one id or name for the whole batch. They are
+    checked against the graph's tasks (its metadata) before ONNX Runtime runs; the graph input is ``task_id``.
     """
 
     def __init__(
@@ -186,6 +192,10 @@ class OrtModel:
     def _feeds(self, inputs: Mapping[str, Any]) -> Tuple[Dict[str, Any], Any]:
         import numpy as np
 
+        inputs = dict(inputs)
+        tasks = inputs.pop("task_ids", None) if "task_ids" not in self._input_types else None
+        if tasks is not None and inputs.get(TASK_INPUT) is not None:
+            raise TaskError(f"give task_ids or {TASK_INPUT}, not both")
         unknown = [k for k, v in inputs.items() if k not in self._input_types and v is not None]
         if unknown:
             raise LowRankError(f"the graph has no input {unknown[0]!r}; its inputs are {self.input_names}")
@@ -200,9 +210,18 @@ class OrtModel:
             arr = np.asarray(value)
             want = _NUMPY_INPUT.get(self._input_types[name])
             feeds[name] = arr.astype(want, copy=False) if want is not None else arr
-        missing = [n for n in self.input_names if n not in feeds]
         shape = next((a.shape[:2] for a in feeds.values() if a.ndim >= 2), None)
+        if tasks is not None:
+            feeds[TASK_INPUT] = self._task_ids(tasks, None if shape is None else int(shape[0]))
+        elif TASK_INPUT in feeds:
+            feeds[TASK_INPUT] = self._task_ids(feeds[TASK_INPUT], None if shape is None else int(shape[0]))
+        missing = [n for n in self.input_names if n not in feeds]
         for name in missing:
+            if name == TASK_INPUT:
+                raise TaskError(
+                    f"{self.path!r} selects TA-LoRA prompts per example: pass task_ids= (one per example, or one for "
+                    f"the whole batch; the graph's tasks are {self.tasks})"
+                )
             if name in ("attention_mask", "token_type_ids") and shape is not None:
                 fill = np.ones if name == "attention_mask" else np.zeros
                 feeds[name] = fill(shape, dtype=_NUMPY_INPUT.get(self._input_types[name], "int64"))
@@ -212,6 +231,44 @@ class OrtModel:
             if arr.ndim == 0:
                 raise ShapeError(f"input {name!r} is a scalar; the graph takes [batch, ...] tensors")
         return feeds, device
+
+    @property
+    def tasks(self) -> List[str]:
+        """The TA-LoRA tasks of a merged TA-LoRA graph in id order (empty for other graphs)."""
+        return list(self.metadata.get("tasks") or [])
+
+    def _task_ids(self, value: Any, batch: Optional[int]) -> Any:
+        """``task_ids`` as the graph's int64 ``[batch]`` ``task_id`` feed, names mapped and every id checked."""
+        import numpy as np
+
+        if TASK_INPUT not in self._input_types:
+            raise TaskError(
+                f"{self.path!r} has no {TASK_INPUT} input: task_ids choose TA-LoRA tasks in a merged TA-LoRA graph "
+                "(in an adapters-mode graph the active adapter is the task)"
+            )
+        names = self.tasks
+        if hasattr(value, "detach"):
+            value = value.detach().cpu().numpy()
+        if isinstance(value, (str, int, np.integer)) and not isinstance(value, bool):
+            value = np.asarray(value, dtype=object)
+        arr = np.asarray(value, dtype=object) if isinstance(value, (list, tuple)) else np.asarray(value)
+        if arr.ndim > 1 or arr.size == 0:
+            raise TaskError(f"task_ids must be one task per example ([batch]) or one task, not shape {arr.shape}")
+        items = [arr.item()] * (batch or 1) if arr.ndim == 0 else arr.tolist()
+        ids = []
+        for i, item in enumerate(items):
+            if isinstance(item, str):
+                if item not in names:
+                    raise TaskError(f"task_ids[{i}]: {item!r} is not one of the graph's tasks {names}")
+                item = names.index(item)
+            elif isinstance(item, bool) or not isinstance(item, (int, np.integer)):
+                raise TaskError(f"task_ids[{i}] must be a task name or index, not {item!r}")
+            if not 0 <= int(item) < len(names):
+                raise TaskError(f"task id {int(item)} does not exist: the graph has {len(names)} tasks {names}")
+            ids.append(int(item))
+        if batch is not None and len(ids) != batch:
+            raise TaskError(f"task ids are given for {len(ids)} examples, but the batch has {batch}")
+        return np.asarray(ids, dtype=np.int64)
 
     def __repr__(self) -> str:
         return (
