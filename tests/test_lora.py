@@ -195,6 +195,160 @@ def test_lora_linear_under_autocast_and_bf16():
     assert half.lora_A.weight.dtype == torch.bfloat16 and half(torch.randn(3, 8, dtype=torch.bfloat16)).shape == (3, 8)
 
 
+# --- the fused forward/backward node --------------------------------------------------------------------------------
+
+
+def fused_pair(dtype, freeze_a, bias=True, d_in=24, d_out=20, r=4, scaling=0.75, seed=0):
+    """Two identical layers with non-trivial A and B: one runs the fused node, the other the module graph."""
+    torch.manual_seed(seed)
+    base = nn.Linear(d_in, d_out, bias=bias).to(dtype).requires_grad_(False)
+    layer = LoraLinear(base, r=r, scaling=scaling, freeze_a=freeze_a)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+    return layer, copy.deepcopy(layer)
+
+
+def run_layer(layer, x, grad, path):
+    x = x.detach().clone().requires_grad_(x.requires_grad)
+    y = layer(x) if path == "fused" else layer._forward_modules(x)
+    y.backward(grad)
+    grads = [x.grad, layer.lora_A.weight.grad, layer.lora_B.weight.grad]
+    return y.detach(), grads, y.grad_fn
+
+
+def oracle(layer, x, grad):
+    """The equations of METHODS.md §1 in float64, with gradients from autograd on the plain expression."""
+    w, a, b = (t.detach().double().requires_grad_(True) for t in (layer.weight, layer.lora_A.weight,
+                                                                    layer.lora_B.weight))  # fmt: skip
+    x64 = x.detach().double().requires_grad_(True)
+    y = x64 @ w.T + layer.scaling * (x64 @ a.T) @ b.T
+    if layer.bias is not None:
+        y = y + layer.bias.double()
+    y.backward(grad.double())
+    return y.detach(), [x64.grad, a.grad, b.grad]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("freeze_a", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_node_equals_the_module_graph(dtype, freeze_a, bias):
+    fused, modules = fused_pair(dtype, freeze_a, bias)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 5, 24, generator=g).to(dtype).requires_grad_(True)
+    grad = torch.randn(2, 5, 20, generator=g).to(dtype)
+    y_f, grads_f, fn = run_layer(fused, x, grad, "fused")
+    y_m, grads_m, fn_m = run_layer(modules, x, grad, "modules")
+    assert type(fn).__name__ == "_LoraFunctionBackward" and type(fn_m).__name__ != type(fn).__name__
+    assert (grads_f[1] is None) == freeze_a and (grads_m[1] is None) == freeze_a
+    assert all(t is None or t.dtype == dtype for t in [y_f] + grads_f)
+    if dtype == torch.float32:
+        for got, want in zip([y_f] + grads_f, [y_m] + grads_m):
+            if want is not None:
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    else:
+        # bf16 rounds in different places on the two paths; both must sit as close to the float64 truth as the
+        # module graph (PEFT's order) does, give or take one rounding of the result.
+        y_o, grads_o = oracle(fused, x, grad)
+        for got, want, truth in zip([y_f] + grads_f, [y_m] + grads_m, [y_o] + grads_o):
+            if want is None:
+                continue
+            ulp = truth.abs().max().item() * 2**-8
+            err_fused = (got.double() - truth).abs().max().item()
+            err_modules = (want.double() - truth).abs().max().item()
+            assert err_fused <= err_modules + 2 * ulp, (err_fused, err_modules, ulp)
+            torch.testing.assert_close(got.double(), want.double(), atol=4 * ulp, rtol=0)
+
+
+def test_fused_node_keeps_r_numbers_per_token_when_a_is_frozen():
+    """With A frozen nothing [tokens, d_in]-sized is saved for backward: only A x, r wide (the memory saving)."""
+    saved = []
+
+    def pack(t):
+        saved.append(tuple(t.shape))
+        return t
+
+    for freeze_a in (True, False):
+        fused, _ = fused_pair(torch.float32, freeze_a, d_in=48, d_out=40, r=3)
+        x = torch.randn(7, 48, requires_grad=True)
+        saved.clear()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = fused(x)
+        parameters = {tuple(p.shape) for p in fused.parameters()}
+        activations = [s for s in saved if s not in parameters]
+        assert activations == ([(7, 3)] if freeze_a else [(7, 48), (7, 3)])
+        y.sum().backward()
+        assert x.grad.shape == x.shape
+
+
+def test_fused_node_under_cpu_autocast_matches_the_module_graph():
+    fused, modules = fused_pair(torch.float32, freeze_a=True)
+    x = torch.randn(3, 24, requires_grad=True)
+    grad = torch.randn(3, 20).bfloat16()
+    outs = {}
+    for name, layer in (("fused", fused), ("modules", modules)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outs[name] = run_layer(layer, x, grad, name)
+    (y_f, grads_f, fn), (y_m, grads_m, _) = outs["fused"], outs["modules"]
+    assert type(fn).__name__ == "_LoraFunctionBackward"
+    assert y_f.dtype == torch.bfloat16 and grads_f[0].dtype == torch.float32 and grads_f[2].dtype == torch.float32
+    torch.testing.assert_close(y_f.float(), y_m.float(), atol=0.05, rtol=0.02)
+    for got, want in zip(grads_f, grads_m):
+        if want is not None:
+            torch.testing.assert_close(got, want, atol=0.05, rtol=0.02)
+
+
+def test_what_the_fused_node_does_not_cover_runs_the_module_graph():
+    x = torch.randn(4, 24)
+    # Active dropout: the mask belongs to the module graph.
+    layer = LoraLinear(nn.Linear(24, 20).requires_grad_(False), r=4, scaling=1.0, dropout=0.5)
+    assert type(layer.train()(x).grad_fn).__name__ != "_LoraFunctionBackward"
+    assert type(layer.eval()(x).grad_fn).__name__ == "_LoraFunctionBackward"  # dropout off in eval
+    # A trainable base layer gets its gradient.
+    layer = LoraLinear(nn.Linear(24, 20), r=4, scaling=1.0)
+    layer(x).sum().backward()
+    assert layer.base_layer.weight.grad is not None and layer.base_layer.bias.grad is not None
+    # Hooks on the inner modules still fire.
+    layer = LoraLinear(nn.Linear(24, 20).requires_grad_(False), r=4, scaling=1.0)
+    seen = []
+    layer.base_layer.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    layer(x)
+    assert seen == [(4, 20)]
+    # Mixed dtypes keep the module graph's error; float64 keeps its precision under autocast.
+    layer = LoraLinear(nn.Linear(24, 20).requires_grad_(False), r=4, scaling=1.0)
+    with pytest.raises(RuntimeError):
+        layer(x.double())
+    layer = LoraLinear(nn.Linear(24, 20).double().requires_grad_(False), r=4, scaling=1.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(x.double()).dtype == torch.float64
+
+
+def test_fused_node_without_grad_and_double_backward():
+    fused, modules = fused_pair(torch.float32, freeze_a=True)
+    x = torch.randn(5, 24)
+    with torch.inference_mode():
+        torch.testing.assert_close(fused(x), modules._forward_modules(x), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        assert fused(x).grad_fn is None
+    x.requires_grad_(True)
+    (gx,) = torch.autograd.grad(fused(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="twice|once"):
+        gx.sum().backward()  # the fused backward is not differentiable; it must say so rather than be wrong
+
+
+@pytest.mark.parametrize("freeze_a", [True, False])
+def test_fused_node_compiles_without_graph_breaks(freeze_a):
+    fused, eager = fused_pair(torch.float32, freeze_a)
+    x = torch.randn(3, 5, 24)
+    compiled = torch.compile(fused, backend="aot_eager", fullgraph=True)
+    y_c, grads_c, _ = run_layer(compiled, x.requires_grad_(True), torch.ones(3, 5, 20), "fused")
+    y_e, grads_e, _ = run_layer(eager, x, torch.ones(3, 5, 20), "fused")
+    torch.testing.assert_close(y_c, y_e)
+    for got, want in zip(grads_c, grads_e):
+        assert (got is None) == (want is None)
+        if want is not None:
+            torch.testing.assert_close(got, want)
+
+
 # --- attach ---------------------------------------------------------------------------------------------------------
 
 

