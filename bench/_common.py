@@ -157,6 +157,28 @@ class PeakRss:
         return (self._status("VmHWM") - self.baseline) / 1024
 
 
+# glibc serves blocks below its mmap threshold from heaps it can only trim from the top, and raises that threshold to
+# the largest mmapped block freed so far (up to 32 MiB). Work that frees tens-of-MiB blocks of varying sizes, or
+# allocates from two threads, can then keep much more resident than it ever uses at once. A second child run with the
+# threshold pinned at 1 MiB separates what the work needs from what the allocator kept.
+PINNED_MMAP_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+
+
+def run_child(cmd: List[str], pinned: bool = False) -> dict:
+    """Run a benchmark's ``--child`` command in a fresh process; its last stdout line is a JSON object."""
+    import json
+    import subprocess
+    import sys
+
+    env = os.environ.copy()
+    if pinned:
+        env.update(PINNED_MMAP_ENV)
+    done = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"child {cmd} failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def interleaved_medians(fns, repeats: int, warmup: int = 1, sync: Callable[[], object] = lambda: None):
     """Median seconds of each callable in ``fns`` (a dict), run round-robin so that load drifts hit all alike.
 

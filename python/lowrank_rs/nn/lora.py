@@ -4,12 +4,12 @@ Parameter names match Hugging Face PEFT's LoRA layer (``base_layer.weight``, ``l
 so state dicts translate to PEFT's adapter files by adding a prefix and nothing else.
 
 The forward pass runs as one autograd node (:class:`_LoraFunction`) whenever the layer is a plain adapter on a frozen
-``nn.Linear``: the scale goes on the ``r``-wide activation instead of the ``d_out``-wide one, the update is
-accumulated into the base output by the same GEMM that computes it, and the input gradients of both branches are
-summed by one GEMM too. That removes every elementwise pass over a ``[tokens, d_out]`` or ``[tokens, d_in]`` tensor
-the module-by-module graph makes (PEFT's makes four per step), and with ``A`` frozen (TLoRA) only ``A x`` is kept for
-backward, never ``x``. Anything the fused node does not cover (active dropout, a trainable base layer, hooks on the
-inner modules, a subclassed base layer, float64 under autocast) takes the module-by-module path, which is PEFT's.
+``nn.Linear``: the update is accumulated into the base output by the GEMM that computes it, with the scale as that
+GEMM's ``alpha``, and the input gradients of both branches are summed the same way. That removes every elementwise
+pass over a ``[tokens, d_out]`` or ``[tokens, d_in]`` tensor the module-by-module graph makes (PEFT's makes four per
+step), and with ``A`` frozen (TLoRA) only ``A x`` is kept for backward, never ``x``. Anything the fused node does
+not cover (active dropout, a trainable base layer, hooks on the inner modules, a subclassed base layer, float64 under
+autocast) takes the module-by-module path, which is PEFT's.
 """
 
 from __future__ import annotations
