@@ -310,7 +310,7 @@ def _eval(args: argparse.Namespace) -> None:
     from .attach import load_adapter
     from .data import tokenize
     from .finetune import load_model, with_task_ids
-    from .talora import task_names
+    from .talora import talora_layers, task_names
     from .train import evaluate
 
     task = _load(args)
@@ -321,17 +321,11 @@ def _eval(args: argparse.Namespace) -> None:
     elif task.kind == "classification":
         print("note: no --adapter, so the classification head is untrained (random)")
     examples = tokenize(task.test, tokenizer, args.max_length)
-    if args.adapter and talora_layers_of(model):
+    if args.adapter and talora_layers(model):
         examples = with_task_ids(examples, task.test, task_names(model))
     result = evaluate(model, examples, batch_size=args.batch_size)
     accuracy = f", accuracy {100 * result.accuracy:.2f}%" if result.accuracy is not None else ""
     print(f"{task.test.name}: {result.examples} examples, loss {result.loss:.4f}{accuracy}")
-
-
-def talora_layers_of(model: Any) -> bool:
-    from .nn.talora import TaLoraLayer
-
-    return any(isinstance(m, TaLoraLayer) for m in model.modules())
 
 
 def _inspect_cmd(args: argparse.Namespace) -> None:

@@ -125,7 +125,8 @@ def load_jsonl(path: Union[str, os.PathLike[str]], labels: Optional[Sequence[str
     name = os.path.basename(path)
     if kind == "sft":
         return Dataset("sft", tuple(rows), (), name)
-    return Dataset("classification", tuple(_index_labels(rows, labels, path)), tuple(_label_names(rows, labels)), name)
+    names = _label_names(rows, labels)
+    return Dataset("classification", tuple(_index_labels(rows, names, labels is None, path)), tuple(names), name)
 
 
 def _label_names(rows: Sequence[Dict[str, Any]], labels: Optional[Sequence[str]]) -> List[str]:
@@ -137,13 +138,12 @@ def _label_names(rows: Sequence[Dict[str, Any]], labels: Optional[Sequence[str]]
     return sorted(str(v) for v in values)
 
 
-def _index_labels(rows: List[Dict[str, Any]], labels: Optional[Sequence[str]], path: str) -> List[Dict[str, Any]]:
-    names = _label_names(rows, labels)
+def _index_labels(rows: List[Dict[str, Any]], names: List[str], inferred: bool, path: str) -> List[Dict[str, Any]]:
     index = {name: i for i, name in enumerate(names)}
     out = []
     for row in rows:
         value = row["label"]
-        if isinstance(value, int) and labels is None:
+        if isinstance(value, int) and inferred:
             if value < 0:
                 raise DataError(f"{path}: integer labels must be 0 or more, got {value}")
             i = value
