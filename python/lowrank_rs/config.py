@@ -14,7 +14,7 @@ import numbers
 import re
 from typing import Any, ClassVar, Dict, Mapping, Optional, Sequence, Tuple, Type, TypeVar, Union
 
-from .errors import LowRankError
+from .errors import ConfigError, LowRankError
 
 __all__ = ["ConfigError", "LoraConfig", "TLoraConfig", "TaLoraConfig", "TrfConfig", "config_from_dict"]
 
@@ -22,9 +22,6 @@ C = TypeVar("C", bound="JsonConfig")
 
 TargetSpec = Union[str, Sequence[str]]
 
-
-class ConfigError(LowRankError, ValueError):
-    """A config field with a value it cannot take, or a config mapping with unknown or missing keys."""
 
 
 class JsonConfig:

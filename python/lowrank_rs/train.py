@@ -70,7 +70,7 @@ from ._core import __version__
 from ._loss import model_loss
 from .attach import _STATE_ATTR
 from .config import ConfigError, JsonConfig, _float, _int, _positive_float
-from .errors import EmptyInputError, LowRankError, ShapeError
+from .errors import CheckpointError, EmptyInputError, LowRankError, ShapeError
 
 __all__ = [
     "CheckpointError",
@@ -98,9 +98,6 @@ _CHECKPOINT_PREFIX = "step-"
 # them. bf16 is among them so that a run can move between machines, at the price of exactness.
 _RESUMABLE_CHANGES = frozenset({"eval_every", "eval_batch_size", "checkpoint_dir", "checkpoint_every", "bf16"})
 
-
-class CheckpointError(LowRankError, ValueError):
-    """A checkpoint that is missing, malformed, or does not fit the model, data or config it is resumed with."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,15 +21,12 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ..errors import EmptyInputError, LowRankError
+from ..errors import DataError, EmptyInputError, LowRankError
 
 __all__ = ["DataError", "Dataset", "load_jsonl", "split", "tokenize"]
 
 IGNORE_INDEX = -100
 
-
-class DataError(LowRankError, ValueError):
-    """A data file that cannot be read as classification or SFT examples."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,17 +6,11 @@ import importlib
 from types import ModuleType
 from typing import Any, Dict
 
-from ..errors import LowRankError
+from ..errors import ExportError, LowRankError, MissingDependencyError
 
 __all__ = ["ExportError", "MissingDependencyError", "require"]
 
 
-class ExportError(LowRankError, RuntimeError):
-    """The exporter or ONNX Runtime could not handle this model or graph; the message says what failed."""
-
-
-class MissingDependencyError(LowRankError, ImportError):
-    """An optional dependency of ONNX export (``onnx``, ``onnxscript``, ``onnxruntime``) is not installed."""
 
 
 def require(name: str) -> ModuleType:

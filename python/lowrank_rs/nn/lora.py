@@ -21,13 +21,10 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from ..errors import LowRankError, ShapeError
+from ..errors import AdapterStateError, LowRankError, ShapeError
 
 __all__ = ["AdapterStateError", "LoraLinear"]
 
-
-class AdapterStateError(LowRankError, RuntimeError):
-    """An operation that the adapter's current state forbids: attaching twice, merging a merged adapter, ..."""
 
 
 class LoraLinear(nn.Module):

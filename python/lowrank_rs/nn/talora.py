@@ -21,15 +21,12 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from ..errors import LowRankError, ShapeError
+from ..errors import LowRankError, ShapeError, TaskError
 
 __all__ = ["TaLoraLayer", "TaskError"]
 
 Rotary = Callable[..., Tuple[torch.Tensor, torch.Tensor]]
 
-
-class TaskError(LowRankError, ValueError):
-    """A task name or id a TA-LoRA model does not have, task ids that do not fit the batch, or none at all."""
 
 
 class TaLoraLayer(nn.Module):
