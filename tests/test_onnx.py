@@ -19,10 +19,11 @@ onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxscript")
 
 
+from conftest import tiny_model  # noqa: E402
 from torch import nn  # noqa: E402
 
 import lowrank_rs as lr  # noqa: E402
-from lowrank_rs.attach import TargetError, lora_layers  # noqa: E402
+from lowrank_rs import TargetError, lora_layers  # noqa: E402
 from lowrank_rs.export import (  # noqa: E402
     GraphInput,
     GraphInputModule,
@@ -30,7 +31,6 @@ from lowrank_rs.export import (  # noqa: E402
     MissingDependencyError,
     OrtModel,
     add_export_arguments,
-    register_method,
     run_export,
     write_ort_adapter,
 )
@@ -48,20 +48,9 @@ TOL = 1e-4
 
 
 def tiny(family, seed=0):
-    torch.manual_seed(seed)
-    common = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
-    if family == "bert":
-        model = transformers.BertForSequenceClassification(transformers.BertConfig(num_labels=3, **common))
-    elif family == "deberta":
-        cfg = transformers.DebertaV2Config(
-            num_labels=3, relative_attention=True, pos_att_type=["p2c", "c2p"], position_buckets=16, **common
-        )
-        model = transformers.DebertaV2ForSequenceClassification(cfg)
-    elif family == "llama":
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(num_key_value_heads=2, **common))
-    else:
-        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(num_key_value_heads=2, **common))
-    return model.eval()
+    deberta = family == "deberta"
+    extra = dict(relative_attention=True, pos_att_type=["p2c", "c2p"], position_buckets=16) if deberta else {}
+    return tiny_model(family, seed, **extra)
 
 
 def batch(b=3, s=11, seed=1):
@@ -411,7 +400,7 @@ class ShiftSlot(GraphInputModule):
 
 
 class ShiftExport(MethodExport):
-    name, file_methods, module_type = "shift", ("shift",), Shift
+    name, module_type = "shift", Shift
 
     def merged(self, name, module):
         return module  # kept as graph ops, as a LoRATRF filter is
@@ -423,11 +412,33 @@ class ShiftExport(MethodExport):
         return {f"{name}.shift": module.shift}
 
 
-def test_a_registered_method_exports_merged_and_as_slots(monkeypatch, tmp_path):
-    from lowrank_rs.export import methods
+class ShiftConfig:
+    pass
 
-    monkeypatch.setattr(methods, "_METHODS", list(methods._METHODS))
-    register_method(ShiftExport())
+
+class ShiftMethod(lr.Method):
+    """A toy method as a plug-in registers it: only what export needs."""
+
+    name, title, config_type = "shift", "Shift", ShiftConfig
+    hooks = (ShiftExport(),)
+
+    def adapter_modules(self, model):
+        return {n: m for n, m in model.named_modules() if isinstance(m, Shift)}
+
+    def export_hooks(self):
+        return self.hooks
+
+
+@pytest.fixture
+def shift_method():
+    from lowrank_rs.adapters import registry
+
+    registry.register(ShiftMethod())
+    yield
+    registry.unregister("shift")
+
+
+def test_a_registered_method_exports_merged_and_as_slots(shift_method, tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), Shift(nn.Linear(16, 4))).eval()
     x = torch.randn(3, 5, 8)

@@ -24,6 +24,8 @@ ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxscript")
 
+from conftest import tiny_model  # noqa: E402
+
 import lowrank_rs as lr  # noqa: E402
 from lowrank_rs.export import OrtModel, add_export_arguments, run_export, write_ort_adapter  # noqa: E402
 from lowrank_rs.export.adapter_file import read_ort_adapter  # noqa: E402
@@ -33,15 +35,12 @@ TASKS = ["alpha", "beta", "gamma"]
 
 
 def tiny(family):
-    torch.manual_seed(0)
-    common = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    model = tiny_model(family)
     if family == "bert":
-        model = transformers.BertForSequenceClassification(transformers.BertConfig(num_labels=3, **common))
         with torch.no_grad():
             # The head's init (std 0.02) gives logits near 0 that hide what the adapters change; this one does not.
             model.classifier.weight.normal_(0.0, 3.0)
-        return model.eval()
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(num_key_value_heads=2, **common)).eval()
+    return model
 
 
 def batch(b=3, s=11, seed=1):

@@ -16,29 +16,23 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from conftest import tiny_model  # noqa: E402
 from torch.optim.optimizer import register_optimizer_step_pre_hook  # noqa: E402
 
 import lowrank_rs as lr  # noqa: E402
-from lowrank_rs.config import ConfigError  # noqa: E402
+from lowrank_rs import ConfigError  # noqa: E402
 from lowrank_rs.package import read_adapter, write_adapter  # noqa: E402
-from lowrank_rs.train import collate  # noqa: E402
+from lowrank_rs.training import collate  # noqa: E402
 
 VOCAB = 64
 FAMILIES = ("llama", "qwen2", "bert")
 
 
 def base_model(family, seed=0, attn="eager", hidden=32, classify=False):
-    torch.manual_seed(seed)
-    common = dict(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, max_position_embeddings=32, attn_implementation=attn)  # fmt: skip
-    if family == "llama":
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(num_key_value_heads=2, **common))
-    elif family == "qwen2":
-        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(num_key_value_heads=2, **common))
-    else:
-        cfg = transformers.BertConfig(num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **common)
-        model = (transformers.BertForSequenceClassification if classify else transformers.BertModel)(cfg)
-    return model.eval()
+    common = dict(vocab=VOCAB, hidden=hidden, max_position_embeddings=32, attn_implementation=attn)
+    if family == "bert":
+        common.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, head=classify)
+    return tiny_model(family, seed, **common)
 
 
 def talora(family, tasks=("a", "b"), layers=None, seed=0, attn="eager", **config):
@@ -675,7 +669,7 @@ def test_attach_and_add_task_errors():
         lr.attach(base_model("llama"), lr.TaLoraConfig(tasks=["a"], layers=[1, -1]))
     with pytest.raises(lr.TargetError, match="modules_to_save entry 'nothing'"):
         lr.attach(base_model("llama"), lr.TaLoraConfig(tasks=["a"], modules_to_save=["nothing"]))
-    with pytest.raises(lr.LowRankError, match="LoRA options"):
+    with pytest.raises(lr.LowRankError, match="a TaLoraConfig takes none"):
         lr.attach(base_model("llama"), lr.TaLoraConfig(tasks=["a"]), ranks={"model.layers.0.self_attn.q_proj": 2})
     model = talora("llama")
     with pytest.raises(lr.AdapterStateError, match="already has an adapter"):

@@ -14,24 +14,26 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from conftest import tiny_model  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from torch.optim.optimizer import register_optimizer_step_pre_hook  # noqa: E402
 
 import lowrank_rs as lr  # noqa: E402
-from lowrank_rs.attach import lora_layers  # noqa: E402
-from lowrank_rs.config import ConfigError, LoraConfig  # noqa: E402
-from lowrank_rs.train import CheckpointError, TrainConfig, collate  # noqa: E402
+from lowrank_rs import (  # noqa: E402
+    CheckpointError,
+    ConfigError,
+    LoraConfig,
+    TrainConfig,
+    lora_layers,  # noqa: E402
+)
+from lowrank_rs.training import collate  # noqa: E402
 
 VOCAB = 64
 
 
 def tiny_bert(seed=0, dropout=0.0):
-    torch.manual_seed(seed)
-    cfg = transformers.BertConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_labels=3, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout, max_position_embeddings=32,
-    )  # fmt: skip
-    return transformers.BertForSequenceClassification(cfg)
+    options = dict(hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout, max_position_embeddings=32)
+    return tiny_model("bert", seed, vocab=VOCAB, **options).train()
 
 
 def attached_bert(seed=0, dropout=0.0, lora_dropout=0.0):
@@ -42,12 +44,7 @@ def attached_bert(seed=0, dropout=0.0, lora_dropout=0.0):
 
 
 def tiny_llama(seed=0):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=32,
-    )  # fmt: skip
-    model = transformers.LlamaForCausalLM(cfg)
+    model = tiny_model("llama", seed, vocab=VOCAB, max_position_embeddings=32).train()
     # A random-initialised head maps hidden states to tokens arbitrarily; training it lets the model memorise quickly.
     config = LoraConfig(["q_proj", "v_proj", "up_proj", "down_proj"], r=4, alpha=8, modules_to_save=["lm_head"],
                         init_seed=seed)  # fmt: skip

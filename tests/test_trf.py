@@ -17,15 +17,23 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 import torch.nn.functional as F  # noqa: E402
+from conftest import tiny_model  # noqa: E402
 from torch import nn  # noqa: E402
 
 import lowrank_rs as lr  # noqa: E402
-from lowrank_rs.attach import lora_layers  # noqa: E402
-from lowrank_rs.config import ConfigError, LoraConfig, TLoraConfig, TrfConfig, config_from_dict  # noqa: E402
-from lowrank_rs.nn import AdapterStateError, TaskFilter  # noqa: E402
+from lowrank_rs import (  # noqa: E402
+    AdapterStateError,
+    ConfigError,
+    LoraConfig,
+    TaskFilter,
+    TLoraConfig,
+    TrfConfig,
+    lora_layers,  # noqa: E402
+)
+from lowrank_rs.adapters import config_from_dict  # noqa: E402
+from lowrank_rs.methods.loratrf.filters import layer_stack, resolve, trf_filters  # noqa: E402
 from lowrank_rs.package import read_adapter, write_adapter  # noqa: E402
-from lowrank_rs.train import TrainConfig  # noqa: E402
-from lowrank_rs.trf import resolve, trf_filters  # noqa: E402
+from lowrank_rs.training import TrainConfig  # noqa: E402
 
 FAMILIES = ["llama", "qwen2", "bert", "deberta"]
 DECODERS = ("llama", "qwen2")
@@ -35,21 +43,7 @@ PREFIX = "base_model.model."
 
 
 def tiny(family, seed=0, layers=2, hidden=32):
-    torch.manual_seed(seed)
-    common = dict(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=64, num_hidden_layers=layers)
-    if family == "llama":
-        cfg = transformers.LlamaConfig(num_attention_heads=4, num_key_value_heads=2, **common)
-        model = transformers.LlamaForCausalLM(cfg)
-    elif family == "qwen2":
-        cfg = transformers.Qwen2Config(num_attention_heads=4, num_key_value_heads=2, **common)
-        model = transformers.Qwen2ForCausalLM(cfg)
-    elif family == "bert":
-        cfg = transformers.BertConfig(num_attention_heads=4, num_labels=3, **common)
-        model = transformers.BertForSequenceClassification(cfg)
-    else:
-        cfg = transformers.DebertaV2Config(num_attention_heads=4, num_labels=3, **common)
-        model = transformers.DebertaV2ForSequenceClassification(cfg)
-    return model.eval()
+    return tiny_model(family, seed, vocab=VOCAB, layers=layers, hidden=hidden)
 
 
 def batch(seed=1, rows=2, length=7, valid=5):
@@ -96,7 +90,7 @@ def peft_load(base, path):
 
 
 def layers_of(model):
-    return lr.trf.layer_stack(model)[1]
+    return layer_stack(model)[1]
 
 
 # --- config ---------------------------------------------------------------------------------------------------------
@@ -264,7 +258,7 @@ def test_identity_at_init_and_only_adapters_train(family, site):
     filters = trf_filters(model)
     layers = lora_layers(model)
     if site == "layer_output":
-        assert sorted(filters) == [f"{lr.trf.layer_stack(model)[0]}.{i}" for i in range(2)]
+        assert sorted(filters) == [f"{layer_stack(model)[0]}.{i}" for i in range(2)]
     else:
         assert sorted(filters) == sorted(layers)
         assert all(f.dim == layers[n].in_features for n, f in filters.items())
@@ -290,7 +284,7 @@ def test_layer_output_filter_equals_the_oracle_in_the_model(family):
     lr.attach(model, TrfConfig(filter_rank=4))
     randomise(model)
     logits(model, batch())
-    f = trf_filters(model)[f"{lr.trf.layer_stack(model)[0]}.0"]
+    f = trf_filters(model)[f"{layer_stack(model)[0]}.0"]
     torch.testing.assert_close(seen["next"].double(), filter_oracle(f, seen["raw"]), atol=1e-5, rtol=1e-5)
     assert (seen["next"] - seen["raw"]).abs().max() > 1e-3
 
@@ -474,7 +468,7 @@ def test_mean_init_errors():
         lr.attach(tiny("bert"), TrfConfig(task_vector_init="mean"))
     with pytest.raises(lr.LowRankError, match="task_vector_init='mean' only"):
         lr.attach(tiny("bert"), TrfConfig(), batches=[batch()])
-    with pytest.raises(lr.LowRankError, match="are for a TrfConfig"):
+    with pytest.raises(lr.LowRankError, match="LoraConfig does not take"):
         lr.attach(tiny("bert"), LoraConfig(["query"]), batches=[batch()])
     empty = batch()
     empty["attention_mask"] = torch.zeros_like(empty["attention_mask"])
@@ -600,7 +594,7 @@ def test_tlora_plan_drives_the_lora_part(tmp_path):
         lr.attach(tiny("bert"), TrfConfig(), plan=plan, ranks={})
     with pytest.raises(ConfigError, match="differs from the plan"):
         lr.attach(tiny("bert"), TrfConfig(tlora=TLoraConfig(targets, r=2)), plan=plan)
-    with pytest.raises(lr.LowRankError, match="are for a TrfConfig"):
+    with pytest.raises(lr.LowRankError, match="LoraConfig does not take"):
         lr.attach(tiny("bert"), LoraConfig(["query"]), plan=plan)
 
 

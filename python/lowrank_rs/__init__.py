@@ -1,4 +1,4 @@
-"""lowrank-rs: LoRA-family adapters (LoRA, TLoRA, LoRATRF, TA-LoRA) with a Rust calibration core.
+"""lowrank-rs: LoRA-family adapters (LoRA, TLoRA, LoRATRF, TA-LoRA, DoRA) with a Rust calibration core.
 
 - :func:`calibrate` → :class:`CalibrationPlan` (TLoRA), :func:`attach`, :func:`train`, :func:`save_adapter`,
   :func:`load_adapter`, :func:`merge` / :func:`unmerge` — adapters on Hugging Face models.
@@ -7,43 +7,63 @@
 - :mod:`lowrank_rs.linalg` — the calibration math of the Rust core; :mod:`lowrank_rs.package` — adapter files.
 - :func:`export_onnx`, :class:`OrtModel` — ONNX export and ONNX Runtime sessions (:mod:`lowrank_rs.export`; the
   ``onnx`` extra, imported only when used).
-- Every error raised on bad input is a :class:`LowRankError`.
+- Every error raised on bad input is a :class:`LowRankError` (:mod:`lowrank_rs.errors`).
+
+This module is a facade: names only. The layers behind it are described in ``docs/architecture.md``.
 """
 
 from __future__ import annotations
 
+from . import methods as _methods  # noqa: F401  (registers every method)
 from ._core import __version__
-from .attach import (
-    TargetError,
+from .adapters import (
+    Method,
     adapter_config,
     adapter_state,
     attach,
     load_adapter,
-    lora_layers,
     merge,
     save_adapter,
     trainable_parameters,
     unmerge,
 )
-from .calibrate import CalibrationPlan, calibrate
-from .config import ConfigError, LoraConfig, TaLoraConfig, TLoraConfig, TrfConfig
 from .errors import (
     AdapterFormatError,
     AdapterIOError,
+    AdapterStateError,
+    CheckpointError,
+    ConfigError,
+    DataError,
     DtypeError,
     EmptyInputError,
+    ExportError,
     InfeasibleError,
+    InternalError,
+    InvalidArgumentError,
     LowRankError,
+    MissingDependencyError,
     NonFiniteError,
+    OutOfMemoryError,
     RankError,
     ShapeError,
+    TargetError,
+    TaskError,
 )
-from .export import ExportError, OrtModel, export_onnx
+from .export import OrtModel, export_onnx
 from .linalg import get_num_threads, set_num_threads
-from .nn import AdapterStateError, LoraLinear, TaskFilter
-from .talora import TaLoraLayer, TaskError, add_task, orthogonality_penalty, talora_layers, task_names, use_tasks
-from .train import CheckpointError, EvalResult, TrainConfig, TrainResult, evaluate, train
-from .trf import init_task_vectors, trf_filters
+from .methods.lora import LoraConfig, LoraLinear, lora_layers
+from .methods.loratrf import TaskFilter, TrfConfig, init_task_vectors, trf_filters
+from .methods.talora import (
+    TaLoraConfig,
+    TaLoraLayer,
+    add_task,
+    orthogonality_penalty,
+    talora_layers,
+    task_names,
+    use_tasks,
+)
+from .methods.tlora import CalibrationPlan, TLoraConfig, calibrate
+from .training import EvalResult, TrainConfig, TrainResult, evaluate, train
 
 __all__ = [
     "AdapterFormatError",
@@ -52,23 +72,29 @@ __all__ = [
     "CalibrationPlan",
     "CheckpointError",
     "ConfigError",
+    "DataError",
     "DtypeError",
     "EmptyInputError",
     "EvalResult",
     "ExportError",
     "InfeasibleError",
+    "InternalError",
+    "InvalidArgumentError",
     "LoraConfig",
     "LoraLinear",
     "LowRankError",
+    "Method",
+    "MissingDependencyError",
     "NonFiniteError",
     "OrtModel",
+    "OutOfMemoryError",
     "RankError",
     "ShapeError",
     "TLoraConfig",
     "TaLoraConfig",
     "TaLoraLayer",
-    "TaskError",
     "TargetError",
+    "TaskError",
     "TaskFilter",
     "TrainConfig",
     "TrainResult",

@@ -52,13 +52,17 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .finetune import METHODS
+    from .adapters import methods as registered
+    from .workflows.finetune import default_methods
 
     parser = argparse.ArgumentParser(
         prog="lowrank-rs", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    methods = sorted(METHODS)
+    methods = [m.name for m in registered()]
+    calibrating = [m.name for m in registered() if m.calibrates]
+    described = "; ".join(f"{m.name}: {m.description}" for m in registered())
+    defaults = ",".join(default_methods())
 
     finetune = _command(sub, "finetune", "the whole job: calibrate, train, compare with LoRA, save, plot", _finetune)
     _data_arguments(finetune)
@@ -66,15 +70,13 @@ def _parser() -> argparse.ArgumentParser:
     _train_arguments(finetune)
     finetune.add_argument(
         "--methods",
-        default="tlora,lora",
-        help=f"comma-separated methods to train and compare, from {', '.join(methods)} (default tlora,lora). "
-        "loratrf uses the paper's per-family targets and rank unless --targets is given; talora trains one prompt "
-        "set per task of the data (rows with a 'task' field) with --rank as its shared rank",
+        default=defaults,
+        help=f"comma-separated methods to train and compare (default {defaults}) — {described}",
     )
     finetune.add_argument(
         "--method",
         choices=methods,
-        help="train this method and compare it with the LoRA baseline (short for --methods METHOD,lora)",
+        help=f"train this method and compare it with the baseline (short for --methods METHOD,{methods[0]})",
     )
     finetune.add_argument("--out", default="lowrank-rs-out/finetune", help="output directory (default %(default)s)")
     finetune.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -82,6 +84,9 @@ def _parser() -> argparse.ArgumentParser:
     cal = _command(sub, "calibrate", "TLoRA calibration → a plan directory (ranks, scales, frozen A)", _calibrate)
     _data_arguments(cal)
     _adapter_arguments(cal)
+    cal.add_argument(
+        "--method", default=calibrating[0], choices=calibrating, help="calibrating method (default %(default)s)"
+    )
     cal.add_argument("--budget", type=int, help="total rank over all target modules (default rank × modules)")
     cal.add_argument(
         "--min-rank", type=int, default=1, help="smallest rank per module; 0 allows no adapter (default 1)"
@@ -93,7 +98,9 @@ def _parser() -> argparse.ArgumentParser:
     _data_arguments(tr)
     _adapter_arguments(tr)
     _train_arguments(tr)
-    tr.add_argument("--method", default="tlora", choices=methods, help="adapter method (default tlora)")
+    tr.add_argument(
+        "--method", default=default_methods()[0], choices=methods, help="adapter method (default %(default)s)"
+    )
     tr.add_argument("--plan", help="a plan from `lowrank-rs calibrate` (TLoRA); without one, TLoRA calibrates first")
     tr.add_argument("--out", required=True, help="adapter directory to write")
     tr.add_argument("--checkpoint-dir", help="write resumable checkpoints here")
@@ -168,7 +175,7 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _settings(args: argparse.Namespace) -> Any:
-    from .finetune import Settings
+    from .adapters import Settings
 
     return Settings(
         rank=args.rank,
@@ -182,7 +189,7 @@ def _settings(args: argparse.Namespace) -> Any:
 
 
 def _train_config(args: argparse.Namespace, **extra: Any) -> Any:
-    from .train import TrainConfig
+    from .training import TrainConfig
 
     # eval_every None: the job evaluates about six times a run, a number it knows once the data is loaded.
     return TrainConfig(
@@ -199,7 +206,7 @@ def _train_config(args: argparse.Namespace, **extra: Any) -> Any:
 
 
 def _load(args: argparse.Namespace) -> Any:
-    from .finetune import load_task
+    from .workflows.finetune import load_task
 
     return load_task(
         args.model,
@@ -211,11 +218,13 @@ def _load(args: argparse.Namespace) -> Any:
 
 
 def _finetune(args: argparse.Namespace) -> None:
-    from .finetune import finetune
+    from .adapters import methods as registered
+    from .workflows.finetune import finetune
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if args.method is not None:
-        methods = [args.method] + ([] if args.method == "lora" else ["lora"])
+        baseline = registered()[0].name  # the first registered method is plain LoRA, every variant's baseline
+        methods = [args.method] + ([] if args.method == baseline else [baseline])
     finetune(
         args.model,
         args.data,
@@ -232,23 +241,19 @@ def _finetune(args: argparse.Namespace) -> None:
 
 
 def _calibrate(args: argparse.Namespace) -> None:
-    import dataclasses
-
     import torch
 
-    from .calibrate import calibrate
+    from .adapters import method_named
     from .data import tokenize
-    from .finetune import calibration_batches, load_model, tlora_config
+    from .workflows.finetune import load_model
 
     task = _load(args)
     settings = _settings(args)
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(task, device=args.device)
-    config = tlora_config(model, settings)
-    config = dataclasses.replace(config, budget=args.budget, min_rank=args.min_rank, max_rank=args.max_rank)
     examples = tokenize(task.train, tokenizer, args.max_length)
-    batches = calibration_batches(examples, settings.calibration_examples, tokenizer.pad_token_id)
-    plan = calibrate(model, batches, config, progress=settings.progress)
+    limits = {"budget": args.budget, "min_rank": args.min_rank, "max_rank": args.max_rank}
+    plan = method_named(args.method).calibrate(model, examples, settings, tokenizer.pad_token_id, **limits)
     plan.save(args.out)
     print(plan.table())
     print(f"plan written to {args.out}")
@@ -264,29 +269,29 @@ def _train(args: argparse.Namespace) -> None:
 
     import torch
 
-    from .attach import attach, save_adapter, trainable_parameters
-    from .calibrate import CalibrationPlan
+    from .adapters import method_named, save_adapter, trainable_parameters
     from .data import tokenize
-    from .finetune import TASK_AWARE, load_model, prepare, with_eval_schedule, with_task_ids
-    from .train import train
+    from .training import train
+    from .workflows.finetune import load_model, with_eval_schedule, with_task_ids
 
     if args.resume and not args.checkpoint_dir:
         raise LowRankError("--resume needs --checkpoint-dir (the directory the interrupted run checkpointed to)")
-    if args.plan and args.method != "tlora":
-        raise LowRankError(f"--plan is a TLoRA calibration plan; it does not go with --method {args.method}")
+    method = method_named(args.method)
+    if args.plan and not method.calibrates:
+        raise LowRankError(f"--plan is a calibration plan; it does not go with --method {args.method} ({method.title})")
     task = _load(args)
     settings = dataclasses.replace(_settings(args), tasks=task.train.tasks or ("default",))
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(task, device=args.device)
     train_examples = tokenize(task.train, tokenizer, args.max_length)
     test_examples = tokenize(task.test, tokenizer, args.max_length)
-    if args.method in TASK_AWARE:
+    if method.multitask:
         train_examples = with_task_ids(train_examples, task.train, settings.tasks)
         test_examples = with_task_ids(test_examples, task.test, settings.tasks)
     if args.plan:
-        attach(model, CalibrationPlan.load(args.plan))
+        method.attach(model, method.load_plan(args.plan))
     else:
-        prepare(args.method, model, train_examples, settings, tokenizer.pad_token_id)
+        method.prepare(model, train_examples, settings, tokenizer.pad_token_id)
     extra = {"checkpoint_dir": args.checkpoint_dir, "checkpoint_every": args.checkpoint_every}
     config = with_eval_schedule(_train_config(args, **extra), len(train_examples))
     print(f"{task.description}\ntraining {trainable_parameters(model):,} parameters")
@@ -307,11 +312,10 @@ def _train(args: argparse.Namespace) -> None:
 def _eval(args: argparse.Namespace) -> None:
     import torch
 
-    from .attach import load_adapter
+    from .adapters import adapter_config, load_adapter, method_of
     from .data import tokenize
-    from .finetune import load_model, with_task_ids
-    from .talora import talora_layers, task_names
-    from .train import evaluate
+    from .training import evaluate
+    from .workflows.finetune import load_model, with_task_ids
 
     task = _load(args)
     torch.manual_seed(args.seed)
@@ -321,8 +325,8 @@ def _eval(args: argparse.Namespace) -> None:
     elif task.kind == "classification":
         print("note: no --adapter, so the classification head is untrained (random)")
     examples = tokenize(task.test, tokenizer, args.max_length)
-    if args.adapter and talora_layers(model):
-        examples = with_task_ids(examples, task.test, task_names(model))
+    if args.adapter and method_of(model).multitask:
+        examples = with_task_ids(examples, task.test, adapter_config(model).tasks)
     result = evaluate(model, examples, batch_size=args.batch_size)
     accuracy = f", accuracy {100 * result.accuracy:.2f}%" if result.accuracy is not None else ""
     print(f"{task.test.name}: {result.examples} examples, loss {result.loss:.4f}{accuracy}")
@@ -335,14 +339,14 @@ def _inspect_cmd(args: argparse.Namespace) -> None:
 def _inspect(path: str) -> None:
     import json
 
-    from .calibrate import PLAN_FORMAT, CalibrationPlan
+    from .adapters import methods
     from .package import read_adapter
 
     tensors, config = read_adapter(path)
-    if config.get("format") == PLAN_FORMAT:
-        plan = CalibrationPlan.load(path)
-        print(f"{path}: TLoRA calibration plan")
-        print(plan.table())
+    planner = next((m for m in methods() if m.is_plan(config)), None)
+    if planner is not None:
+        print(f"{path}: {planner.title} calibration plan")
+        print(planner.load_plan(path).table())
         return
     total = 0
     print(f"{path}: {len(tensors)} tensors")
@@ -354,7 +358,7 @@ def _inspect(path: str) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from .demo import run_demo
+    from .workflows.demo import run_demo
 
     run_demo(out=args.out, layers=args.layers, dim=args.dim, rank=args.rank, batches=args.batches, seed=args.seed)
 

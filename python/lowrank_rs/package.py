@@ -15,8 +15,15 @@ from typing import Any, Dict, Mapping, Tuple, Union
 
 import numpy as np
 
-from . import _core
 from ._arrays import is_torch
+
+# Names, not the module: the layer checker (import-linter) cannot see into the compiled core.
+from ._core import (
+    read_adapter as _core_read_adapter,
+)
+from ._core import (
+    write_adapter as _core_write_adapter,
+)
 from .errors import DtypeError, LowRankError
 
 __all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "read_adapter", "write_adapter", "write_ort_adapter"]
@@ -50,7 +57,7 @@ def write_adapter(directory: PathLike, tensors: Mapping[str, Any], config: Mappi
             raise LowRankError(f"tensor names must be strings, got {name!r}")
         tag, arr = _to_bytes(name, value)
         raw.append((name, tag, list(arr.shape), np.ascontiguousarray(arr).reshape(-1).view(np.uint8)))
-    _core.write_adapter(os.fspath(directory), raw, config_json)
+    _core_write_adapter(os.fspath(directory), raw, config_json)
 
 
 def read_adapter(directory: PathLike, framework: str = "numpy") -> Tuple[Dict[str, Any], Dict[str, Any]]:
@@ -61,7 +68,7 @@ def read_adapter(directory: PathLike, framework: str = "numpy") -> Tuple[Dict[st
     """
     if framework not in ("numpy", "torch"):
         raise LowRankError(f"framework must be 'numpy' or 'torch', not {framework!r}")
-    raw, config_json = _core.read_adapter(os.fspath(directory))
+    raw, config_json = _core_read_adapter(os.fspath(directory))
     out: Dict[str, Any] = {}
     for name, tag, shape, data in raw:
         arr = np.frombuffer(data, dtype=_NUMPY_FROM_TAG[tag]).reshape(shape)
@@ -78,8 +85,9 @@ def read_adapter(directory: PathLike, framework: str = "numpy") -> Tuple[Dict[st
 def write_ort_adapter(adapter_dir: Any, out_path: PathLike, *, graph: Any = None, dtype: Any = None) -> Any:
     """An adapter directory (ours, LoRA or TLoRA, or a plain PEFT LoRA one) → an ONNX Runtime ``.onnx_adapter`` file.
 
-    See :func:`lowrank_rs.export.write_ort_adapter` (needs the ``onnx`` extra); ``graph`` is the adapters-mode
-    ``.onnx`` file to check against and take the dtype from. Returns the written path.
+    An alias of :func:`lowrank_rs.export.write_ort_adapter` (needs the ``onnx`` extra), kept for code written before
+    the export package existed; ``graph`` is the adapters-mode ``.onnx`` file to check against and take the dtype
+    from. Returns the written path.
     """
     from .export.adapter_file import write_ort_adapter as write
 

@@ -28,7 +28,6 @@ __all__ = ["DataError", "Dataset", "load_jsonl", "split", "tokenize"]
 IGNORE_INDEX = -100
 
 
-
 @dataclasses.dataclass(frozen=True)
 class Dataset:
     """Rows of one kind, as read from a file or built in.
@@ -103,17 +102,17 @@ def load_jsonl(path: Union[str, os.PathLike[str]], labels: Optional[Sequence[str
         )
     rows: List[Dict[str, Any]] = []
     for number, row in raw:
-        missing = [f for f in fields if f not in row]
+        missing = [field for field in fields if field not in row]
         if missing:
             raise DataError(f"{path}:{number}: missing field {missing[0]!r} ({kind} rows need {' and '.join(fields)})")
         out: Dict[str, Any] = {}
-        for f in fields:
-            if f == "label":
-                if isinstance(row[f], bool) or not isinstance(row[f], (str, int)):
-                    raise DataError(f"{path}:{number}: label must be a string or an integer, not {row[f]!r}")
-            elif not isinstance(row[f], str) or not row[f]:
-                raise DataError(f"{path}:{number}: {f!r} must be a non-empty string")
-            out[f] = row[f]
+        for field in fields:
+            if field == "label":
+                if isinstance(row[field], bool) or not isinstance(row[field], (str, int)):
+                    raise DataError(f"{path}:{number}: label must be a string or an integer, not {row[field]!r}")
+            elif not isinstance(row[field], str) or not row[field]:
+                raise DataError(f"{path}:{number}: {field!r} must be a non-empty string")
+            out[field] = row[field]
         if "task" in row:
             if not isinstance(row["task"], str) or not row["task"]:
                 raise DataError(f"{path}:{number}: task must be a non-empty string, not {row['task']!r}")
@@ -156,7 +155,8 @@ def split(data: Dataset, test_fraction: float = 0.1) -> Tuple[Dataset, Dataset]:
     """A deterministic train/test split by a hash of each row's text, so a row stays on its side across runs."""
     if not 0.0 < test_fraction < 1.0:
         raise LowRankError(f"test_fraction must lie in (0, 1), got {test_fraction}")
-    train, test = [], []
+    train: List[Dict[str, Any]] = []
+    test: List[Dict[str, Any]] = []
     for row in data.rows:
         key = json.dumps(row, sort_keys=True).encode()
         bucket = int.from_bytes(hashlib.sha256(key).digest()[:8], "little") / 2.0**64

@@ -3,7 +3,8 @@
 - :func:`export_onnx` — a torch model with adapters → an ONNX graph, merged or with hot-swappable adapter inputs.
 - :func:`write_ort_adapter` — an adapter directory (ours or PEFT's) or attached model → an ``.onnx_adapter`` file.
 - :class:`OrtModel` — an exported graph in an ONNX Runtime session, called like the torch model.
-- :mod:`lowrank_rs.export.methods` — the hooks through which each adapter method joins the export.
+- :mod:`lowrank_rs.export.methods` — the hooks through which each adapter method joins the export (a method's
+  ``export_hooks()``, found through the method registry).
 - :func:`add_export_arguments`, :func:`run_export` — the ``lowrank-rs export`` command.
 
 Importing this package needs torch only; ``onnx``, ``onnxscript`` and ``onnxruntime`` are imported when used.
@@ -11,15 +12,11 @@ Importing this package needs torch only; ``onnx``, ``onnxscript`` and ``onnxrunt
 
 from __future__ import annotations
 
-# Each method's export hooks register themselves when their module is imported: add new methods' modules here.
-# Registration order matters where methods share a module type: LoRATRF (trf) takes over some of LoRA's layers, so it
-# registers after lora (methods are asked latest first).
-from . import lora, talora, trf  # noqa: F401
-from ._common import ExportError, MissingDependencyError
+from ..errors import ExportError, MissingDependencyError
 from .adapter_file import write_ort_adapter
 from .cli import add_export_arguments, run_export
 from .exporter import export_onnx
-from .methods import EMPTY, GraphInput, GraphInputModule, MethodExport, register_method
+from .methods import EMPTY, TASK_INPUT, GraphInput, GraphInputModule, MethodExport
 from .runtime import OrtModel, OrtOutput
 
 __all__ = [
@@ -31,9 +28,9 @@ __all__ = [
     "MissingDependencyError",
     "OrtModel",
     "OrtOutput",
+    "TASK_INPUT",
     "add_export_arguments",
     "export_onnx",
-    "register_method",
     "run_export",
     "write_ort_adapter",
 ]

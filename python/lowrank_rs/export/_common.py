@@ -6,11 +6,9 @@ import importlib
 from types import ModuleType
 from typing import Any, Dict
 
-from ..errors import ExportError, LowRankError, MissingDependencyError
+from ..errors import MissingDependencyError
 
-__all__ = ["ExportError", "MissingDependencyError", "require"]
-
-
+__all__ = ["require"]
 
 
 def require(name: str) -> ModuleType:

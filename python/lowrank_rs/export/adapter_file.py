@@ -21,11 +21,11 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from ..attach import _STATE_ATTR, TargetError
-from ..errors import AdapterFormatError, AdapterIOError, DtypeError, LowRankError, ShapeError
+from ..adapters.record import attachment_of
+from ..errors import AdapterFormatError, AdapterIOError, DtypeError, LowRankError, ShapeError, TargetError
 from ..package import read_adapter
 from ._common import FLOAT_DTYPES, ONNX_TYPES, ORT_TYPES, require
-from .methods import adapter_modules, method_for_file
+from .methods import adapter_modules, method_for_file, method_named
 
 __all__ = [
     "AdapterContents",
@@ -139,8 +139,7 @@ def adapter_contents(adapter: Union[PathLike, nn.Module]) -> AdapterContents:
         raise LowRankError(f"adapter must be an adapter directory or a model, not {type(adapter).__name__}")
     where = os.fspath(adapter)
     tensors, config = read_adapter(adapter, framework="torch")
-    extras = config.get("lowrank_rs") if isinstance(config.get("lowrank_rs"), dict) else None
-    hook = method_for_file(extras.get("method") if extras else None, where)
+    hook = method_for_file(config, where)
     modules, rest = hook.file_tensors(tensors, config, where)
     if not modules:
         raise AdapterFormatError(f"{where!r} holds no {hook.name} adapter weights")
@@ -151,10 +150,10 @@ def _model_contents(model: nn.Module) -> AdapterContents:
     adapted = adapter_modules(model)
     if not adapted:
         raise LowRankError("the model has no adapter attached (lowrank_rs.attach or load_adapter first)")
-    attachment = getattr(model, _STATE_ATTR, None)
+    attachment = attachment_of(model)
     # A method may combine module types (LoRATRF: LoRA layers and filters); the attached config names it.
     if attachment is not None:
-        method = method_for_file(attachment.config.method, "the attached adapter").name
+        method = method_named(attachment.method).name
     else:
         names = sorted({hook.name for hook, _ in adapted.values()})
         if len(names) > 1:

@@ -85,7 +85,7 @@ def run_export(args: argparse.Namespace) -> None:
     model = load_model(args.model, args.dtype)
     inputs = example_inputs(model, args.batch, args.seq_len)
     if args.export_kind == "merged":
-        from ..attach import load_adapter
+        from ..adapters import load_adapter
 
         load_adapter(model, args.adapter)
         out = export_onnx(model, args.out, inputs, mode="merged", opset=args.opset)
@@ -132,7 +132,7 @@ def _attach_for_slots(model: Any, adapter: str, saved: Set[str], targets: List[s
 
     The saved modules get their base values back: they are the graph's defaults, which must be the base model.
     """
-    from ..attach import load_adapter
+    from ..adapters import load_adapter
     from .methods import adapter_modules
 
     modules = dict(model.named_modules())

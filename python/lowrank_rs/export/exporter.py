@@ -24,10 +24,10 @@ import torch
 from torch import nn
 
 from .._core import __version__
-from ..attach import _STATE_ATTR, _matches, _nearest, _resolve_modules_to_save
-from ..errors import LowRankError, ShapeError
-from ..nn.lora import AdapterStateError
-from ._common import ExportError, require
+from ..adapters.record import attachment_of
+from ..adapters.targets import matches, nearest, resolve_modules_to_save
+from ..errors import AdapterStateError, ExportError, LowRankError, ShapeError
+from ._common import require
 from .methods import EMPTY, GraphInput, GraphInputModule, MethodExport, adapter_modules, method_named
 
 __all__ = ["DEFAULT_OPSET", "METADATA_KEY", "export_onnx"]
@@ -279,27 +279,27 @@ def _resolve_targets(
         if not hits:
             raise LowRankError(
                 f"target regex {spec!r} matches no module name (it must match the whole name); nearest names: "
-                f"{_nearest(spec, modules)}"
+                f"{nearest(spec, modules)}"
             )
     else:
         if not isinstance(spec, Sequence) or not all(isinstance(s, str) for s in spec) or not spec:
             raise LowRankError(f"targets must be a regex string or a non-empty list of names, not {spec!r}")
         hits = []
         for entry in spec:
-            found = [n for n in modules if _matches(n, entry)]
+            found = [n for n in modules if matches(n, entry)]
             if not found:
-                raise LowRankError(f"target {entry!r} matches no module; nearest names: {_nearest(entry, modules)}")
+                raise LowRankError(f"target {entry!r} matches no module; nearest names: {nearest(entry, modules)}")
             hits += found
     return {n: modules[n] for n in modules if n in set(hits)}
 
 
 def _overridable_parameters(model: nn.Module, names: Optional[Sequence[str]]) -> Dict[str, torch.Tensor]:
-    attachment = getattr(model, _STATE_ATTR, None)
+    attachment = attachment_of(model)
     entries = list(attachment.modules_to_save) if attachment is not None else []
     if names:
         if isinstance(names, str):
             raise LowRankError("modules_to_save must be a list of module names, not one string")
-        entries += _resolve_modules_to_save(dict(model.named_modules()), list(names))
+        entries += resolve_modules_to_save(dict(model.named_modules()), list(names))
     out: Dict[str, torch.Tensor] = {}
     for module in dict.fromkeys(entries):
         for pname, p in model.get_submodule(module).named_parameters():

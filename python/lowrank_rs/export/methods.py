@@ -1,7 +1,7 @@
 """What each adapter method contributes to an ONNX export: the one place a method plugs into ``export_onnx``.
 
 An export swaps modules of the torch model for export-time replacements, traces the model, and puts the original
-modules back. A method says, through one :class:`MethodExport` registered with :func:`register_method`:
+modules back. A method says, through the :class:`MethodExport` objects its ``Method.export_hooks()`` returns:
 
 - ``merged(name, module)``: the replacement in a merged graph (LoRA: a plain linear layer with ``W0 + γ B A``).
 - ``slot(name, module)``: the replacement in an adapter-attached graph, a :class:`GraphInputModule` that reads its
@@ -24,21 +24,31 @@ from typing import Any, ClassVar, Dict, List, Mapping, Optional, Tuple, Type, Un
 import torch
 from torch import nn
 
-from ..errors import LowRankError
+from ..adapters.registry import method_for_file as registry_method_for_file
+from ..adapters.registry import method_named as registry_method_named
+from ..adapters.registry import methods
+from ..errors import ExportError, LowRankError
 
 __all__ = [
     "EMPTY",
+    "EXAMPLE_RANK",
+    "TASK_INPUT",
     "GraphInput",
     "GraphInputModule",
     "MethodExport",
     "adapter_modules",
     "method_for_file",
     "method_named",
-    "register_method",
     "registered_methods",
 ]
 
 EMPTY = "empty"
+
+# The graph input multi-task graphs select a task with ([batch] task indices).
+TASK_INPUT = "task_id"
+
+# Dynamic axes are traced at this size: torch.export would specialise a size of 0 or 1 into a constant.
+EXAMPLE_RANK = 2
 
 Default = Union[None, str, torch.Tensor]
 
@@ -91,11 +101,9 @@ class GraphInputModule(nn.Module):
 
 
 class MethodExport:
-    """Base class of a method's export hooks; subclass, then :func:`register_method` an instance.
+    """Base class of a method's export hooks; a method's ``export_hooks()`` returns its instances.
 
     - ``name``: the method name users pass to ``export_onnx(method=...)`` for a base model's adapter slots.
-    - ``file_methods``: values of the ``lowrank_rs.method`` field of adapter files this method reads (plain PEFT
-      LoRA directories have none and go to the method named ``"lora"``).
     - ``module_type``: the method's adapter module class, found in models by ``isinstance`` (see :meth:`claims`).
     - ``internal_children``: the adapter module's submodules are its own parts (base layer, factors), never
       targets of a slot themselves. Set it False for an adapter module that wraps a whole block whose inner
@@ -106,7 +114,6 @@ class MethodExport:
     """
 
     name: ClassVar[str] = ""
-    file_methods: ClassVar[Tuple[str, ...]] = ()
     module_type: ClassVar[Type[nn.Module]] = nn.Module
     internal_children: ClassVar[bool] = True
     slots_from_model: ClassVar[bool] = False
@@ -153,45 +160,47 @@ class MethodExport:
         raise NotImplementedError
 
 
-_METHODS: List[MethodExport] = []
-
-
-def register_method(method: MethodExport) -> MethodExport:
-    """Make ``method``'s hooks known to the exporter; a later registration of the same name replaces the earlier."""
-    if not isinstance(method, MethodExport) or not method.name:
-        raise LowRankError("register_method needs a MethodExport instance with a name")
-    _METHODS[:] = [m for m in _METHODS if m.name != method.name] + [method]
-    return method
-
-
 def registered_methods() -> List[MethodExport]:
-    return list(_METHODS)
+    """Every registered method's export hooks, in registration order (each once)."""
+    hooks: List[MethodExport] = []
+    for method in methods():
+        hooks.extend(h for h in method.export_hooks() if h not in hooks)
+    return hooks
 
 
 def method_named(name: str) -> MethodExport:
-    for m in _METHODS:
-        if m.name == name:
-            return m
-    raise LowRankError(f"no export hooks for adapter method {name!r}; known: {sorted(m.name for m in _METHODS)}")
+    """The export hooks of the method called ``name`` (``export_onnx(method=...)``)."""
+    hooks = list(registry_method_named(name).export_hooks())
+    if not hooks:
+        raise ExportError(f"adapter method {name!r} has no ONNX export")
+    return hooks[0]
 
 
-def method_for_file(method: Optional[str], where: str) -> MethodExport:
-    wanted = method or "lora"
-    for m in _METHODS:
-        if wanted in m.file_methods:
-            return m
-    known = sorted(x for m in _METHODS for x in m.file_methods)
-    raise LowRankError(f"{where!r} holds a {wanted!r} adapter, which has no ONNX export yet; exportable: {known}")
+def method_for_file(config: Mapping[str, Any], where: str) -> MethodExport:
+    """The export hooks of the method that reads an adapter directory with this config."""
+    method = registry_method_for_file(config, where)
+    hooks = list(method.export_hooks())
+    if not hooks:
+        exportable = sorted(m.name for m in methods() if m.export_hooks())
+        raise ExportError(
+            f"{where!r} holds a {method.name!r} adapter, which has no ONNX export; exportable: {exportable}"
+        )
+    return hooks[0]
 
 
 def adapter_modules(model: nn.Module) -> Dict[str, Tuple[MethodExport, nn.Module]]:
-    """Every adapter module of a registered method in ``model`` with its method's hooks, by module name."""
+    """Every adapter module of a registered method in ``model`` with its method's hooks, by module name.
+
+    Hooks are asked latest-registered first, so a method that takes over some of another method's modules (LoRATRF:
+    the LoRA layers whose input it filters; DoRA: its LoRA-layer subclass) registers after it.
+    """
+    hooks = registered_methods()
     found: Dict[str, Tuple[MethodExport, nn.Module]] = {}
     for name, module in model.named_modules():
         if any(name.startswith(outer + ".") and hook.internal_children for outer, (hook, _) in found.items()):
             continue
-        for method in reversed(_METHODS):
-            if method.claims(name, module):
-                found[name] = (method, module)
+        for hook in reversed(hooks):
+            if hook.claims(name, module):
+                found[name] = (hook, module)
                 break
     return found

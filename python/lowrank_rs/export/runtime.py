@@ -6,12 +6,11 @@ import json
 import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-from ..errors import AdapterIOError, LowRankError, ShapeError
-from ..nn.talora import TaskError
-from ._common import ExportError, require
+from ..errors import AdapterIOError, ExportError, LowRankError, ShapeError, TaskError
+from ._common import require
 from .adapter_file import check_adapter, read_ort_adapter, session_adapter_inputs
 from .exporter import METADATA_KEY
-from .talora import TASK_INPUT
+from .methods import TASK_INPUT
 
 __all__ = ["OrtModel", "OrtOutput"]
 

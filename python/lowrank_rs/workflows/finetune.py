@@ -17,21 +17,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-from .attach import attach, save_adapter, trainable_parameters
-from .calibrate import CalibrationPlan, calibrate
-from .config import LoraConfig, TaLoraConfig, TLoraConfig, TrfConfig
-from .data import DataError, Dataset, from_pairs, load_jsonl, split, tokenize
-from .errors import LowRankError
-from .train import EvalResult, TrainConfig, TrainResult, collate, evaluate, train
+from ..adapters import Method, method_named, methods, save_adapter, trainable_parameters
+from ..adapters.recipe import Plan, Prepared, Settings, default_targets, settings_targets
+from ..adapters.tasks import task_index
+from ..data import Dataset, from_pairs, load_jsonl, split, tokenize
+from ..errors import DataError, LowRankError, TaskError
+from ..training import EvalResult, TrainConfig, TrainResult, evaluate, train
 
 __all__ = [
-    "METHODS",
     "FinetuneResult",
     "MethodResult",
     "Task",
@@ -41,11 +39,23 @@ __all__ = [
     "load_model",
     "load_task",
     "prepare",
+    "with_eval_schedule",
+    "with_task_ids",
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
-# Linear layers whose names mark them as a task head rather than part of a transformer block.
-_HEAD_NAMES = ("classifier", "score", "lm_head", "qa_outputs")
+
+
+def default_methods() -> Tuple[str, ...]:
+    """The methods the job compares when none are named (those with a ``default_job_order``, in that order)."""
+    ordered = sorted(
+        (m.default_job_order, i, m.name) for i, m in enumerate(methods()) if m.default_job_order is not None
+    )
+    return tuple(name for _, _, name in ordered)
+
+
+def _title(method: str) -> str:
+    return next((m.title for m in methods() if m.name == method), method)
 
 
 # -- models and data ---------------------------------------------------------------------------------------------------
@@ -98,7 +108,7 @@ def load_task(
     if data is None:
         if eval_data is not None:
             raise LowRankError("--eval-data needs --data: the built-in task brings its own test split")
-        from .data import stdlib
+        from ..data import stdlib
 
         builtin = stdlib.package_task(test_fraction)
         train_set = from_pairs(builtin.train, builtin.labels, "stdlib docstrings (train)")
@@ -169,131 +179,21 @@ def load_model(
     return model, tokenizer
 
 
-def default_targets(model: nn.Module) -> Tuple[List[str], List[str]]:
-    """``(target_modules, modules_to_save)`` for a model: every ``nn.Linear`` inside the transformer blocks (as
-    name suffixes below the block index, e.g. ``attention.self.query``), and the task head for classification."""
-    suffixes: Dict[str, None] = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
-            continue
-        parts = name.split(".")
-        index = next((i for i, part in enumerate(parts) if part.isdigit()), None)
-        if index is not None and index + 1 < len(parts):
-            suffixes.setdefault(".".join(parts[index + 1 :]), None)
-    if not suffixes:
-        raise LowRankError(
-            f"found no nn.Linear inside numbered transformer blocks of this {type(model).__name__}; "
-            "name the target modules yourself (--targets)"
-        )
-    heads = [name for name in _HEAD_NAMES if name != "lm_head" and isinstance(getattr(model, name, None), nn.Module)]
-    return list(suffixes), heads
-
-
 # -- methods -----------------------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Settings:
-    """The knobs every method shares in one job."""
-
-    rank: int = 8
-    alpha: Optional[float] = None  # None: alpha = 2 r
-    targets: Optional[Sequence[str]] = None
-    calibration_examples: int = 64
-    max_length: int = 128
-    seed: int = 0
-    progress: bool = True
-    # Task names of multi-task data (TA-LoRA's tasks); single-task data trains one task, "default".
-    tasks: Tuple[str, ...] = ("default",)
-
-    @property
-    def lora_alpha(self) -> float:
-        return float(self.alpha) if self.alpha is not None else 2.0 * self.rank
-
-
-@dataclasses.dataclass
-class Prepared:
-    model: nn.Module
-    plan: Optional[CalibrationPlan] = None
-    calibration_seconds: float = 0.0
-
-
-def _targets(model: nn.Module, settings: Settings) -> Tuple[List[str], List[str]]:
-    targets, heads = default_targets(model)
-    return (list(settings.targets) if settings.targets else targets), heads
-
-
-def _prepare_lora(model: nn.Module, examples: Sequence[Dict[str, torch.Tensor]], s: Settings, pad: int) -> Prepared:
-    targets, heads = _targets(model, s)
-    config = LoraConfig(target_modules=targets, r=s.rank, alpha=s.lora_alpha, modules_to_save=heads, init_seed=s.seed)
-    return Prepared(attach(model, config))
-
-
-def tlora_config(model: nn.Module, s: Settings) -> TLoraConfig:
-    targets, heads = _targets(model, s)
-    return TLoraConfig(
-        target_modules=targets,
-        r=s.rank,
-        alpha=s.lora_alpha,
-        modules_to_save=heads,
-        init_seed=s.seed,
-        num_examples=s.calibration_examples,
-    )
-
-
-def calibration_batches(examples: Sequence[Dict[str, torch.Tensor]], count: int, pad: int, batch_size: int = 8):
-    """The first ``count`` examples as padded batches, the way :func:`lr.calibrate` takes them."""
-    chosen = list(examples[:count])
-    return [collate(chosen[i : i + batch_size], pad) for i in range(0, len(chosen), batch_size)]
-
-
-def _prepare_tlora(model: nn.Module, examples: Sequence[Dict[str, torch.Tensor]], s: Settings, pad: int) -> Prepared:
-    config = tlora_config(model, s)
-    started = time.perf_counter()
-    plan = calibrate(model, calibration_batches(examples, s.calibration_examples, pad), config, progress=s.progress)
-    seconds = time.perf_counter() - started
-    return Prepared(attach(model, plan), plan, seconds)
-
-
-def _prepare_loratrf(model: nn.Module, examples: Sequence[Dict[str, torch.Tensor]], s: Settings, pad: int) -> Prepared:
-    _, heads = _targets(model, s)
-    # The LoRA part takes the paper's per-family targets and rank unless the user named targets.
-    lora: Dict[str, Any] = {}
-    if s.targets:
-        lora = {"target_modules": list(s.targets), "r": s.rank, "alpha": s.lora_alpha}
-    config = TrfConfig(modules_to_save=heads, init_seed=s.seed, task_vector_init="mean", **lora)
-    batches = calibration_batches(examples, s.calibration_examples, pad)
-    return Prepared(attach(model, config, batches=batches))
-
-
-def _prepare_talora(model: nn.Module, examples: Sequence[Dict[str, torch.Tensor]], s: Settings, pad: int) -> Prepared:
-    _, heads = _targets(model, s)
-    config = TaLoraConfig(tasks=list(s.tasks), r=s.rank, modules_to_save=heads, init_seed=s.seed)
-    return Prepared(attach(model, config))
-
-
-Preparer = Callable[[nn.Module, Sequence[Dict[str, torch.Tensor]], Settings, int], Prepared]
-METHODS: Dict[str, Tuple[str, Preparer]] = {
-    "lora": ("LoRA", _prepare_lora),
-    "tlora": ("TLoRA", _prepare_tlora),
-    "loratrf": ("LoRATRF", _prepare_loratrf),
-    "talora": ("TA-LoRA", _prepare_talora),
-}
-# Methods whose examples carry the task of each row (a `task_ids` field).
-TASK_AWARE = ("talora",)
 
 
 def with_task_ids(
     examples: Sequence[Dict[str, torch.Tensor]], data: Dataset, tasks: Sequence[str]
 ) -> List[Dict[str, torch.Tensor]]:
     """``examples`` (tokenised from ``data``) with each row's task index in ``tasks`` as ``task_ids``."""
-    index = {name: i for i, name in enumerate(tasks)}
     out = []
     for example, row in zip(examples, data.rows):
         name = row.get("task", tasks[0] if len(tasks) == 1 else None)
-        if name not in index:
-            raise DataError(f"a row of {data.name} has task {name!r}, which is not one of {list(tasks)}")
-        out.append({**example, "task_ids": torch.tensor(index[name])})
+        try:
+            task_id = task_index(name, tasks, f"a row of {data.name}: task")
+        except TaskError as e:
+            raise DataError(str(e)) from None
+        out.append({**example, "task_ids": torch.tensor(task_id)})
     return out
 
 
@@ -301,9 +201,7 @@ def prepare(
     method: str, model: nn.Module, examples: Sequence[Dict[str, torch.Tensor]], settings: Settings, pad_token_id: int
 ) -> Prepared:
     """Attach ``method``'s adapters to ``model`` (calibrating first where the method needs it)."""
-    if method not in METHODS:
-        raise LowRankError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-    return METHODS[method][1](model, examples, settings, pad_token_id)
+    return method_named(method).prepare(model, examples, settings, pad_token_id)
 
 
 # -- the job -----------------------------------------------------------------------------------------------------------
@@ -321,7 +219,7 @@ class MethodResult:
 
     def row(self) -> Dict[str, Any]:
         return {
-            "method": METHODS[self.method][0] if self.method in METHODS else self.method,
+            "method": _title(self.method),
             "trainable": self.trainable_parameters,
             "rank budget": self.rank_budget,
             "eval loss": self.eval.loss,
@@ -374,7 +272,7 @@ def finetune(
     data: Optional[PathLike] = None,
     *,
     eval_data: Optional[PathLike] = None,
-    methods: Sequence[str] = ("tlora", "lora"),
+    methods: Optional[Sequence[str]] = None,
     settings: Optional[Settings] = None,
     train_config: Optional[TrainConfig] = None,
     out: PathLike = "lowrank-rs-out/finetune",
@@ -388,11 +286,10 @@ def finetune(
     on the held-out examples, its adapter saved under ``out/<method>-adapter``; then the comparison table
     (``out/results.md``, ``out/results.json``) and the plots (``out/training.png``, ``out/tlora-plan.png``)."""
     settings = settings or Settings()
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        raise LowRankError(
-            f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}" if unknown else "no method"
-        )
+    names = default_methods() if methods is None else tuple(methods)
+    if not names:
+        raise LowRankError("no method: name at least one")
+    chosen: List[Method] = [method_named(m) for m in names]
     train_config = train_config or TrainConfig(lr=1e-3, epochs=2, batch_size=16, warmup_ratio=0.1, seed=settings.seed)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     out = os.fspath(out)
@@ -409,22 +306,22 @@ def finetune(
     pad = tokenizer.pad_token_id
     settings = dataclasses.replace(settings, tasks=task.train.tasks or ("default",))
     train_config = with_eval_schedule(train_config, len(train_examples))
-    targets, heads = _targets(base, settings)
+    targets, heads = settings_targets(base, settings)
     log(f"targets: {', '.join(targets)}" + (f"; trained in full: {', '.join(heads)}" if heads else ""))
     baseline = evaluate(base, test_examples, batch_size=train_config.eval_batch_size or train_config.batch_size)
     del base
 
     results: List[MethodResult] = []
-    plans: Dict[str, CalibrationPlan] = {}
-    for method in methods:
-        name = METHODS[method][0]
+    plans: Dict[str, Plan] = {}
+    for handler in chosen:
+        method, name = handler.name, handler.title
         log(f"\n== {name} ==")
         # Same seed before each load, so every method starts from the same classifier head.
         torch.manual_seed(settings.seed)
         model_, _ = load_model(task, device=device)
-        prepared = prepare(method, model_, train_examples, settings, pad)
+        prepared = handler.prepare(model_, train_examples, settings, pad)
         train_rows, test_rows = train_examples, test_examples
-        if method in TASK_AWARE:
+        if handler.multitask:
             train_rows = with_task_ids(train_examples, task.train, settings.tasks)
             test_rows = with_task_ids(test_examples, task.test, settings.tasks)
         if prepared.plan is not None:
@@ -445,7 +342,7 @@ def finetune(
             MethodResult(
                 method,
                 trainable_parameters(prepared.model),
-                _rank_budget(prepared.model, prepared.plan),
+                handler.rank_budget(prepared.model, prepared),
                 final,
                 trained,
                 prepared.calibration_seconds,
@@ -476,19 +373,7 @@ def with_eval_schedule(config: TrainConfig, num_examples: int) -> TrainConfig:
     return dataclasses.replace(config, eval_every=every) if every >= 1 else config
 
 
-def _rank_budget(model: nn.Module, plan: Optional[CalibrationPlan]) -> Optional[int]:
-    # TLoRA's budget counts what it distributed (rank-0 modules included); others sum their LoRA ranks.
-    if plan is not None:
-        return plan.budget
-    from .attach import lora_layers
-
-    ranks = [layer.r for layer in lora_layers(model).values()]
-    return sum(ranks) if ranks else None
-
-
-def _plots(
-    result: FinetuneResult, plans: Dict[str, CalibrationPlan], out: str, log: Callable[[str], None]
-) -> List[str]:
+def _plots(result: FinetuneResult, plans: Dict[str, Plan], out: str, log: Callable[[str], None]) -> List[str]:
     try:
         import matplotlib
 
@@ -504,7 +389,7 @@ def _plots(
         written.append(path)
     fig, (ax_loss, ax_eval) = plt.subplots(1, 2, figsize=(11, 4))
     for m in result.methods:
-        label = METHODS[m.method][0]
+        label = _title(m.method)
         losses = m.train.losses
         window = max(1, len(losses) // 20)
         smooth = [

@@ -20,14 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attach import _check_peft_config, _ranks_and_scales, _split_tensors
-from ..nn.lora import LoraLinear
-from .methods import EMPTY, GraphInput, GraphInputModule, MethodExport, register_method
+from ...export.methods import EMPTY, EXAMPLE_RANK, GraphInput, GraphInputModule, MethodExport
+from .layer import LoraLinear
 
-__all__ = ["LoraExport", "lora_input_names"]
-
-# Traced with this rank: torch.export would specialise a size of 0 or 1 into a constant.
-_EXAMPLE_RANK = 2
+__all__ = ["LORA_EXPORT", "LoraExport", "lora_input_names", "rank_symbol"]
 
 
 def lora_input_names(module: str) -> Tuple[str, str]:
@@ -63,8 +59,8 @@ class LoraSlot(GraphInputModule):
 
     def graph_inputs(self, model_inputs: Mapping[str, torch.Tensor]) -> List[GraphInput]:
         w = self.base_layer.weight
-        a = torch.zeros(w.shape[1], _EXAMPLE_RANK, dtype=w.dtype, device=w.device)
-        b = torch.zeros(_EXAMPLE_RANK, w.shape[0], dtype=w.dtype, device=w.device)
+        a = torch.zeros(w.shape[1], EXAMPLE_RANK, dtype=w.dtype, device=w.device)
+        b = torch.zeros(EXAMPLE_RANK, w.shape[0], dtype=w.dtype, device=w.device)
         return [
             GraphInput(self.a_name, a, {1: self.symbol}, EMPTY),
             GraphInput(self.b_name, b, {0: self.symbol}, EMPTY),
@@ -81,7 +77,6 @@ def graph_factors(a: torch.Tensor, b: torch.Tensor, gamma: float) -> Tuple[torch
 
 class LoraExport(MethodExport):
     name = "lora"
-    file_methods = ("lora", "tlora")
     module_type = LoraLinear
 
     def merged(self, name: str, module: nn.Module) -> nn.Module:
@@ -116,11 +111,14 @@ class LoraExport(MethodExport):
     def file_tensors(
         self, tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any], where: str
     ) -> Tuple[Dict[str, Dict[str, torch.Tensor]], Dict[str, torch.Tensor]]:
-        _check_peft_config(config, where)
+        from .method import LoraMethod, ranks_and_scales
+
+        reader = LoraMethod()
+        reader.check_file(config, where)
         extras = config.get("lowrank_rs") if isinstance(config.get("lowrank_rs"), dict) else None
-        factors, rest = _split_tensors(tensors)
+        factors, _, rest = reader.split_factors(tensors)
         vllm = bool(extras and extras.get("vllm"))
-        ranks, gammas = _ranks_and_scales(factors, config, extras if vllm else None)
+        ranks, gammas = ranks_and_scales(factors, config, extras if vllm else None)
         out: Dict[str, Dict[str, torch.Tensor]] = {}
         for name, (a, b) in factors.items():
             r = ranks[name]
@@ -130,4 +128,4 @@ class LoraExport(MethodExport):
         return out, rest
 
 
-register_method(LoraExport())
+LORA_EXPORT = LoraExport()

@@ -1,4 +1,4 @@
-"""LoRATRF's side of model surgery (METHODS.md §3): where filters go, how they are built, hooked, initialised, saved.
+"""LoRATRF's filters on a model (METHODS.md §3): where filters go, how they are built, hooked, initialised, saved.
 
 Users reach all of it through the one adapter code path — :func:`lowrank_rs.attach` with a
 :class:`~lowrank_rs.config.TrfConfig`, then ``train``, ``save_adapter``, ``load_adapter``, ``merge`` — plus two
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import hashlib
 import math
 import numbers
 import os
@@ -32,12 +31,37 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .config import ConfigError, TrfConfig
-from .errors import AdapterFormatError, EmptyInputError, LowRankError, ShapeError, TargetError
-from .nn.lora import AdapterStateError, LoraLinear
-from .nn.trf import NORM_EPS, TaskFilter
+from ...adapters.seeding import generator_for
+from ...errors import (
+    AdapterFormatError,
+    AdapterStateError,
+    ConfigError,
+    EmptyInputError,
+    LowRankError,
+    ShapeError,
+    TargetError,
+)
+from ..lora.layer import LoraLinear
+from .config import TrfConfig
+from .layer import NORM_EPS, TaskFilter
 
-__all__ = ["FILTER_ATTR", "FilterSite", "init_task_vectors", "resolve", "trf_filters"]
+__all__ = [
+    "FILTER_ATTR",
+    "FILTER_TENSORS",
+    "FilterSite",
+    "build_filters",
+    "check_weights",
+    "describe",
+    "expected_filters",
+    "filter_state",
+    "init_task_vectors",
+    "install",
+    "load_weights",
+    "present_filters",
+    "resolve",
+    "split_tensors",
+    "trf_filters",
+]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -99,31 +123,6 @@ def resolve(config: TrfConfig, model: nn.Module) -> TrfConfig:
             f"filter_layers names layer {outside[0]}, but the model has {len(layers)} layers (0 to {len(layers) - 1})"
         )
     return dataclasses.replace(config, target_modules=targets, r=r, alpha=alpha, filter_layers=filter_layers)
-
-
-def prepare(
-    model: nn.Module,
-    config: TrfConfig,
-    plan: Any,
-    ranks: Optional[Mapping[str, int]],
-    scales: Optional[Mapping[str, float]],
-    init_a: Optional[Mapping[str, Any]],
-) -> Tuple[TrfConfig, Any, Any, Any]:
-    """``attach``'s arguments for a TrfConfig: a TLoRA plan's ranks, scales and ``A`` for the LoRA part, and the
-    config resolved for the model."""
-    if plan is not None:
-        if not callable(getattr(plan, "attach_arguments", None)):
-            raise LowRankError(f"plan must be a CalibrationPlan (lowrank_rs.calibrate), not {type(plan).__name__}")
-        if ranks is not None or scales is not None or init_a is not None:
-            raise LowRankError("attach(model, config, plan=plan) takes ranks, scales and init_a from the plan")
-        tlora, ranks, scales, init_a = plan.attach_arguments()
-        if config.tlora is None:
-            config = dataclasses.replace(config, tlora=tlora)
-        elif config.tlora != tlora:
-            raise ConfigError(
-                "the TrfConfig's tlora differs from the plan's config; leave tlora unset to take the plan's"
-            )
-    return resolve(config, model), ranks, scales, init_a
 
 
 # --- layers and sites -----------------------------------------------------------------------------------------------
@@ -237,7 +236,8 @@ def build_filters(
             site=config.filter_site,
             dtype=reference.dtype if reference is not None else None,
             device=reference.device if reference is not None else None,
-            generator=_filter_generator(config.init_seed, site.module),
+            # One stream per filter, from the seed and the filtered module's name (the LoRA factors use others).
+            generator=generator_for(config.init_seed, f"{site.module}:{FILTER_ATTR}"),
         )
     if mean:
         kind = "output" if config.filter_site == "layer_output" else "input"
@@ -272,14 +272,6 @@ def _reference_parameter(module: nn.Module) -> Optional[torch.Tensor]:
     # The filter takes the dtype and device of the weights around it, as LoraLinear takes its base layer's.
     base = module.base_layer if isinstance(module, LoraLinear) else module
     return next((p for p in base.parameters() if p.is_floating_point()), None)
-
-
-def _filter_generator(seed: Optional[int], name: str) -> Optional[torch.Generator]:
-    # One stream per filter, from the seed and the filtered module's name only (the LoRA factors use other streams).
-    if seed is None:
-        return None
-    digest = hashlib.sha256(f"{seed}:{name}:{FILTER_ATTR}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
 
 
 # --- task-vector init -----------------------------------------------------------------------------------------------
@@ -487,13 +479,6 @@ def load_weights(model: nn.Module, weights: Mapping[str, Mapping[str, torch.Tens
     for module, parts in weights.items():
         for tensor, value in parts.items():
             getattr(filters[module], tensor).copy_(value)
-
-
-def for_loading(config: Any) -> Any:
-    # The file supplies every t, so attach must not ask for calibration batches while rebuilding the filters.
-    if isinstance(config, TrfConfig) and config.task_vector_init == "mean":
-        return dataclasses.replace(config, task_vector_init="normal")
-    return config
 
 
 def _nearest(query: str, names: Iterable[str], n: int = 3) -> List[str]:

@@ -32,14 +32,22 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._core import __version__
-from ._loss import describe, model_loss
-from .attach import _nearest, _resolve_modules_to_save, _resolve_targets, lora_layers
-from .config import ConfigError, TLoraConfig
-from .errors import AdapterFormatError, EmptyInputError, InfeasibleError, LowRankError, ShapeError
-from .linalg import CovarianceAccumulator, allocate_alphas, allocate_ranks, task_aware_basis
-from .nn.lora import AdapterStateError
-from .package import read_adapter, write_adapter
+from ..._core import __version__
+from ..._loss import describe, model_loss
+from ...adapters.registry import has_adapter
+from ...adapters.targets import nearest, resolve_modules_to_save, resolve_targets
+from ...errors import (
+    AdapterFormatError,
+    AdapterStateError,
+    ConfigError,
+    EmptyInputError,
+    InfeasibleError,
+    LowRankError,
+    ShapeError,
+)
+from ...linalg import CovarianceAccumulator, allocate_alphas, allocate_ranks, task_aware_basis
+from ...package import read_adapter, write_adapter
+from .config import TLoraConfig
 
 __all__ = [
     "CalibrationPlan",
@@ -100,7 +108,7 @@ class CalibrationStatistics:
     def accumulator(self, name: str) -> CovarianceAccumulator:
         """The accumulator holding ``name``'s input statistics (shared with the modules that read the same tensor)."""
         if name not in self.shapes:
-            raise LowRankError(f"no statistics for module {name!r}; nearest: {_nearest(name, self.modules)}")
+            raise LowRankError(f"no statistics for module {name!r}; nearest: {nearest(name, self.modules)}")
         mine = [acc for readers, acc in self._accumulators if name in readers]
         if len(mine) == 1:
             return mine[0]
@@ -640,11 +648,11 @@ def _check_config(config: Any) -> None:
 def _targets(model: nn.Module, config: TLoraConfig) -> Dict[str, nn.Linear]:
     if not isinstance(model, nn.Module):
         raise LowRankError(f"calibrate needs a torch.nn.Module, not {type(model).__name__}")
-    if lora_layers(model):
+    if has_adapter(model):
         raise AdapterStateError("the model already has adapters attached; calibrate the base model, then attach")
     modules = dict(model.named_modules())
-    keep = _resolve_modules_to_save(modules, config.modules_to_save)
-    names = _resolve_targets(modules, config.target_modules, keep, type(model).__name__)
+    keep = resolve_modules_to_save(modules, config.modules_to_save)
+    names = resolve_targets(modules, config.target_modules, keep, type(model).__name__)
     return {n: modules[n] for n in names}
 
 
@@ -990,7 +998,7 @@ def build_plan(
     if missing:
         raise LowRankError(
             f"the statistics are for module {missing[0]!r}, which this model has not as an nn.Linear; "
-            f"nearest names: {_nearest(missing[0], modules)}"
+            f"nearest names: {nearest(missing[0], modules)}"
         )
     for n in names:
         weight_shape = tuple(modules[n].weight.shape)

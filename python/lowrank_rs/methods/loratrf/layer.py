@@ -16,7 +16,7 @@ from typing import Any, Optional, Tuple
 import torch
 from torch import nn
 
-from ..errors import LowRankError, ShapeError
+from ...errors import LowRankError, ShapeError
 
 __all__ = ["TaskFilter"]
 

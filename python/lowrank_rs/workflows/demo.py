@@ -16,8 +16,8 @@ from typing import Dict, List, Tuple
 import numpy as np
 from tqdm import tqdm
 
-from .linalg import CovarianceAccumulator, allocate_alphas, allocate_ranks, task_aware_basis
-from .package import read_adapter, write_adapter
+from ..linalg import CovarianceAccumulator, allocate_alphas, allocate_ranks, task_aware_basis
+from ..package import read_adapter, write_adapter
 
 # LLaMA-style projections, grouped by the tensor they read: q/k/v share one accumulator, gate/up another.
 _GROUPS: Dict[str, Tuple[str, ...]] = {
@@ -131,8 +131,8 @@ def run_demo(out: str, layers: int, dim: int, rank: int, batches: int, seed: int
     assert set(back) == set(tensors)
 
     print(f"\n{'module':<34} {'rank':>5} {'alpha':>6} {'score':>9} {'energy':>8}")
-    for n, r, a, s, e in zip(names, ranks, alphas, scores, energies):
-        print(f"{n:<34} {r:>5} {a:>6.0f} {s:>9.3f} {e:>8.1%}")
+    for n, r, a, score, share in zip(names, ranks, alphas, scores, energies):
+        print(f"{n:<34} {r:>5} {a:>6.0f} {score:>9.3f} {share:>8.1%}")
     print(
         f"\n{tokens:,} tokens (padding excluded) into {len(accs)} shared accumulators in {t_cov:.2f} s; "
         f"{len(names)} bases in {t_basis:.2f} s; budget {budget} = {sum(ranks)} allocated"

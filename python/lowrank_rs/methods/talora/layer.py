@@ -21,12 +21,11 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from ..errors import LowRankError, ShapeError, TaskError
+from ...errors import LowRankError, ShapeError, TaskError
 
 __all__ = ["TaLoraLayer", "TaskError"]
 
 Rotary = Callable[..., Tuple[torch.Tensor, torch.Tensor]]
-
 
 
 class TaLoraLayer(nn.Module):
@@ -66,7 +65,7 @@ class TaLoraLayer(nn.Module):
         generator: Optional[torch.Generator] = None,
     ) -> None:
         super().__init__()
-        weight = k_proj.weight
+        weight: torch.Tensor = k_proj.weight  # type: ignore[assignment]  # an nn.Linear's
         if not weight.is_floating_point():
             raise LowRankError(f"the key projection's weight has dtype {weight.dtype}; TA-LoRA needs floating point")
         if num_heads % num_kv_heads != 0:
@@ -79,7 +78,7 @@ class TaLoraLayer(nn.Module):
         self.head_dim = head_dim
         self.scaling = float(scaling)
         self.prompt_init_std = float(prompt_init_std)
-        factory = {"device": weight.device, "dtype": weight.dtype}
+        factory: Dict[str, Any] = {"device": weight.device, "dtype": weight.dtype}
         # Drawn on the CPU in float32, as LoRA's A, so a seed gives the same prompt on every device and in every dtype.
         theta0 = torch.randn(prompt_length, self.hidden_size, generator=generator) * self.prompt_init_std
         self.theta0 = nn.Parameter(theta0.to(**factory))
@@ -128,7 +127,7 @@ class TaLoraLayer(nn.Module):
                 f"task {name!r}: u {tuple(u.shape)} and v {tuple(v.shape)} must be [r] = [{self.r}] and "
                 f"[d] = [{self.hidden_size}]"
             )
-        factory = {"device": self.theta0.device, "dtype": self.theta0.dtype}
+        factory: Dict[str, Any] = {"device": self.theta0.device, "dtype": self.theta0.dtype}
         self.u.append(nn.Parameter(u.detach().to(**factory).clone()))
         self.v.append(nn.Parameter(v.detach().to(**factory).clone()))
         self._task_names.append(name)

@@ -33,17 +33,14 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
-from ..attach import PEFT_PREFIX
-from ..config import ConfigError, TaLoraConfig
-from ..errors import AdapterFormatError, LowRankError, ShapeError
-from ..nn.talora import TaLoraLayer, TaskError
-from ..talora import PEFT_TYPE
-from .lora import _EXAMPLE_RANK
-from .methods import GraphInput, GraphInputModule, MethodExport, register_method
+from ...adapters.peft_format import PEFT_PREFIX
+from ...errors import AdapterFormatError, ConfigError, LowRankError, ShapeError, TaskError
+from ...export.methods import EXAMPLE_RANK, TASK_INPUT, GraphInput, GraphInputModule, MethodExport
+from .config import TaLoraConfig
+from .layer import TaLoraLayer
+from .method import PEFT_TYPE
 
 __all__ = ["TASK_INPUT", "TaLoraExport", "prompt_input_names"]
-
-TASK_INPUT = "task_id"
 
 
 def prompt_input_names(layer: str) -> Tuple[str, str]:
@@ -132,7 +129,7 @@ class PromptSlot(_Standin):
     def graph_inputs(self, model_inputs: Mapping[str, torch.Tensor]) -> List[GraphInput]:
         layer = self._layer[0]
         dtype, device = layer.theta0.dtype, layer.theta0.device
-        prompt = torch.zeros(_EXAMPLE_RANK, layer.hidden_size, dtype=dtype, device=device)
+        prompt = torch.zeros(EXAMPLE_RANK, layer.hidden_size, dtype=dtype, device=device)
         gate = torch.zeros(layer.num_heads, dtype=dtype, device=device)
         return [
             GraphInput(self.prompt_name, prompt, {0: self.symbol}, torch.zeros(1, layer.hidden_size, dtype=dtype)),
@@ -174,7 +171,6 @@ def _prompt(theta0: torch.Tensor, b: torch.Tensor, u: torch.Tensor, v: torch.Ten
 
 class TaLoraExport(MethodExport):
     name = "talora"
-    file_methods = ("talora",)
     module_type = TaLoraLayer
     slots_from_model = True
 
@@ -211,10 +207,11 @@ class TaLoraExport(MethodExport):
     ) -> Tuple[Dict[str, Dict[str, torch.Tensor]], Dict[str, torch.Tensor]]:
         extras = config.get("lowrank_rs")
         try:
-            assert config.get("peft_type") == PEFT_TYPE and isinstance(extras, dict)
+            if config.get("peft_type") != PEFT_TYPE or not isinstance(extras, dict):
+                raise TypeError(f"peft_type {config.get('peft_type')!r} with a lowrank_rs key is not a TA-LoRA file")
             file_config = TaLoraConfig.from_dict(extras["config"])
             layers = [str(m) for m in extras["modules"]]
-        except (AssertionError, KeyError, TypeError, ConfigError) as e:
+        except (KeyError, TypeError, ConfigError) as e:
             raise AdapterFormatError(
                 f"{where!r}: a malformed TA-LoRA adapter config: {type(e).__name__}: {e}"
             ) from None
@@ -240,4 +237,4 @@ class TaLoraExport(MethodExport):
         return out, rest
 
 
-register_method(TaLoraExport())
+TALORA_EXPORTS = (TaLoraExport(),)

@@ -21,10 +21,9 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from ..errors import AdapterStateError, LowRankError, ShapeError
+from ...errors import AdapterStateError, LowRankError, ShapeError
 
 __all__ = ["AdapterStateError", "LoraLinear"]
-
 
 
 class LoraLinear(nn.Module):

@@ -25,12 +25,12 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
-from ..attach import PEFT_PREFIX
-from ..nn.lora import LoraLinear
-from ..nn.trf import TaskFilter
-from ..trf import FILTER_ATTR, FILTER_TENSORS, split_tensors
-from .lora import _EXAMPLE_RANK, LoraExport, rank_symbol
-from .methods import EMPTY, GraphInput, GraphInputModule, MethodExport, register_method
+from ...adapters.peft_format import PEFT_PREFIX
+from ...export.methods import EMPTY, EXAMPLE_RANK, GraphInput, GraphInputModule, MethodExport
+from ..lora.export import LoraExport, rank_symbol
+from ..lora.layer import LoraLinear
+from .filters import FILTER_ATTR, FILTER_TENSORS, split_tensors
+from .layer import TaskFilter
 
 __all__ = ["TrfExport", "filter_input_names"]
 
@@ -88,10 +88,10 @@ class FilterSlot(GraphInputModule):
                 self.t_name, torch.ones(self.dim, dtype=dtype, device=device), {}, torch.ones(self.dim, dtype=dtype)
             ),
             GraphInput(
-                self.c_name, torch.zeros(self.dim, _EXAMPLE_RANK, dtype=dtype, device=device), {1: self.symbol}, EMPTY
+                self.c_name, torch.zeros(self.dim, EXAMPLE_RANK, dtype=dtype, device=device), {1: self.symbol}, EMPTY
             ),
             GraphInput(
-                self.d_name, torch.zeros(_EXAMPLE_RANK, self.dim, dtype=dtype, device=device), {0: self.symbol}, EMPTY
+                self.d_name, torch.zeros(EXAMPLE_RANK, self.dim, dtype=dtype, device=device), {0: self.symbol}, EMPTY
             ),
         ]
 
@@ -149,7 +149,6 @@ class TrfExport(MethodExport):
     without one are LoRA's (this method registers after LoRA, so it is asked first)."""
 
     name = "loratrf"
-    file_methods = ("loratrf",)
     module_type = TaskFilter
     slots_from_model = True
 
@@ -207,4 +206,4 @@ class TrfExport(MethodExport):
         return modules, saved
 
 
-register_method(TrfExport())
+TRF_EXPORTS = (TrfExport(),)

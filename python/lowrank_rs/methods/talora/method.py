@@ -20,30 +20,37 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import os
 import sys
 from collections.abc import Mapping as MappingABC
-from typing import Any, Dict, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union, cast
 
 import torch
 from torch import nn
 
-from ._core import __version__
-from .attach import (
-    _STATE_ATTR,
-    PEFT_PREFIX,
+from ..._core import __version__
+from ...adapters.method import Method, TrainingHooks
+from ...adapters.peft_format import PEFT_PREFIX
+from ...adapters.recipe import Prepared, Settings, settings_targets
+from ...adapters.record import Attachment, attachment_of, record_attachment
+from ...adapters.registry import has_adapter
+from ...adapters.seeding import generator_for
+from ...adapters.targets import resolve_modules_to_save
+from ...adapters.tasks import task_index
+from ...adapters.tasks import task_names as checked_task_names
+from ...errors import (
+    AdapterFormatError,
+    AdapterStateError,
+    ConfigError,
+    InvalidArgumentError,
+    LowRankError,
+    ShapeError,
     TargetError,
-    _nearest,
-    _resolve_modules_to_save,
-    lora_layers,
-    register_method,
+    TaskError,
 )
-from .config import ConfigError, TaLoraConfig, _task_names
-from .errors import AdapterFormatError, LowRankError, ShapeError
-from .nn.lora import AdapterStateError
-from .nn.talora import TaLoraLayer, TaskError
-from .package import write_adapter
+from ...package import write_adapter
+from .config import TaLoraConfig
+from .layer import TaLoraLayer
 
 __all__ = [
     "PEFT_TYPE",
@@ -82,17 +89,6 @@ _FAMILIES: Dict[str, _Family] = {
 }
 
 
-@dataclasses.dataclass
-class _TaLoraAttachment:
-    """What ``attach`` records on a TA-LoRA model; ``config`` follows :func:`add_task` (its ``tasks`` grow)."""
-
-    config: TaLoraConfig
-    modules_to_save: Tuple[str, ...]
-
-    def training_hooks(self, model: nn.Module) -> _TrainingHooks:
-        return _TrainingHooks(model, self)
-
-
 class _Site(NamedTuple):
     name: str  # the attention module's name; the layer goes in as its `talora` child
     attention: nn.Module
@@ -117,14 +113,14 @@ def attach_talora(model: nn.Module, config: TaLoraConfig) -> nn.Module:
     config with ``layers`` resolved to explicit indices.
     """
     if not isinstance(model, nn.Module):
-        raise LowRankError(f"attach needs a torch.nn.Module, not {type(model).__name__}")
+        raise InvalidArgumentError(f"attach needs a torch.nn.Module, not {type(model).__name__}")
     if not isinstance(config, TaLoraConfig):
-        raise LowRankError(f"attach_talora needs a TaLoraConfig, not {type(config).__name__}")
-    if getattr(model, _STATE_ATTR, None) is not None or lora_layers(model) or talora_layers(model):
+        raise InvalidArgumentError(f"attach_talora needs a TaLoraConfig, not {type(config).__name__}")
+    if has_adapter(model):
         raise AdapterStateError("this model already has an adapter attached; attach TA-LoRA to a fresh copy")
     sites, layers = _sites(model, config.layers)
     modules = dict(model.named_modules())
-    keep = _resolve_modules_to_save(modules, config.modules_to_save)
+    keep = resolve_modules_to_save(modules, config.modules_to_save)
     inside = [k for k in keep if any(k == s.name or k.startswith(s.name + ".") for s in sites)]
     if inside:
         raise TargetError(f"modules_to_save entry {inside[0]!r} is inside an adapted attention layer; save a head")
@@ -136,7 +132,7 @@ def attach_talora(model: nn.Module, config: TaLoraConfig) -> nn.Module:
     for name in keep:
         modules[name].requires_grad_(True)
     resolved = dataclasses.replace(config, layers=tuple(layers))
-    setattr(model, _STATE_ATTR, _TaLoraAttachment(resolved, tuple(keep)))
+    record_attachment(model, Attachment(TaLoraMethod.name, resolved, tuple(keep)))
     return model
 
 
@@ -207,14 +203,6 @@ def _sites(model: nn.Module, layers: Optional[Sequence[int]]) -> Tuple[List[_Sit
     return sites, chosen
 
 
-def _generator(seed: Optional[int], name: str) -> Optional[torch.Generator]:
-    # One stream per (layer, task): a task's initial u depends on the seed, the layer and its name only.
-    if seed is None:
-        return None
-    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
-
-
 def _build_layer(site: _Site, config: TaLoraConfig) -> TaLoraLayer:
     layer = TaLoraLayer(
         prompt_length=config.prompt_length,
@@ -230,10 +218,10 @@ def _build_layer(site: _Site, config: TaLoraConfig) -> TaLoraLayer:
         scaling=site.scaling,
         rotary=site.rotary,
         prompt_init_std=config.prompt_init_std,
-        generator=_generator(config.init_seed, site.name),
+        generator=generator_for(config.init_seed, site.name),
     )
     for task in config.tasks:
-        layer.add_task(task, *layer.fresh_task(_generator(config.init_seed, f"{site.name}#{task}")))
+        layer.add_task(task, *layer.fresh_task(generator_for(config.init_seed, f"{site.name}#{task}")))
     return layer
 
 
@@ -250,9 +238,9 @@ def task_names(model: nn.Module) -> Tuple[str, ...]:
     return _require(model).config.tasks
 
 
-def _require(model: nn.Module) -> _TaLoraAttachment:
-    attachment = getattr(model, _STATE_ATTR, None)
-    if not isinstance(attachment, _TaLoraAttachment):
+def _require(model: nn.Module) -> Attachment:
+    attachment = attachment_of(model)
+    if attachment is None or attachment.method != TaLoraMethod.name:
         raise AdapterStateError(
             "the model has no TA-LoRA adapter; attach one with lowrank_rs.attach(model, TaLoraConfig(tasks=[...]))"
         )
@@ -301,11 +289,11 @@ def _task_ids(value: Any, names: Sequence[str]) -> torch.Tensor:
             raise TaskError(f"task ids must be a [batch] tensor (or 0-d for the whole batch), not {list(value.shape)}")
         ids = value.long()
     elif isinstance(value, (str, int)) and not isinstance(value, bool):
-        ids = torch.tensor(_one_id(value, names, "task"))
+        ids = torch.tensor(task_index(value, names, "task"))
     elif isinstance(value, (list, tuple)):
         if not value:
             raise TaskError("task ids are empty; give one task per example")
-        ids = torch.tensor([_one_id(item, names, f"task_ids[{i}]") for i, item in enumerate(value)])
+        ids = torch.tensor([task_index(item, names, f"task_ids[{i}]") for i, item in enumerate(value)])
     else:
         raise TaskError(
             f"task ids must be a LongTensor [batch], a list of task names or indices, or one name or index, not "
@@ -320,22 +308,6 @@ def _task_ids(value: Any, names: Sequence[str]) -> torch.Tensor:
     if bad.numel():
         raise TaskError(f"task id {int(bad[0])} does not exist: the model has {len(names)} tasks {list(names)}")
     return ids
-
-
-def _one_id(value: Any, names: Sequence[str], where: str) -> int:
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
-        value = int(value.reshape(()))
-    if isinstance(value, str):
-        if value not in names:
-            raise TaskError(
-                f"{where}: {value!r} is not one of the model's tasks {list(names)}; nearest: {_nearest(value, names)}"
-            )
-        return names.index(value)
-    if isinstance(value, int) and not isinstance(value, bool):
-        if not 0 <= value < len(names):
-            raise TaskError(f"{where}: task id {value} does not exist: the model has {len(names)} tasks {list(names)}")
-        return value
-    raise TaskError(f"{where} must be a task name or index, not {type(value).__name__} {value!r}")
 
 
 # -- new tasks ---------------------------------------------------------------------------------------------------------
@@ -354,7 +326,7 @@ def add_task(
     """
     attachment = _require(model)
     layers = _require_layers(model)
-    (name,) = _task_names([name], "task name")
+    (name,) = checked_task_names([name], "task name")
     config = attachment.config
     if name in config.tasks:
         raise TaskError(f"task {name!r} exists already; the model's tasks are {list(config.tasks)}")
@@ -362,7 +334,7 @@ def add_task(
         raise TaskError(f"init must be 'mean' (the mean of the existing tasks) or 'random', not {init!r}")
     for flag, what in ((train_shared, "train_shared"), (train_saved, "train_saved")):
         if not isinstance(flag, bool):
-            raise LowRankError(f"{what} must be true or false, not {flag!r}")
+            raise InvalidArgumentError(f"{what} must be true or false, not {flag!r}")
     with torch.no_grad():
         for layer_name, layer in layers.items():
             if init == "mean":
@@ -370,7 +342,7 @@ def add_task(
                 layer.add_task(name, u.mean(dim=0), v.mean(dim=0))
             else:
                 site = layer_name[: -len("." + CHILD)]
-                layer.add_task(name, *layer.fresh_task(_generator(config.init_seed, f"{site}#{name}")))
+                layer.add_task(name, *layer.fresh_task(generator_for(config.init_seed, f"{site}#{name}")))
     new = str(len(config.tasks))  # the new task's id: its index in the layers' u and v lists
     for layer in layers.values():
         for param_name, p in layer.named_parameters():
@@ -401,10 +373,10 @@ def orthogonality_penalty(model: nn.Module) -> torch.Tensor:
 # -- what lr.train needs -----------------------------------------------------------------------------------------------
 
 
-class _TrainingHooks:
-    """The training loop's view of a TA-LoRA model (the protocol is described in lowrank_rs.train)."""
+class _TrainingHooks(TrainingHooks):
+    """The training loop's view of a TA-LoRA model: task ids from examples, slow and fast rates, the penalty."""
 
-    def __init__(self, model: nn.Module, attachment: _TaLoraAttachment) -> None:
+    def __init__(self, model: nn.Module, attachment: Attachment) -> None:
         self.model = model
         self.config = attachment.config
         self.layers = _require_layers(model)
@@ -422,7 +394,7 @@ class _TrainingHooks:
                 f"{list(self.config.tasks)}) or 'task_ids' (its index)"
             )
         key = "task" if has_task else "task_ids"
-        task_id = _one_id(example[key], self.config.tasks, f"{where}: {key}")
+        task_id = task_index(example[key], self.config.tasks, f"{where}: {key}")
         out = {k: v for k, v in example.items() if k not in ("task", "task_ids")}
         out["task_ids"] = torch.tensor(task_id)
         return out
@@ -484,7 +456,7 @@ def _chosen_tasks(model: nn.Module, tasks: Optional[Sequence[str]]) -> Tuple[str
     names = task_names(model)
     if tasks is None:
         return names
-    chosen = _task_names(list(tasks) if isinstance(tasks, (list, tuple)) else tasks, "tasks")
+    chosen = checked_task_names(list(tasks) if isinstance(tasks, (list, tuple)) else tasks, "tasks")
     if not chosen:
         raise TaskError("tasks=[] would save no task; name at least one, or pass None for all")
     unknown = [t for t in chosen if t not in names]
@@ -512,7 +484,7 @@ def save_talora(model: nn.Module, path: PathLike, *, vllm: bool = False, tasks: 
         "inference_mode": True,
         "lowrank_rs": {
             "version": __version__,
-            "method": TaLoraConfig.method,
+            "method": TaLoraMethod.name,
             "config": config.to_dict(),
             "modules": sorted(layers),
             "modules_to_save": list(attachment.modules_to_save),
@@ -539,11 +511,12 @@ def load_talora(
         )
     extras = peft_config.get("lowrank_rs")
     try:
-        assert isinstance(extras, dict) and extras.get("method") == TaLoraConfig.method
+        if not isinstance(extras, dict) or extras.get("method") != TaLoraMethod.name:
+            raise TypeError(f"its lowrank_rs key does not name method {TaLoraMethod.name!r}")
         file_config = TaLoraConfig.from_dict(extras["config"])
         file_modules = list(extras["modules"])
         file_signature = dict(extras["model"])
-    except (AssertionError, KeyError, TypeError, ConfigError) as e:
+    except (KeyError, TypeError, ConfigError) as e:
         raise AdapterFormatError(f"{where!r}: a malformed TA-LoRA adapter config: {type(e).__name__}: {e}") from None
     here = _signature(model)
     differ = [
@@ -552,22 +525,25 @@ def load_talora(
     if differ:
         raise TargetError(f"{where!r} was written for another model: {'; '.join(differ)}")
 
-    attachment = getattr(model, _STATE_ATTR, None)
+    attachment = attachment_of(model)
     if attachment is None:
-        if lora_layers(model):
-            raise AdapterStateError("the model has LoRA layers; load TA-LoRA into a fresh copy of the model")
+        if has_adapter(model):
+            raise AdapterStateError("the model has adapter layers; load TA-LoRA into a fresh copy of the model")
         sites, _ = _sites(model, file_config.layers)
         expected_layers = {f"{s.name}.{CHILD}": s for s in sites}
-        kept = _resolve_modules_to_save(dict(model.named_modules()), file_config.modules_to_save)
-        shapes = {
-            name: {"theta0": (file_config.prompt_length, s.k.weight.shape[1]), "B": (file_config.prompt_length,
-                   file_config.r), "gate": (s.num_heads,), "u": (file_config.r,), "v": (s.k.weight.shape[1],)}
+        kept = resolve_modules_to_save(dict(model.named_modules()), file_config.modules_to_save)
+        widths = {name: int(cast(torch.Tensor, s.k.weight).shape[1]) for name, s in expected_layers.items()}
+        shapes: Dict[str, Dict[str, Tuple[int, ...]]] = {
+            name: {"theta0": (file_config.prompt_length, widths[name]), "B": (file_config.prompt_length,
+                   file_config.r), "gate": (s.num_heads,), "u": (file_config.r,), "v": (widths[name],)}
             for name, s in expected_layers.items()
         }  # fmt: skip
         tasks = file_config.tasks
     else:
-        if not isinstance(attachment, _TaLoraAttachment):
-            raise AdapterStateError(f"the model has a LoRA adapter attached; load {where!r} into a fresh copy")
+        if attachment.method != TaLoraMethod.name:
+            raise AdapterStateError(
+                f"the model has a {attachment.method} adapter attached; load {where!r} into a fresh copy"
+            )
         mine = attachment.config
         for field in ("layers", "prompt_length", "r"):
             if getattr(mine, field) != getattr(file_config, field):
@@ -583,7 +559,8 @@ def load_talora(
         layers = _require_layers(model)
         kept = list(attachment.modules_to_save)
         shapes = {
-            name: {k: tuple(getattr(layer, k).shape) for k in _SLOW} | {"u": (layer.r,), "v": (layer.hidden_size,)}
+            name: {k: tuple(int(n) for n in getattr(layer, k).shape) for k in _SLOW}
+            | {"u": (layer.r,), "v": (layer.hidden_size,)}
             for name, layer in layers.items()
         }
         tasks = mine.tasks
@@ -649,35 +626,28 @@ def _saved_states(
     return out
 
 
-# -- the hand-over from lowrank_rs.attach ------------------------------------------------------------------------------
+# -- the method -------------------------------------------------------------------------------------------------------
 
 
-class _Method:
-    """What :mod:`lowrank_rs.attach` calls for TA-LoRA configs, models and files."""
-
+class TaLoraMethod(Method):
+    name = "talora"
+    title = "TA-LoRA"
     config_type = TaLoraConfig
-    peft_type = PEFT_TYPE
+    multitask = True
+    description = (
+        "multi-task low-rank prompts: shared slow weights, per-task rank-1 fast weights, gated attention (one "
+        "prompt set per task of the data's 'task' field; --rank is the shared rank)"
+    )
 
-    @staticmethod
-    def attach(model: nn.Module, config: TaLoraConfig) -> nn.Module:
+    def attach(self, model: nn.Module, config: Any, **options: Any) -> nn.Module:
+        if options:
+            raise InvalidArgumentError(f"attach got option(s) {sorted(options)}; a TaLoraConfig takes none")
         return attach_talora(model, config)
 
-    @staticmethod
-    def save_adapter(model: nn.Module, path: PathLike, **options: Any) -> None:
-        save_talora(model, path, **options)
+    def adapter_modules(self, model: nn.Module) -> Dict[str, nn.Module]:
+        return dict(talora_layers(model))
 
-    @staticmethod
-    def load_adapter(
-        model: nn.Module, tensors: Mapping[str, torch.Tensor], peft_config: Mapping[str, Any], path: PathLike
-    ) -> nn.Module:
-        return load_talora(model, tensors, peft_config, path)
-
-    @staticmethod
-    def adapter_state(model: nn.Module) -> Dict[str, torch.Tensor]:
-        return _tensors(model, task_names(model))
-
-    @staticmethod
-    def merge(model: nn.Module) -> nn.Module:
+    def merge(self, model: nn.Module) -> nn.Module:
         raise AdapterStateError(
             "TA-LoRA cannot be merged into the base weights: its prompt branch is a second softmax over each query "
             "and the example's task, not a weight update. Keep the adapter attached (or export with per-task "
@@ -686,5 +656,34 @@ class _Method:
 
     unmerge = merge
 
+    def adapter_state(self, model: nn.Module) -> Dict[str, torch.Tensor]:
+        return _tensors(model, task_names(model))
 
-register_method(_Method)
+    def save_adapter(self, model: nn.Module, path: PathLike, **options: Any) -> None:
+        unknown = sorted(set(options) - {"vllm", "tasks"})
+        if unknown:
+            raise InvalidArgumentError(f"save_adapter got option(s) {unknown}; a TA-LoRA adapter takes tasks= only")
+        save_talora(model, path, **options)
+
+    def reads_file(self, peft_config: Mapping[str, Any]) -> bool:
+        return peft_config.get("peft_type") == PEFT_TYPE
+
+    def load_adapter(
+        self, model: nn.Module, tensors: Mapping[str, torch.Tensor], peft_config: Mapping[str, Any], path: PathLike
+    ) -> nn.Module:
+        return load_talora(model, tensors, peft_config, path)
+
+    def training_hooks(self, model: nn.Module) -> TrainingHooks:
+        return _TrainingHooks(model, _require(model))
+
+    def export_hooks(self) -> Sequence[Any]:
+        from .export import TALORA_EXPORTS
+
+        return TALORA_EXPORTS
+
+    def prepare(self, model: nn.Module, examples: Sequence[Dict[str, Any]], settings: Settings, pad: int) -> Prepared:
+        _, heads = settings_targets(model, settings)
+        config = TaLoraConfig(
+            tasks=list(settings.tasks), r=settings.rank, modules_to_save=heads, init_seed=settings.seed
+        )
+        return Prepared(self.attach(model, config))

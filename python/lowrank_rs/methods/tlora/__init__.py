@@ -1,0 +1,20 @@
+"""TLoRA (METHODS.md §2): calibration (covariance, sensitivity, budgeted ranks and scales, task-aware ``A``), the
+calibration plan, and the method — LoRA with the plan's frozen ``A``."""
+
+from ...adapters.registry import register
+from .calibrate import CalibrationPlan, ModulePlan, build_plan, calibrate, collect_statistics
+from .config import TLoraConfig
+from .method import TLoraMethod
+
+METHOD = register(TLoraMethod())
+
+__all__ = [
+    "METHOD",
+    "CalibrationPlan",
+    "ModulePlan",
+    "TLoraConfig",
+    "TLoraMethod",
+    "build_plan",
+    "calibrate",
+    "collect_statistics",
+]

@@ -1,0 +1,64 @@
+"""The TLoRA config (METHODS.md §2): LoRA's fields plus calibration, allocation and basis settings."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar, Optional
+
+from ...config import bool_field, choice, int_field
+from ...errors import ConfigError
+from ..lora.config import LoraConfig
+
+__all__ = ["TLoraConfig"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TLoraConfig(LoraConfig):
+    """TLoRA (METHODS.md §2): task-aware frozen ``A``, budgeted rank and scale per module.
+
+    - ``budget``: total rank over the ``N`` target modules; ``None`` means ``r × N`` (LoRA's parameter count).
+    - ``min_rank``, ``max_rank``, ``multiple_of``: bounds and rounding of each module's rank; rank 0 (allowed with
+      ``min_rank=0``) leaves a module without adapter.
+    - ``center``: covariance centring, ``"sequence"`` (the reference's), ``"global"`` or ``"none"``.
+    - ``num_examples``: calibration examples; ``count_prompt_tokens``: whether tokens labelled -100 enter ``C``.
+    - ``scaling``: ``"reference"`` gives ``γ_i = α_i / r`` with the base ``r`` (what the reference computes),
+      ``"per_rank"`` gives ``γ_i = α_i / r_i``.
+    - ``train_a``: train ``A`` too (the paper freezes it; the released code forgot to).
+    - ``oversample``, ``power_iters``: randomized SVD settings for the basis.
+    - ``per_example_scores``: sensitivity per example (batch size 1), as the reference, or per batch.
+    """
+
+    method: ClassVar[str] = "tlora"
+
+    budget: Optional[int] = None
+    min_rank: int = 1
+    max_rank: Optional[int] = None
+    multiple_of: int = 1
+    center: str = "sequence"
+    num_examples: int = 32
+    count_prompt_tokens: bool = True
+    scaling: str = "reference"
+    train_a: bool = False
+    oversample: int = 10
+    power_iters: int = 4
+    per_example_scores: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.budget is not None:
+            self._set("budget", int_field(self.budget, "budget", minimum=1))
+        self._set("min_rank", int_field(self.min_rank, "min_rank", minimum=0))
+        if self.max_rank is not None:
+            max_rank = int_field(self.max_rank, "max_rank", minimum=1)
+            if max_rank < self.min_rank:
+                raise ConfigError(f"max_rank ({max_rank}) must be at least min_rank ({self.min_rank})")
+            self._set("max_rank", max_rank)
+        self._set("multiple_of", int_field(self.multiple_of, "multiple_of", minimum=1))
+        self._set("center", choice(self.center, "center", ("sequence", "global", "none")))
+        self._set("num_examples", int_field(self.num_examples, "num_examples", minimum=1))
+        self._set("count_prompt_tokens", bool_field(self.count_prompt_tokens, "count_prompt_tokens"))
+        self._set("scaling", choice(self.scaling, "scaling", ("reference", "per_rank")))
+        self._set("train_a", bool_field(self.train_a, "train_a"))
+        self._set("oversample", int_field(self.oversample, "oversample", minimum=0))
+        self._set("power_iters", int_field(self.power_iters, "power_iters", minimum=0))
+        self._set("per_example_scores", bool_field(self.per_example_scores, "per_example_scores"))

@@ -1,0 +1,85 @@
+"""TLoRA as a method (METHODS.md §2): LoRA whose ``A`` comes from a calibration plan and stays frozen."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, ClassVar, Dict, Mapping, Optional, Sequence
+
+from torch import nn
+
+from ...adapters.recipe import Prepared, Settings
+from ...errors import InvalidArgumentError
+from ...training.collate import calibration_batches
+from ..lora.method import LoraMethod, Overrides
+from .calibrate import PLAN_FORMAT, CalibrationPlan, calibrate
+from .config import TLoraConfig
+
+__all__ = ["TLoraMethod"]
+
+
+class TLoraMethod(LoraMethod):
+    name = "tlora"
+    title = "TLoRA"
+    config_type = TLoraConfig
+    accepts = (CalibrationPlan,)
+    default_job_order: ClassVar[Optional[int]] = 0
+    calibrates = True
+    description = "task-aware frozen A from W0·C, rank and scale per module from a sensitivity budget"
+
+    def resolve(
+        self,
+        model: nn.Module,
+        config: Any,
+        ranks: Optional[Mapping[str, int]],
+        scales: Optional[Mapping[str, float]],
+        init_a: Optional[Mapping[str, Any]],
+        options: Mapping[str, Any],
+    ) -> Overrides:
+        if not isinstance(config, CalibrationPlan):
+            return super().resolve(model, config, ranks, scales, init_a, options)
+        if ranks is not None or scales is not None or init_a is not None:
+            raise InvalidArgumentError(
+                "attach(model, plan) takes ranks, scales and init_a from the plan; pass none of them"
+            )
+        super().resolve(model, config.config, None, None, None, options)
+        tlora, ranks, scales, init_a = config.attach_arguments()
+        return tlora, ranks, scales, init_a, True
+
+    def freezes_a(self, config: Any) -> bool:
+        return not config.train_a
+
+    def reads_file(self, peft_config: Mapping[str, Any]) -> bool:
+        # A PEFT file has no plan; TLoRA files name their method.
+        return False
+
+    def config_for_job(self, model: nn.Module, settings: Settings) -> TLoraConfig:
+        config = super().config_for_job(model, settings)
+        return TLoraConfig(**{**config.to_dict(), "num_examples": settings.calibration_examples})
+
+    def calibrate(
+        self, model: nn.Module, examples: Sequence[Dict[str, Any]], settings: Settings, pad: int, **limits: Any
+    ) -> CalibrationPlan:
+        config = self.config_for_job(model, settings)
+        if limits:
+            config = dataclasses.replace(config, **limits)
+        batches = calibration_batches(examples, settings.calibration_examples, pad)
+        return calibrate(model, batches, config, progress=settings.progress)
+
+    def is_plan(self, config: Mapping[str, Any]) -> bool:
+        return config.get("format") == PLAN_FORMAT
+
+    def load_plan(self, path: Any) -> CalibrationPlan:
+        return CalibrationPlan.load(path)
+
+    def prepare(self, model: nn.Module, examples: Sequence[Dict[str, Any]], settings: Settings, pad: int) -> Prepared:
+        started = time.perf_counter()
+        plan = self.calibrate(model, examples, settings, pad)
+        seconds = time.perf_counter() - started
+        return Prepared(self.attach(model, plan), plan, seconds)
+
+    def rank_budget(self, model: nn.Module, prepared: Prepared) -> Optional[int]:
+        # TLoRA's budget counts what it distributed, rank-0 modules included.
+        if isinstance(prepared.plan, CalibrationPlan):
+            return prepared.plan.budget
+        return super().rank_budget(model, prepared)
