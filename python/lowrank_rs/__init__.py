@@ -51,6 +51,7 @@ from .errors import (
 )
 from .export import OrtModel, export_onnx
 from .linalg import get_num_threads, set_num_threads
+from .methods.dora import DoraConfig, DoraLinear
 from .methods.lora import LoraConfig, LoraLinear, lora_layers
 from .methods.loratrf import TaskFilter, TrfConfig, init_task_vectors, trf_filters
 from .methods.talora import (
@@ -73,6 +74,8 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "DataError",
+    "DoraConfig",
+    "DoraLinear",
     "DtypeError",
     "EmptyInputError",
     "EvalResult",

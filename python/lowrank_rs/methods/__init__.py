@@ -10,4 +10,5 @@ from . import lora  # noqa: F401  (each import registers its method)
 from . import tlora  # noqa: F401
 from . import loratrf  # noqa: F401
 from . import talora  # noqa: F401
+from . import dora  # noqa: F401
 # isort: on

@@ -1,0 +1,122 @@
+"""DoRA as a method (METHODS.md §5): LoRA with DoRA layers, PEFT's ``use_dora`` files, and a TLoRA plan's ``A``.
+
+Everything but the layer, the magnitude tensor in the file and ``use_dora: true`` is LoRA's, inherited.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, ClassVar, Dict, Mapping, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from ...errors import AdapterFormatError, InvalidArgumentError, ShapeError
+from ..lora.layer import LoraLinear
+from ..lora.method import UNSUPPORTED_PEFT_FIELDS, LoraMethod, Overrides
+from ..tlora.calibrate import CalibrationPlan
+from .config import DoraConfig
+from .layer import DoraLinear
+
+__all__ = ["DoraMethod"]
+
+MAGNITUDE = "lora_magnitude_vector"  # PEFT's tensor name, below the module
+
+
+class DoraMethod(LoraMethod):
+    name = "dora"
+    title = "DoRA"
+    config_type = DoraConfig
+    default_job_order: ClassVar[Optional[int]] = None
+    description = "weight-decomposed LoRA: a trainable magnitude per output row times the adapted direction"
+    unsupported_peft_fields = tuple(f for f in UNSUPPORTED_PEFT_FIELDS if f != "use_dora")
+
+    def attach(self, model: nn.Module, config: Any, **options: Any) -> nn.Module:
+        """LoRA's ``attach`` with DoRA layers; ``plan=`` (a TLoRA :class:`~lowrank_rs.CalibrationPlan`) gives the
+        ranks, scales and task-aware ``A`` (frozen unless the plan's config trains it)."""
+        return super().attach(model, config, **options)
+
+    def resolve(
+        self,
+        model: nn.Module,
+        config: Any,
+        ranks: Optional[Mapping[str, int]],
+        scales: Optional[Mapping[str, float]],
+        init_a: Optional[Mapping[str, Any]],
+        options: Mapping[str, Any],
+    ) -> Overrides:
+        plan = options.get("plan")
+        rest = {k: v for k, v in options.items() if k != "plan"}
+        if plan is None:
+            return super().resolve(model, config, ranks, scales, init_a, rest)
+        super().resolve(model, config, None, None, None, rest)
+        if not isinstance(plan, CalibrationPlan):
+            raise InvalidArgumentError(
+                f"plan must be a CalibrationPlan (lowrank_rs.calibrate), not {type(plan).__name__}"
+            )
+        if ranks is not None or scales is not None or init_a is not None:
+            raise InvalidArgumentError("attach(model, config, plan=plan) takes ranks, scales and init_a from the plan")
+        tlora, ranks, scales, init_a = plan.attach_arguments()
+        lora_fields = ("target_modules", "r", "alpha", "use_rslora", "dropout", "modules_to_save", "init_seed")
+        merged = DoraConfig(**{f: getattr(tlora, f) for f in lora_fields}, train_a=tlora.train_a)
+        return merged, ranks, scales, init_a, True
+
+    def freezes_a(self, config: Any) -> bool:
+        return not config.train_a
+
+    def make_layer(
+        self,
+        base: nn.Linear,
+        r: int,
+        scaling: float,
+        config: Any,
+        *,
+        freeze_a: bool,
+        init_a: Any,
+        generator: Optional[torch.Generator],
+    ) -> LoraLinear:
+        return DoraLinear(
+            base, r, scaling, dropout=config.dropout, freeze_a=freeze_a, init_a=init_a, generator=generator
+        )
+
+    def layers(self, model: nn.Module) -> Dict[str, LoraLinear]:
+        return {name: m for name, m in model.named_modules() if isinstance(m, DoraLinear)}
+
+    # -- files ----------------------------------------------------------------------------------------------------
+
+    def layer_tensors(self, layer: LoraLinear) -> Dict[str, torch.Tensor]:
+        return {MAGNITUDE: getattr(layer, MAGNITUDE).detach()}
+
+    def layer_state_keys(self) -> Tuple[str, ...]:
+        return (MAGNITUDE,)
+
+    def peft_fields(self) -> Dict[str, Any]:
+        return {"use_dora": True}
+
+    def vllm_refusal(self, model: nn.Module) -> Optional[str]:
+        return "vLLM serves plain LoRA and cannot apply DoRA's magnitude; save without vllm=True (or merge first)"
+
+    def reads_file(self, peft_config: Mapping[str, Any]) -> bool:
+        return peft_config.get("peft_type") == "LORA" and bool(peft_config.get("use_dora"))
+
+    def check_file(self, peft_config: Mapping[str, Any], path: Any) -> None:
+        super().check_file(peft_config, path)
+        if not peft_config.get("use_dora"):
+            raise AdapterFormatError(f"{os.fspath(path)!r} is a plain LoRA adapter (use_dora is not set), not DoRA")
+
+    def check_layer_tensors(self, name: str, base: nn.Linear, tensors: Mapping[str, torch.Tensor], path: Any) -> None:
+        if MAGNITUDE not in tensors:
+            raise AdapterFormatError(f"{os.fspath(path)!r}: the DoRA module {name!r} has no {MAGNITUDE} tensor")
+        shape = tuple(tensors[MAGNITUDE].shape)
+        if shape != (base.out_features,):
+            raise ShapeError(
+                f"{os.fspath(path)!r}: {name}.{MAGNITUDE} has shape {shape}; expected ({base.out_features},)"
+            )
+
+    def load_layer_tensors(self, layer: LoraLinear, tensors: Mapping[str, torch.Tensor], name: str) -> None:
+        getattr(layer, MAGNITUDE).copy_(tensors[MAGNITUDE])
+
+    def export_hooks(self) -> Sequence[Any]:
+        from .export import DORA_EXPORTS
+
+        return DORA_EXPORTS
