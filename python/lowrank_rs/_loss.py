@@ -6,7 +6,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import torch
 
-from .errors import LowRankError, NonFiniteError
+from .errors import InvalidArgumentError, NonFiniteError
 
 LossFn = Callable[[Any, Mapping[str, Any]], torch.Tensor]
 
@@ -34,12 +34,12 @@ def model_loss(
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else getattr(outputs, "loss", None)
         source = "the model's outputs.loss"
         if loss is None:
-            raise LowRankError(
+            raise InvalidArgumentError(
                 f"{type(model).__name__} returned no loss: {no_labels_hint}, or pass "
                 f"loss_fn=lambda outputs, batch: ... to {caller}"
             )
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.is_floating_point():
-        raise LowRankError(f"{source} must be a scalar floating-point tensor, got {describe(loss)}")
+        raise InvalidArgumentError(f"{source} must be a scalar floating-point tensor, got {describe(loss)}")
     if not torch.isfinite(loss.detach()).all():
         raise NonFiniteError(f"{source} is {loss.item()} {non_finite_hint}")
     return loss.reshape(())

@@ -7,7 +7,7 @@ import os
 import sys
 from typing import Any, List, Optional
 
-from .errors import LowRankError
+from .errors import InvalidArgumentError, LowRankError
 
 DESCRIPTION = """\
 lowrank-rs: LoRA-family adapters for Hugging Face models, with a Rust calibration core.
@@ -76,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     finetune.add_argument(
         "--method",
         choices=methods,
-        help=f"train this method and compare it with the baseline (short for --methods METHOD,{methods[0]})",
+        help="train this method and compare it with the baseline, plain LoRA (short for --methods METHOD,lora)",
     )
     finetune.add_argument("--out", default="lowrank-rs-out/finetune", help="output directory (default %(default)s)")
     finetune.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -218,13 +218,13 @@ def _load(args: argparse.Namespace) -> Any:
 
 
 def _finetune(args: argparse.Namespace) -> None:
-    from .adapters import methods as registered
+    from .adapters.registry import baseline
     from .workflows.finetune import finetune
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if args.method is not None:
-        baseline = registered()[0].name  # the first registered method is plain LoRA, every variant's baseline
-        methods = [args.method] + ([] if args.method == baseline else [baseline])
+        plain = baseline().name
+        methods = [args.method] + ([] if args.method == plain else [plain])
     finetune(
         args.model,
         args.data,
@@ -275,10 +275,14 @@ def _train(args: argparse.Namespace) -> None:
     from .workflows.finetune import load_model, with_eval_schedule, with_task_ids
 
     if args.resume and not args.checkpoint_dir:
-        raise LowRankError("--resume needs --checkpoint-dir (the directory the interrupted run checkpointed to)")
+        raise InvalidArgumentError(
+            "--resume needs --checkpoint-dir (the directory the interrupted run checkpointed to)"
+        )
     method = method_named(args.method)
     if args.plan and not method.calibrates:
-        raise LowRankError(f"--plan is a calibration plan; it does not go with --method {args.method} ({method.title})")
+        raise InvalidArgumentError(
+            f"--plan is a calibration plan; it does not go with --method {args.method} ({method.title})"
+        )
     task = _load(args)
     settings = dataclasses.replace(_settings(args), tasks=task.train.tasks or ("default",))
     torch.manual_seed(args.seed)

@@ -40,7 +40,7 @@ from ._core import (
 from ._core import (
     task_aware_basis as _core_task_aware_basis,
 )
-from .errors import LowRankError, ShapeError
+from .errors import InvalidArgumentError, ShapeError
 
 __all__ = [
     "CovarianceAccumulator",
@@ -117,7 +117,7 @@ class CovarianceAccumulator:
     def merge(self, other: CovarianceAccumulator) -> None:
         """Fold ``other``'s tokens into this accumulator, exactly as if they had been fed here."""
         if not isinstance(other, CovarianceAccumulator):
-            raise LowRankError(f"can only merge another CovarianceAccumulator, not {type(other).__name__}")
+            raise InvalidArgumentError(f"can only merge another CovarianceAccumulator, not {type(other).__name__}")
         self._inner.merge(other._inner)
 
     def mean(self) -> np.ndarray:
@@ -215,7 +215,7 @@ def allocate_alphas(scores: Any, alpha: float) -> List[float]:
     Important modules get a larger update magnitude; none gets less than the base ``alpha``.
     """
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
-        raise LowRankError(f"alpha must be a number, not {type(alpha).__name__}")
+        raise InvalidArgumentError(f"alpha must be a number, not {type(alpha).__name__}")
     return _core_allocate_alphas(_scores(scores), float(alpha))
 
 
@@ -225,7 +225,7 @@ def _scores(scores: Any) -> List[float]:
     try:
         arr = np.asarray(scores, dtype=np.float64)
     except (TypeError, ValueError) as e:
-        raise LowRankError(f"scores must be a sequence of numbers: {e}") from None
+        raise InvalidArgumentError(f"scores must be a sequence of numbers: {e}") from None
     if arr.ndim != 1:
         raise ShapeError(f"scores must be 1-D, got shape {tuple(arr.shape)}")
     return arr.tolist()
@@ -233,14 +233,14 @@ def _scores(scores: Any) -> List[float]:
 
 def _non_negative_int(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise LowRankError(f"{name} must be an integer, not {type(value).__name__} {value!r}")
+        raise InvalidArgumentError(f"{name} must be an integer, not {type(value).__name__} {value!r}")
     if value < 0:
-        raise LowRankError(f"{name} must be non-negative, got {value}")
+        raise InvalidArgumentError(f"{name} must be non-negative, got {value}")
     return int(value)
 
 
 def _seed(seed: Any) -> int:
     seed = _non_negative_int(seed, "seed")
     if seed >= 2**64:
-        raise LowRankError(f"seed must be below 2**64, got {seed}")
+        raise InvalidArgumentError(f"seed must be below 2**64, got {seed}")
     return seed

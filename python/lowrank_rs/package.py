@@ -24,7 +24,7 @@ from ._core import (
 from ._core import (
     write_adapter as _core_write_adapter,
 )
-from .errors import DtypeError, LowRankError
+from .errors import DtypeError, InvalidArgumentError
 
 __all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "read_adapter", "write_adapter", "write_ort_adapter"]
 
@@ -44,17 +44,17 @@ def write_adapter(directory: PathLike, tensors: Mapping[str, Any], config: Mappi
     ``config``: a JSON-serialisable mapping (NaN and infinity are rejected: JSON has no spelling for them).
     """
     if not isinstance(config, Mapping):
-        raise LowRankError(f"config must be a mapping, not {type(config).__name__}")
+        raise InvalidArgumentError(f"config must be a mapping, not {type(config).__name__}")
     try:
         config_json = json.dumps(dict(config), allow_nan=False, indent=2, sort_keys=True)
     except (TypeError, ValueError) as e:
-        raise LowRankError(f"config is not JSON-serialisable: {e}") from None
+        raise InvalidArgumentError(f"config is not JSON-serialisable: {e}") from None
     if not isinstance(tensors, Mapping):
-        raise LowRankError(f"tensors must be a mapping of name to array, not {type(tensors).__name__}")
+        raise InvalidArgumentError(f"tensors must be a mapping of name to array, not {type(tensors).__name__}")
     raw = []
     for name, value in tensors.items():
         if not isinstance(name, str):
-            raise LowRankError(f"tensor names must be strings, got {name!r}")
+            raise InvalidArgumentError(f"tensor names must be strings, got {name!r}")
         tag, arr = _to_bytes(name, value)
         raw.append((name, tag, list(arr.shape), np.ascontiguousarray(arr).reshape(-1).view(np.uint8)))
     _core_write_adapter(os.fspath(directory), raw, config_json)
@@ -67,7 +67,7 @@ def read_adapter(directory: PathLike, framework: str = "numpy") -> Tuple[Dict[st
     no bfloat16); ``framework="torch"`` gives CPU torch tensors in their stored dtype.
     """
     if framework not in ("numpy", "torch"):
-        raise LowRankError(f"framework must be 'numpy' or 'torch', not {framework!r}")
+        raise InvalidArgumentError(f"framework must be 'numpy' or 'torch', not {framework!r}")
     raw, config_json = _core_read_adapter(os.fspath(directory))
     out: Dict[str, Any] = {}
     for name, tag, shape, data in raw:

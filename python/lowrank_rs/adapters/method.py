@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..errors import AdapterStateError, LowRankError
+from ..errors import AdapterStateError, InvalidArgumentError
 from .recipe import Plan, Prepared, Settings
 
 __all__ = ["Method", "TrainingHooks"]
@@ -120,21 +120,21 @@ class Method:
 
     def prepare(self, model: nn.Module, examples: Sequence[Dict[str, Any]], settings: Settings, pad: int) -> Prepared:
         """The fine-tuning job's recipe: attach (calibrating first where the method needs data) with ``settings``."""
-        raise LowRankError(f"{self.title} has no recipe for the fine-tuning job")
+        raise InvalidArgumentError(f"{self.title} has no recipe for the fine-tuning job")
 
     def calibrate(
         self, model: nn.Module, examples: Sequence[Dict[str, Any]], settings: Settings, pad: int, **limits: Any
     ) -> Plan:
         """The job's calibration step alone (``lowrank-rs calibrate``): a plan to save, print, plot and attach.
         ``limits`` are method-specific bounds (TLoRA: ``budget``, ``min_rank``, ``max_rank``)."""
-        raise LowRankError(f"{self.title} has no calibration step")
+        raise InvalidArgumentError(f"{self.title} has no calibration step")
 
     def is_plan(self, config: Mapping[str, Any]) -> bool:
         """Whether a directory whose config is ``config`` holds this method's calibration plan."""
         return False
 
     def load_plan(self, path: PathLike) -> Plan:
-        raise LowRankError(f"{self.title} has no calibration plans")
+        raise InvalidArgumentError(f"{self.title} has no calibration plans")
 
     def rank_budget(self, model: nn.Module, prepared: Prepared) -> Optional[int]:
         """The rank budget a results table shows for this adapted model, or ``None``."""

@@ -16,7 +16,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Set, 
 import torch
 from torch import nn
 
-from ..errors import AdapterFormatError, LowRankError, ShapeError, TargetError
+from ..errors import AdapterFormatError, InvalidArgumentError, ShapeError, TargetError
 
 __all__ = [
     "PEFT_PREFIX",
@@ -78,7 +78,9 @@ def pattern_keys(entries: Set[str], adapted: Set[str]) -> Dict[str, str]:
             for m in adapted
         ):
             return keys
-    raise LowRankError("cannot write rank_pattern keys that PEFT would apply to one module each")  # pragma: no cover
+    raise InvalidArgumentError(
+        "cannot write rank_pattern keys that PEFT would apply to one module each"
+    )  # pragma: no cover
 
 
 def alpha_reproducing(gamma: float, r: int, base_alpha: float, rslora: bool) -> float:
@@ -130,7 +132,7 @@ def peft_target_modules(
     for candidate in (spec if isinstance(spec, str) else list(spec), exact_list, exact_regex):
         if {n for n in base_names if peft_selects_targets(candidate, n, excluded_by)} == adapted:
             return candidate
-    raise LowRankError(  # pragma: no cover - the escaped alternation of full names selects exactly those names
+    raise InvalidArgumentError(  # pragma: no cover - the escaped alternation of full names selects exactly those names
         "cannot express the adapted modules as PEFT target_modules"
     )
 
@@ -151,7 +153,7 @@ def peft_modules_to_save(
     for candidate in (list(requested), sorted(saved)):
         if peft_saved_modules(candidate, base_names) == set(saved):
             return candidate
-    raise LowRankError(
+    raise InvalidArgumentError(
         f"PEFT's modules_to_save rule (plain suffix match) would save more modules than {list(saved)}; "
         "rename the modules or list fewer"
     )

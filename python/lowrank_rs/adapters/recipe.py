@@ -7,7 +7,7 @@ from typing import Any, Dict, List, Optional, Protocol, Sequence, Tuple
 
 from torch import nn
 
-from ..errors import LowRankError
+from ..errors import InvalidArgumentError
 
 __all__ = ["Plan", "Prepared", "Settings", "default_targets", "settings_targets"]
 
@@ -38,7 +38,7 @@ def default_targets(model: nn.Module) -> Tuple[List[str], List[str]]:
         if index is not None and index + 1 < len(parts):
             suffixes.setdefault(".".join(parts[index + 1 :]), None)
     if not suffixes:
-        raise LowRankError(
+        raise InvalidArgumentError(
             f"found no nn.Linear inside numbered transformer blocks of this {type(model).__name__}; "
             "name the target modules yourself (--targets)"
         )

@@ -13,11 +13,12 @@ from typing import Any, Dict, List, Mapping, Type
 
 from torch import nn
 
-from ..errors import AdapterFormatError, ConfigError, LowRankError
+from ..errors import AdapterFormatError, ConfigError, InvalidArgumentError
 from .method import Method
 from .record import attachment_of, require_attachment
 
 __all__ = [
+    "baseline",
     "method_for",
     "method_for_file",
     "method_named",
@@ -35,14 +36,22 @@ _BY_TYPE: Dict[Type[Any], Method] = {}
 def register(method: Method) -> Method:
     """Add ``method`` under its name and config types; returns it. A second method of the same name is an error."""
     if not isinstance(method, Method):
-        raise LowRankError(f"register takes a Method instance, not {type(method).__name__}")
+        raise InvalidArgumentError(f"register takes a Method instance, not {type(method).__name__}")
     known = _BY_NAME.get(method.name)
     if known is not None and type(known) is not type(method):
-        raise LowRankError(f"a method named {method.name!r} is registered already ({known!r})")
+        raise InvalidArgumentError(f"a method named {method.name!r} is registered already ({known!r})")
     _BY_NAME[method.name] = method
     for kind in (method.config_type, *method.accepts):
         _BY_TYPE[kind] = method
     return method
+
+
+def baseline() -> Method:
+    """The first registered method: the plain baseline every variant is compared with and the default of
+    ``export_onnx``'s slots (``lowrank_rs.methods`` registers LoRA first)."""
+    if not _BY_NAME:
+        raise InvalidArgumentError("no adapter method is registered; import lowrank_rs (which registers them all)")
+    return next(iter(_BY_NAME.values()))
 
 
 def methods() -> List[Method]:

@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ..errors import DataError, EmptyInputError, LowRankError
+from ..errors import DataError, EmptyInputError, InvalidArgumentError
 
 __all__ = ["DataError", "Dataset", "load_jsonl", "split", "tokenize"]
 
@@ -154,7 +154,7 @@ def _index_labels(rows: List[Dict[str, Any]], names: List[str], inferred: bool, 
 def split(data: Dataset, test_fraction: float = 0.1) -> Tuple[Dataset, Dataset]:
     """A deterministic train/test split by a hash of each row's text, so a row stays on its side across runs."""
     if not 0.0 < test_fraction < 1.0:
-        raise LowRankError(f"test_fraction must lie in (0, 1), got {test_fraction}")
+        raise InvalidArgumentError(f"test_fraction must lie in (0, 1), got {test_fraction}")
     train: List[Dict[str, Any]] = []
     test: List[Dict[str, Any]] = []
     for row in data.rows:
@@ -178,7 +178,7 @@ def tokenize(
     example also gets ``task_ids``, its task's index in ``tasks``.
     """
     if max_length < 2:
-        raise LowRankError(f"max_length must be at least 2 tokens, got {max_length}")
+        raise InvalidArgumentError(f"max_length must be at least 2 tokens, got {max_length}")
     task_index = {name: i for i, name in enumerate(tasks)} if tasks is not None else None
     examples: List[Dict[str, torch.Tensor]] = []
     if data.kind == "classification":

@@ -22,7 +22,15 @@ import torch
 from torch import nn
 
 from ..adapters.record import attachment_of
-from ..errors import AdapterFormatError, AdapterIOError, DtypeError, LowRankError, ShapeError, TargetError
+from ..errors import (
+    AdapterFormatError,
+    AdapterIOError,
+    AdapterStateError,
+    DtypeError,
+    InvalidArgumentError,
+    ShapeError,
+    TargetError,
+)
 from ..package import read_adapter
 from ._common import FLOAT_DTYPES, ONNX_TYPES, ORT_TYPES, require
 from .methods import adapter_modules, method_for_file, method_named
@@ -87,7 +95,9 @@ def write_ort_adapter(
             params[name] = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(arr, onnx_type)
     out = Path(out_path)
     if out.is_dir():
-        raise LowRankError(f"{os.fspath(out)!r} is a directory; give the path of the .onnx_adapter file to write")
+        raise InvalidArgumentError(
+            f"{os.fspath(out)!r} is a directory; give the path of the .onnx_adapter file to write"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(fd)
@@ -136,7 +146,7 @@ def adapter_contents(adapter: Union[PathLike, nn.Module]) -> AdapterContents:
     if isinstance(adapter, nn.Module):
         return _model_contents(adapter)
     if not isinstance(adapter, (str, os.PathLike)):
-        raise LowRankError(f"adapter must be an adapter directory or a model, not {type(adapter).__name__}")
+        raise InvalidArgumentError(f"adapter must be an adapter directory or a model, not {type(adapter).__name__}")
     where = os.fspath(adapter)
     tensors, config = read_adapter(adapter, framework="torch")
     hook = method_for_file(config, where)
@@ -149,7 +159,7 @@ def adapter_contents(adapter: Union[PathLike, nn.Module]) -> AdapterContents:
 def _model_contents(model: nn.Module) -> AdapterContents:
     adapted = adapter_modules(model)
     if not adapted:
-        raise LowRankError("the model has no adapter attached (lowrank_rs.attach or load_adapter first)")
+        raise AdapterStateError("the model has no adapter attached (lowrank_rs.attach or load_adapter first)")
     attachment = attachment_of(model)
     # A method may combine module types (LoRATRF: LoRA layers and filters); the attached config names it.
     if attachment is not None:
@@ -157,12 +167,14 @@ def _model_contents(model: nn.Module) -> AdapterContents:
     else:
         names = sorted({hook.name for hook, _ in adapted.values()})
         if len(names) > 1:
-            raise LowRankError(f"the model mixes adapter methods {names} without an attachment that names one")
+            raise InvalidArgumentError(f"the model mixes adapter methods {names} without an attachment that names one")
         method = names[0]
     modules = {name: hook.model_tensors(name, module) for name, (hook, module) in adapted.items()}
     modules = {name: inputs for name, inputs in modules.items() if inputs}
     if not modules:
-        raise LowRankError("every adapter of the model is merged into its weights; unmerge it to write its factors")
+        raise AdapterStateError(
+            "every adapter of the model is merged into its weights; unmerge it to write its factors"
+        )
     saved: Dict[str, torch.Tensor] = {}
     for module in attachment.modules_to_save if attachment is not None else ():
         for pname, p in model.get_submodule(module).named_parameters():

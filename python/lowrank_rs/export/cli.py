@@ -18,7 +18,8 @@ import os
 from pathlib import Path
 from typing import Any, Dict, List, Set
 
-from ..errors import LowRankError
+from ..adapters.registry import baseline
+from ..errors import InvalidArgumentError
 from ._common import FLOAT_DTYPES
 from .methods import method_named
 
@@ -54,7 +55,9 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAME",
         help="module-name suffixes that get slots (with --adapter or alone)",
     )
-    adapters.add_argument("--method", default="lora", help="adapter method of the --targets slots (default lora)")
+    adapters.add_argument(
+        "--method", help="adapter method of the --targets slots (default: the baseline method, plain LoRA)"
+    )
     adapters.add_argument(
         "--modules-to-save", nargs="+", default=[], metavar="NAME", help="modules whose parameters adapters may replace"
     )
@@ -92,19 +95,23 @@ def run_export(args: argparse.Namespace) -> None:
         print(f"wrote {out} (merged; inputs {list(inputs)})")
         return
     if args.export_kind != "adapters":  # pragma: no cover - argparse restricts the choices
-        raise LowRankError(f"unknown export kind {args.export_kind!r}")
+        raise InvalidArgumentError(f"unknown export kind {args.export_kind!r}")
     targets: List[str] = list(args.targets or [])
     saved: Set[str] = set(args.modules_to_save)
-    methods: Set[str] = {args.method} if targets else set()
+    methods: Set[str] = {args.method or baseline().name} if targets else set()
     for adapter in args.adapter:
         contents = adapter_contents(adapter)
         methods.add(contents.method)
         targets += list(contents.modules)
         saved |= {p.rpartition(".")[0] for p in contents.saved}
     if not targets:
-        raise LowRankError("export adapters needs --adapter DIR or --targets NAME ... to know which modules get slots")
+        raise InvalidArgumentError(
+            "export adapters needs --adapter DIR or --targets NAME ... to know which modules get slots"
+        )
     if len(methods) > 1:
-        raise LowRankError(f"the slots would mix adapter methods {sorted(methods)}; export one method per graph")
+        raise InvalidArgumentError(
+            f"the slots would mix adapter methods {sorted(methods)}; export one method per graph"
+        )
     method = methods.pop()
     if args.adapter and method_named(method).slots_from_model:
         targets = _attach_for_slots(model, args.adapter[0], saved, targets)
@@ -121,7 +128,7 @@ def run_export(args: argparse.Namespace) -> None:
     print(f"wrote {out} (adapter slots; inputs {list(inputs)})")
     names = [Path(os.fspath(a).rstrip("/\\")).name for a in args.adapter]
     if len(set(names)) != len(names):
-        raise LowRankError(f"--adapter directories must have distinct names to name their files, got {names}")
+        raise InvalidArgumentError(f"--adapter directories must have distinct names to name their files, got {names}")
     for adapter, name in zip(args.adapter, names):
         path = write_ort_adapter(adapter, out.with_name(f"{out.stem}.{name}.onnx_adapter"), graph=out)
         print(f"wrote {path}")
@@ -150,7 +157,7 @@ def load_model(directory: str, dtype: str) -> Any:
     import transformers
 
     if not os.path.isfile(os.path.join(directory, "config.json")):
-        raise LowRankError(f"{directory!r} is not a Hugging Face model directory (no config.json)")
+        raise InvalidArgumentError(f"{directory!r} is not a Hugging Face model directory (no config.json)")
     try:
         config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
         names = list(getattr(config, "architectures", None) or [])
@@ -158,7 +165,7 @@ def load_model(directory: str, dtype: str) -> Any:
         cls = cls or transformers.AutoModel
         model = cls.from_pretrained(directory, local_files_only=True, dtype=getattr(torch, dtype))
     except (OSError, ValueError) as e:
-        raise LowRankError(f"cannot load a model from {directory!r}: {e}") from None
+        raise InvalidArgumentError(f"cannot load a model from {directory!r}: {e}") from None
     return model.eval()
 
 
@@ -167,7 +174,7 @@ def example_inputs(model: Any, batch: int, seq_len: int) -> Dict[str, Any]:
     import torch
 
     if batch < 1 or seq_len < 1:
-        raise LowRankError(f"--batch and --seq-len must be positive, got {batch} and {seq_len}")
+        raise InvalidArgumentError(f"--batch and --seq-len must be positive, got {batch} and {seq_len}")
     config = model.config
     vocab = int(getattr(config, "vocab_size", 2) or 2)
     ids = torch.arange(batch * seq_len).reshape(batch, seq_len) % max(vocab - 1, 1) + (1 if vocab > 1 else 0)

@@ -25,8 +25,9 @@ from torch import nn
 
 from .._core import __version__
 from ..adapters.record import attachment_of
+from ..adapters.registry import baseline
 from ..adapters.targets import matches, nearest, resolve_modules_to_save
-from ..errors import AdapterStateError, ExportError, LowRankError, ShapeError
+from ..errors import AdapterStateError, ExportError, InvalidArgumentError, LowRankError, ShapeError
 from ._common import require
 from .methods import EMPTY, GraphInput, GraphInputModule, MethodExport, adapter_modules, method_named
 
@@ -61,7 +62,7 @@ def export_onnx(
     mode: str = "merged",
     *,
     targets: Optional[Union[str, Sequence[str]]] = None,
-    method: str = "lora",
+    method: Optional[str] = None,
     modules_to_save: Optional[Sequence[str]] = None,
     opset: int = DEFAULT_OPSET,
 ) -> Path:
@@ -77,7 +78,8 @@ def export_onnx(
     ``mode="merged"``: every adapter folded into the weights; the graph is the base model's graph with new weights.
 
     ``mode="adapters"``: the base model's weights, plus graph inputs for the adapter tensors of every adapted
-    module (and of every module named by ``targets``, which get slots of the method ``method``): for LoRA/TLoRA
+    module (and of every module named by ``targets``, which get slots of the method ``method``, by default the
+    baseline method, plain LoRA): for LoRA/TLoRA
     ``<module>.lora_A`` (``[d_in, rank_<module>]``) and ``<module>.lora_B`` (``[rank_<module>, d_out]``, scale
     folded in), in the model's dtype, each module with its own rank symbol, each backed by an empty default so the
     graph computes the base model when no adapter is active. The parameters of ``modules_to_save`` modules (the
@@ -91,19 +93,22 @@ def export_onnx(
     require("onnx")
     require("onnxscript")
     if not isinstance(model, nn.Module):
-        raise LowRankError(f"export_onnx needs a torch.nn.Module, not {type(model).__name__}")
+        raise InvalidArgumentError(f"export_onnx needs a torch.nn.Module, not {type(model).__name__}")
     if mode not in MODES:
-        raise LowRankError(f"mode must be one of {list(MODES)}, not {mode!r}")
+        raise InvalidArgumentError(f"mode must be one of {list(MODES)}, not {mode!r}")
     if isinstance(opset, bool) or not isinstance(opset, int) or opset < 18:
-        raise LowRankError(f"opset must be an integer ≥ 18 (the dynamo exporter's minimum), got {opset!r}")
+        raise InvalidArgumentError(f"opset must be an integer ≥ 18 (the dynamo exporter's minimum), got {opset!r}")
     if mode == "merged" and (targets is not None or modules_to_save):
-        raise LowRankError("targets and modules_to_save only apply to mode='adapters' (a merged graph has no slots)")
+        raise InvalidArgumentError(
+            "targets and modules_to_save only apply to mode='adapters' (a merged graph has no slots)"
+        )
     path = Path(path)
     if path.is_dir():
-        raise LowRankError(f"{os.fspath(path)!r} is a directory; give the path of the .onnx file to write")
+        raise InvalidArgumentError(f"{os.fspath(path)!r} is a directory; give the path of the .onnx file to write")
 
     inputs = _model_inputs(model, example_inputs)
     adapted = adapter_modules(model)
+    method = method if method is not None else baseline().name
     if mode == "merged":
         replacements = {name: hook.merged(name, module) for name, (hook, module) in adapted.items()}
         overrides: Dict[str, torch.Tensor] = {}
@@ -178,25 +183,25 @@ def _model_inputs(model: nn.Module, example_inputs: Any) -> Dict[str, torch.Tens
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = {"input_ids": example_inputs}
     if not isinstance(example_inputs, Mapping) or not example_inputs:
-        raise LowRankError(
+        raise InvalidArgumentError(
             "example_inputs must be a non-empty mapping of forward keyword arguments to tensors (a tokenizer's "
             f"output, say) or one input_ids tensor, not {type(example_inputs).__name__}"
         )
     if "labels" in example_inputs:
-        raise LowRankError("example_inputs has 'labels': the graph computes the outputs, not a loss; drop them")
+        raise InvalidArgumentError("example_inputs has 'labels': the graph computes the outputs, not a loss; drop them")
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     raw: Dict[str, torch.Tensor] = {}
     for name, value in example_inputs.items():
         if value is None:
             continue
         if not isinstance(name, str) or not name.isidentifier():
-            raise LowRankError(f"example_inputs keys must be forward argument names, got {name!r}")
+            raise InvalidArgumentError(f"example_inputs keys must be forward argument names, got {name!r}")
         t = torch.as_tensor(value)
         if t.ndim == 0:
             raise ShapeError(f"example input {name!r} is a scalar; inputs are [batch, ...] tensors")
         raw[name] = t.to(device)
     if not raw:
-        raise LowRankError("example_inputs holds only None values")
+        raise InvalidArgumentError("example_inputs holds only None values")
     batch = {t.shape[0] for t in raw.values()}
     sequence = {t.shape[1] for t in raw.values() if t.ndim >= 2}
     if len(batch) > 1 or len(sequence) > 1:
@@ -225,11 +230,13 @@ def _call_kwargs(model: nn.Module) -> Dict[str, Any]:
 
 def _add_input(extra: Dict[str, GraphInput], gi: GraphInput, inputs: Mapping[str, torch.Tensor]) -> None:
     if gi.name in inputs:
-        raise LowRankError(f"graph input {gi.name!r} of an adapter slot collides with a model input of that name")
+        raise InvalidArgumentError(
+            f"graph input {gi.name!r} of an adapter slot collides with a model input of that name"
+        )
     if gi.name in extra:
         old = extra[gi.name]
         if old.example.shape != gi.example.shape or dict(old.dynamic) != dict(gi.dynamic):
-            raise LowRankError(f"two adapter slots declare graph input {gi.name!r} with different shapes")
+            raise InvalidArgumentError(f"two adapter slots declare graph input {gi.name!r} with different shapes")
         return
     extra[gi.name] = gi
 
@@ -258,10 +265,10 @@ def _slots(
                 continue
             why = hook.slot_target(name, module)
             if why is not None:
-                raise LowRankError(f"target {why}")
+                raise InvalidArgumentError(f"target {why}")
             out[name] = hook.slot(name, module)
     if not out:
-        raise LowRankError(
+        raise InvalidArgumentError(
             "an adapters-mode export needs adapter slots: attach an adapter to the model, or name base modules "
             "with targets=[...] (module-name suffixes, or a regex matched against whole names)"
         )
@@ -277,18 +284,20 @@ def _resolve_targets(
     if isinstance(spec, str):
         hits = [n for n in modules if re.fullmatch(spec, n)]
         if not hits:
-            raise LowRankError(
+            raise InvalidArgumentError(
                 f"target regex {spec!r} matches no module name (it must match the whole name); nearest names: "
                 f"{nearest(spec, modules)}"
             )
     else:
         if not isinstance(spec, Sequence) or not all(isinstance(s, str) for s in spec) or not spec:
-            raise LowRankError(f"targets must be a regex string or a non-empty list of names, not {spec!r}")
+            raise InvalidArgumentError(f"targets must be a regex string or a non-empty list of names, not {spec!r}")
         hits = []
         for entry in spec:
             found = [n for n in modules if matches(n, entry)]
             if not found:
-                raise LowRankError(f"target {entry!r} matches no module; nearest names: {nearest(entry, modules)}")
+                raise InvalidArgumentError(
+                    f"target {entry!r} matches no module; nearest names: {nearest(entry, modules)}"
+                )
             hits += found
     return {n: modules[n] for n in modules if n in set(hits)}
 
@@ -298,7 +307,7 @@ def _overridable_parameters(model: nn.Module, names: Optional[Sequence[str]]) ->
     entries = list(attachment.modules_to_save) if attachment is not None else []
     if names:
         if isinstance(names, str):
-            raise LowRankError("modules_to_save must be a list of module names, not one string")
+            raise InvalidArgumentError("modules_to_save must be a list of module names, not one string")
         entries += resolve_modules_to_save(dict(model.named_modules()), list(names))
     out: Dict[str, torch.Tensor] = {}
     for module in dict.fromkeys(entries):
@@ -461,7 +470,9 @@ def _set_defaults(proto: Any, extra: Mapping[str, GraphInput], symbols: Mapping[
             raise ExportError(f"the exported graph already has an initializer named {name!r}")
         value = gi.empty_default() if isinstance(gi.default, str) and gi.default == EMPTY else gi.default
         if not isinstance(value, torch.Tensor):
-            raise LowRankError(f"graph input {name!r} has default {gi.default!r}; expected EMPTY, a tensor or None")
+            raise InvalidArgumentError(
+                f"graph input {name!r} has default {gi.default!r}; expected EMPTY, a tensor or None"
+            )
         elem = graph_inputs[name].type.tensor_type.elem_type
         if _ONNX_ELEM.get(value.dtype) != elem:
             raise ExportError(f"default of graph input {name!r} is {value.dtype}, the input's ONNX type is {elem}")

@@ -27,7 +27,7 @@ from torch import nn
 from ..adapters.registry import method_for_file as registry_method_for_file
 from ..adapters.registry import method_named as registry_method_named
 from ..adapters.registry import methods
-from ..errors import ExportError, LowRankError
+from ..errors import ExportError, InvalidArgumentError
 
 __all__ = [
     "EMPTY",
@@ -96,7 +96,9 @@ class GraphInputModule(nn.Module):
 
     def feed(self, name: str) -> torch.Tensor:
         if self._feeds is None:
-            raise LowRankError(f"{type(self).__name__} runs only inside export_onnx (its graph inputs are not bound)")
+            raise InvalidArgumentError(
+                f"{type(self).__name__} runs only inside export_onnx (its graph inputs are not bound)"
+            )
         return self._feeds[name]
 
 

@@ -6,7 +6,7 @@ import json
 import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-from ..errors import AdapterIOError, ExportError, LowRankError, ShapeError, TaskError
+from ..errors import AdapterIOError, ExportError, InvalidArgumentError, ShapeError, TaskError
 from ._common import require
 from .adapter_file import check_adapter, read_ort_adapter, session_adapter_inputs
 from .exporter import METADATA_KEY
@@ -74,7 +74,7 @@ class OrtModel:
         if not os.path.isfile(self.path):
             raise AdapterIOError(f"ONNX graph {self.path!r} does not exist or is not a file")
         if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 0:
-            raise LowRankError(f"num_threads must be a non-negative integer, got {num_threads!r}")
+            raise InvalidArgumentError(f"num_threads must be a non-negative integer, got {num_threads!r}")
         options = ort.SessionOptions()
         options.intra_op_num_threads = num_threads
         # Adapter inputs are initializers listed as graph inputs on purpose; ONNX Runtime warns about each one.
@@ -122,9 +122,9 @@ class OrtModel:
             name = os.path.basename(os.fspath(path))
             name = name[: -len(".onnx_adapter")] if name.endswith(".onnx_adapter") else name
         if not isinstance(name, str) or not name:
-            raise LowRankError(f"adapter name must be a non-empty string, got {name!r}")
+            raise InvalidArgumentError(f"adapter name must be a non-empty string, got {name!r}")
         if not self.adapter_inputs:
-            raise LowRankError(
+            raise InvalidArgumentError(
                 f"{self.path!r} has no adapter inputs; export it with export_onnx(..., mode='adapters') to use adapters"
             )
         specs = read_ort_adapter(path)
@@ -153,14 +153,14 @@ class OrtModel:
 
     def _require(self, name: str) -> None:
         if name not in self._adapters:
-            raise LowRankError(f"no adapter named {name!r} is loaded; loaded: {self.adapters}")
+            raise InvalidArgumentError(f"no adapter named {name!r} is loaded; loaded: {self.adapters}")
 
     def __call__(self, *args: Any, adapter: Any = _ACTIVE, **kwargs: Any) -> OrtOutput:
         if len(args) > len(self.input_names):
-            raise LowRankError(f"{len(args)} positional inputs given; the graph takes {self.input_names}")
+            raise InvalidArgumentError(f"{len(args)} positional inputs given; the graph takes {self.input_names}")
         for name, value in zip(self.input_names, args):
             if name in kwargs:
-                raise LowRankError(f"input {name!r} given both by position and by name")
+                raise InvalidArgumentError(f"input {name!r} given both by position and by name")
             kwargs[name] = value
         return self.run(kwargs, adapter=adapter)
 
@@ -197,7 +197,7 @@ class OrtModel:
             raise TaskError(f"give task_ids or {TASK_INPUT}, not both")
         unknown = [k for k, v in inputs.items() if k not in self._input_types and v is not None]
         if unknown:
-            raise LowRankError(f"the graph has no input {unknown[0]!r}; its inputs are {self.input_names}")
+            raise InvalidArgumentError(f"the graph has no input {unknown[0]!r}; its inputs are {self.input_names}")
         feeds: Dict[str, Any] = {}
         device = None
         for name, value in inputs.items():
@@ -225,7 +225,7 @@ class OrtModel:
                 fill = np.ones if name == "attention_mask" else np.zeros
                 feeds[name] = fill(shape, dtype=_NUMPY_INPUT.get(self._input_types[name], "int64"))
             else:
-                raise LowRankError(f"input {name!r} is missing; the graph takes {self.input_names}")
+                raise InvalidArgumentError(f"input {name!r} is missing; the graph takes {self.input_names}")
         for name, arr in feeds.items():
             if arr.ndim == 0:
                 raise ShapeError(f"input {name!r} is a scalar; the graph takes [batch, ...] tensors")

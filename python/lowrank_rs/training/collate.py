@@ -7,7 +7,7 @@ from typing import Any, Dict, List, Mapping, Sequence
 
 import torch
 
-from ..errors import EmptyInputError, LowRankError, ShapeError
+from ..errors import EmptyInputError, InvalidArgumentError, ShapeError
 
 __all__ = ["IGNORE_INDEX", "calibration_batches", "collate", "collate_named"]
 
@@ -35,14 +35,14 @@ def collate_named(
     converted: List[Dict[str, torch.Tensor]] = []
     for i, example in enumerate(examples):
         if not isinstance(example, MappingABC):
-            raise LowRankError(
+            raise InvalidArgumentError(
                 f"{names[i]} is a {type(example).__name__}; each example must be a dict of tensors for one example "
                 "(input_ids, attention_mask, labels, ...)"
             )
         if keys is None:
             keys = list(example)
         elif set(example) != set(keys):
-            raise LowRankError(
+            raise InvalidArgumentError(
                 f"{names[i]} has fields {sorted(example)}, but {names[0]}, in the same batch, has {sorted(keys)}; "
                 "every example needs the same fields"
             )
@@ -75,7 +75,7 @@ def _as_tensor(value: Any, key: str, name: str) -> torch.Tensor:
     try:
         tensor = torch.as_tensor(value)
     except (TypeError, ValueError, RuntimeError):
-        raise LowRankError(
+        raise InvalidArgumentError(
             f"{name}: field {key!r} is a {type(value).__name__}, which is not a tensor or a number list; "
             "drop fields the model does not take (text, ids) before training"
         ) from None

@@ -9,7 +9,7 @@ import os
 from typing import Optional, Sequence, Tuple, Union
 
 from ..config import JsonConfig, float_field, int_field, positive_float
-from ..errors import ConfigError, LowRankError
+from ..errors import ConfigError, InvalidArgumentError
 
 __all__ = ["RESUMABLE_CHANGES", "TrainConfig", "lr_factor"]
 
@@ -146,9 +146,9 @@ class TrainConfig(JsonConfig):
         cosine starts from a step 0 that is never taken, so step 1 is already a hair below ``lr``.
         """
         if isinstance(total_steps, bool) or not isinstance(total_steps, numbers.Integral) or total_steps < 1:
-            raise LowRankError(f"total_steps must be a positive integer, got {total_steps!r}")
+            raise InvalidArgumentError(f"total_steps must be a positive integer, got {total_steps!r}")
         if isinstance(step, bool) or not isinstance(step, numbers.Integral) or not 1 <= step <= total_steps:
-            raise LowRankError(f"step must be an integer from 1 to total_steps = {total_steps}, got {step!r}")
+            raise InvalidArgumentError(f"step must be an integer from 1 to total_steps = {total_steps}, got {step!r}")
         return self.lr * lr_factor(step, total_steps, self.warmup_for(total_steps), self.min_lr_ratio)
 
 

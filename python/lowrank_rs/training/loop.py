@@ -63,7 +63,7 @@ from torch import nn
 from .._loss import model_loss
 from ..adapters.method import TrainingHooks
 from ..adapters.registry import method_or_none
-from ..errors import EmptyInputError, LowRankError
+from ..errors import EmptyInputError, InvalidArgumentError
 from .checkpoint import History, Position, checkpoint_path, load_checkpoint, save_checkpoint
 from .collate import IGNORE_INDEX, collate_named
 from .config import TrainConfig, lr_factor
@@ -86,7 +86,7 @@ class _Examples:
             hasattr(data, "__len__") and hasattr(data, "__getitem__")
         ):
             hint = " (pass its .dataset instead)" if hasattr(data, "dataset") and hasattr(data, "batch_size") else ""
-            raise LowRankError(
+            raise InvalidArgumentError(
                 f"{what} must be a sequence of examples — a list or map-style Dataset of dicts of 1-D tensors — not a "
                 f"{type(data).__name__}{hint}; lr.train shuffles, batches and pads itself so that a seed fixes the "
                 "data order and a checkpoint can resume mid-epoch"
@@ -154,16 +154,16 @@ def train(
     """
     started = time.perf_counter()
     if not isinstance(model, nn.Module):
-        raise LowRankError(f"train needs a torch.nn.Module, not {type(model).__name__}")
+        raise InvalidArgumentError(f"train needs a torch.nn.Module, not {type(model).__name__}")
     if config is None:
         config = TrainConfig()
     if not isinstance(config, TrainConfig):
-        raise LowRankError(f"config must be a TrainConfig, not {type(config).__name__}")
+        raise InvalidArgumentError(f"config must be a TrainConfig, not {type(config).__name__}")
     if loss_fn is not None and not callable(loss_fn):
-        raise LowRankError(f"loss_fn must be callable as loss_fn(outputs, batch), not {type(loss_fn).__name__}")
+        raise InvalidArgumentError(f"loss_fn must be callable as loss_fn(outputs, batch), not {type(loss_fn).__name__}")
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     if not named:
-        raise LowRankError(
+        raise InvalidArgumentError(
             f"no parameter of this {type(model).__name__} requires grad, so there is nothing to train; call "
             "lr.attach(model, config) first (it freezes the base model and makes the adapters trainable)"
         )
@@ -301,7 +301,7 @@ def evaluate(
     The same evaluation :func:`train` runs; ``step`` of the result is 0. ``bf16`` as in :class:`TrainConfig`.
     """
     if not isinstance(model, nn.Module):
-        raise LowRankError(f"evaluate needs a torch.nn.Module, not {type(model).__name__}")
+        raise InvalidArgumentError(f"evaluate needs a torch.nn.Module, not {type(model).__name__}")
     config = TrainConfig(eval_batch_size=batch_size, bf16=bf16)
     first = next(iter(model.parameters()), None)
     device = first.device if first is not None else torch.device("cpu")

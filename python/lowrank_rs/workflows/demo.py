@@ -16,6 +16,7 @@ from typing import Dict, List, Tuple
 import numpy as np
 from tqdm import tqdm
 
+from ..errors import AdapterFormatError
 from ..linalg import CovarianceAccumulator, allocate_alphas, allocate_ranks, task_aware_basis
 from ..package import read_adapter, write_adapter
 
@@ -128,7 +129,8 @@ def run_demo(out: str, layers: int, dim: int, rank: int, batches: int, seed: int
     }
     write_adapter(out, tensors, config)
     back, _ = read_adapter(out)
-    assert set(back) == set(tensors)
+    if set(back) != set(tensors):
+        raise AdapterFormatError(f"{out!r} read back with tensors {sorted(back)}, not the {len(tensors)} written")
 
     print(f"\n{'module':<34} {'rank':>5} {'alpha':>6} {'score':>9} {'energy':>8}")
     for n, r, a, score, share in zip(names, ranks, alphas, scores, energies):

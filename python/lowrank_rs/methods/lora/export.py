@@ -1,4 +1,4 @@
-"""Export hooks of LoRA and TLoRA (one module type, :class:`~lowrank_rs.nn.LoraLinear`; TLoRA only differs in
+"""Export hooks of LoRA and TLoRA (one module type, :class:`~lowrank_rs.LoraLinear`; TLoRA only differs in
 per-module ranks and scales and a frozen ``A``, none of which changes the graph).
 
 Merged graph: each adapted linear layer becomes a linear layer with ``W = W0 + γ B A`` (float32 math, rounded once

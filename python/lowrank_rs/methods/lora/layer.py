@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from ...errors import AdapterStateError, LowRankError, ShapeError
+from ...errors import AdapterStateError, InvalidArgumentError, ShapeError
 
 __all__ = ["AdapterStateError", "LoraLinear"]
 
@@ -53,12 +53,14 @@ class LoraLinear(nn.Module):
     ) -> None:
         super().__init__()
         if not isinstance(base_layer, nn.Linear):
-            raise LowRankError(f"LoraLinear wraps an nn.Linear, not {type(base_layer).__name__}")
+            raise InvalidArgumentError(f"LoraLinear wraps an nn.Linear, not {type(base_layer).__name__}")
         if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-            raise LowRankError(f"rank r must be a positive integer, got {r!r}")
+            raise InvalidArgumentError(f"rank r must be a positive integer, got {r!r}")
         weight = base_layer.weight
         if not weight.is_floating_point():
-            raise LowRankError(f"the base layer's weight has dtype {weight.dtype}; LoRA needs a floating-point weight")
+            raise InvalidArgumentError(
+                f"the base layer's weight has dtype {weight.dtype}; LoRA needs a floating-point weight"
+            )
         self.base_layer = base_layer
         self.in_features = base_layer.in_features
         self.out_features = base_layer.out_features
@@ -88,7 +90,7 @@ class LoraLinear(nn.Module):
                     f"init_a has shape {tuple(a.shape)}; expected [r, d_in] = [{self.r}, {self.in_features}]"
                 )
             if not a.is_floating_point() or not torch.isfinite(a).all():
-                raise LowRankError("init_a must be a finite floating-point array")
+                raise InvalidArgumentError("init_a must be a finite floating-point array")
         self.lora_A.weight.copy_(a)
         self.lora_B.weight.zero_()
 

@@ -1,13 +1,13 @@
 """LoRATRF's filters on a model (METHODS.md §3): where filters go, how they are built, hooked, initialised, saved.
 
 Users reach all of it through the one adapter code path — :func:`lowrank_rs.attach` with a
-:class:`~lowrank_rs.config.TrfConfig`, then ``train``, ``save_adapter``, ``load_adapter``, ``merge`` — plus two
+:class:`~lowrank_rs.TrfConfig`, then ``train``, ``save_adapter``, ``load_adapter``, ``merge`` — plus two
 functions of their own here: :func:`trf_filters` (the filters of a model) and :func:`init_task_vectors` (``t`` from
 the mean hidden state of calibration batches).
 
-**Where a filter lives.** A :class:`~lowrank_rs.nn.TaskFilter` becomes the child ``trf_filter`` of the module it
+**Where a filter lives.** A :class:`~lowrank_rs.TaskFilter` becomes the child ``trf_filter`` of the module it
 filters and runs from a hook on that module: a forward hook on a transformer layer (``filter_site="layer_output"``),
-or a forward pre-hook on a LoRA-adapted linear, the :class:`~lowrank_rs.nn.LoraLinear` (``"linear_input"``). Nothing
+or a forward pre-hook on a LoRA-adapted linear, the :class:`~lowrank_rs.LoraLinear` (``"linear_input"``). Nothing
 is wrapped or renamed, so the LoRA part keeps PEFT's names, and the filter's parameters are
 ``<module>.trf_filter.{task_vector,C,D}`` in ``named_parameters`` and in ``state_dict``. Merging the LoRA part leaves
 the filter where it is: its gate depends on ``h``, so it cannot fold into a weight.
@@ -37,7 +37,7 @@ from ...errors import (
     AdapterStateError,
     ConfigError,
     EmptyInputError,
-    LowRankError,
+    InvalidArgumentError,
     ShapeError,
     TargetError,
 )
@@ -94,7 +94,7 @@ class FilterSite:
 
 def resolve(config: TrfConfig, model: nn.Module) -> TrfConfig:
     """``config`` with what it left to the model filled in: targets, ``r``, ``alpha`` (see :class:`TrfConfig`) and
-    ``filter_layers`` (every layer). Raises :class:`~lowrank_rs.errors.TargetError` for a model without default
+    ``filter_layers`` (every layer). Raises :class:`~lowrank_rs.TargetError` for a model without default
     targets when ``target_modules`` is unset, or for a filter layer the model does not have."""
     if not isinstance(config, TrfConfig):
         raise ConfigError(f"resolve needs a TrfConfig, not {type(config).__name__}")
@@ -222,7 +222,7 @@ def build_filters(
             "(an iterable of batch dicts as the model takes them)"
         )
     if not mean and batches is not None:
-        raise LowRankError("batches are used by task_vector_init='mean' only; this config's init is 'normal'")
+        raise InvalidArgumentError("batches are used by task_vector_init='mean' only; this config's init is 'normal'")
     modules = dict(model.named_modules())
     filters: Dict[str, TaskFilter] = {}
     for site in filter_sites(model, config, adapted, kept):
@@ -259,7 +259,7 @@ def install(model: nn.Module, filters: Mapping[str, TaskFilter]) -> None:
 
 
 def trf_filters(model: nn.Module) -> Dict[str, TaskFilter]:
-    """Every :class:`~lowrank_rs.nn.TaskFilter` of ``model``, keyed by the name of the module it filters."""
+    """Every :class:`~lowrank_rs.TaskFilter` of ``model``, keyed by the name of the module it filters."""
     suffix = "." + FILTER_ATTR
     return {
         (n[: -len(suffix)] if n.endswith(suffix) else n): m
@@ -297,9 +297,11 @@ def init_task_vectors(model: nn.Module, batches: Iterable[Mapping[str, Any]]) ->
 def _scaled_mean(mean: torch.Tensor, name: str) -> torch.Tensor:
     norm = float(torch.linalg.vector_norm(mean))
     if not math.isfinite(norm):
-        raise LowRankError(f"the mean hidden state at {name!r} is not finite; check the calibration batches")
+        raise InvalidArgumentError(f"the mean hidden state at {name!r} is not finite; check the calibration batches")
     if norm <= NORM_EPS:
-        raise LowRankError(f"the mean hidden state at {name!r} is zero, so it gives no direction; use 'normal' init")
+        raise InvalidArgumentError(
+            f"the mean hidden state at {name!r} is zero, so it gives no direction; use 'normal' init"
+        )
     return mean * (math.sqrt(mean.numel()) / norm)
 
 
@@ -311,7 +313,9 @@ def _site_means(
     try:
         iterator = iter(batches)
     except TypeError:
-        raise LowRankError(f"batches must be an iterable of batch dicts, not {type(batches).__name__}") from None
+        raise InvalidArgumentError(
+            f"batches must be an iterable of batch dicts, not {type(batches).__name__}"
+        ) from None
     sums: Dict[str, torch.Tensor] = {}
     counts = dict.fromkeys(sites, 0)
     state: Dict[str, Any] = {"mask": None, "index": 0}
@@ -320,7 +324,7 @@ def _site_means(
         if isinstance(x, (tuple, list)) and x:
             x = x[0]
         if not isinstance(x, torch.Tensor):
-            raise LowRankError(f"the hidden state at {name!r} is a {type(x).__name__}, not a tensor")
+            raise InvalidArgumentError(f"the hidden state at {name!r} is a {type(x).__name__}, not a tensor")
         x = x.detach()
         mask = state["mask"]
         if mask is None:
@@ -351,7 +355,7 @@ def _site_means(
         with torch.no_grad():
             for index, batch in enumerate(iterator):
                 if not isinstance(batch, MappingABC):
-                    raise LowRankError(
+                    raise InvalidArgumentError(
                         f"batch {index} is a {type(batch).__name__}; each batch must be a dict of tensors as the "
                         "model takes them"
                     )

@@ -16,7 +16,7 @@ from typing import Any, Optional, Tuple
 import torch
 from torch import nn
 
-from ...errors import LowRankError, ShapeError
+from ...errors import InvalidArgumentError, ShapeError
 
 __all__ = ["TaskFilter"]
 
@@ -63,10 +63,10 @@ class TaskFilter(nn.Module):
         super().__init__()
         for value, what in ((dim, "dim"), (rank, "rank")):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise LowRankError(f"TaskFilter {what} must be a positive integer, got {value!r}")
+                raise InvalidArgumentError(f"TaskFilter {what} must be a positive integer, got {value!r}")
         dtype = dtype or torch.get_default_dtype()
         if not dtype.is_floating_point:
-            raise LowRankError(f"TaskFilter needs a floating-point dtype, not {dtype}")
+            raise InvalidArgumentError(f"TaskFilter needs a floating-point dtype, not {dtype}")
         self.dim = dim
         self.rank = rank
         self.site = site
@@ -93,9 +93,9 @@ class TaskFilter(nn.Module):
         if tuple(t.shape) != (self.dim,):
             raise ShapeError(f"task vector has shape {tuple(t.shape)}; the filter needs [{self.dim}]")
         if not t.is_floating_point() or not torch.isfinite(t).all():
-            raise LowRankError("a task vector must be a finite floating-point array")
+            raise InvalidArgumentError("a task vector must be a finite floating-point array")
         if float(torch.linalg.vector_norm(t.double())) <= NORM_EPS:
-            raise LowRankError("a task vector must not be zero: cos(h, t) would be 0 for every token")
+            raise InvalidArgumentError("a task vector must not be zero: cos(h, t) would be 0 for every token")
         self.task_vector.copy_(t)
 
     def gate(self, h: torch.Tensor) -> torch.Tensor:
@@ -131,7 +131,7 @@ class TaskFilter(nn.Module):
             rest = list(output[1:])
             if type(output) in (tuple, list):
                 return type(output)([self(output[0]), *rest])
-        raise LowRankError(
+        raise InvalidArgumentError(
             f"the filtered layer {type(module).__name__} returned a {type(output).__name__}; a layer-output filter "
             "needs the hidden state or a plain tuple starting with it (use filter_site='linear_input' otherwise)"
         )
@@ -139,7 +139,7 @@ class TaskFilter(nn.Module):
     def filter_linear_input(self, module: nn.Module, args: Tuple[Any, ...]) -> Tuple[Any, ...]:
         """Forward pre-hook for a linear layer: filters its input."""
         if not args or not isinstance(args[0], torch.Tensor):
-            raise LowRankError(
+            raise InvalidArgumentError(
                 f"the filtered {type(module).__name__} was called without a positional input tensor; a linear-input "
                 "filter needs module(x)"
             )

@@ -19,7 +19,7 @@
 Both shapes are built from an attached TA-LoRA model (its layers, heads and prompt length); a base model's modules
 cannot take TA-LoRA slots through ``targets``.
 
-The branch hooks are bound methods of each :class:`~lowrank_rs.nn.talora.TaLoraLayer` (on the query projection, the
+The branch hooks are bound methods of each :class:`~lowrank_rs.TaLoraLayer` (on the query projection, the
 attention module and the output projection), so the replacement of the layer's ``talora`` child does not run by
 itself: while bound, it gives the original layer its task ids and a ``branch`` that reads the constants or graph
 inputs. The equations are ``TaLoraLayer.branch`` itself, run on those tensors.
@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ...adapters.peft_format import PEFT_PREFIX
-from ...errors import AdapterFormatError, ConfigError, LowRankError, ShapeError, TaskError
+from ...errors import AdapterFormatError, ConfigError, InvalidArgumentError, ShapeError, TaskError
 from ...export.methods import EXAMPLE_RANK, TASK_INPUT, GraphInput, GraphInputModule, MethodExport
 from .config import TaLoraConfig
 from .layer import TaLoraLayer
@@ -177,7 +177,7 @@ class TaLoraExport(MethodExport):
     def metadata(self, mode: str, modules: Mapping[str, nn.Module]) -> Dict[str, Any]:
         names = {tuple(m.task_names) for m in modules.values() if isinstance(m, TaLoraLayer)}
         if len(names) > 1:
-            raise LowRankError(f"the model's TA-LoRA layers have different tasks {sorted(names)}")
+            raise InvalidArgumentError(f"the model's TA-LoRA layers have different tasks {sorted(names)}")
         return {"tasks": list(names.pop())} if names and mode == "merged" else {}
 
     def merged(self, name: str, module: nn.Module) -> nn.Module:
@@ -208,7 +208,9 @@ class TaLoraExport(MethodExport):
         extras = config.get("lowrank_rs")
         try:
             if config.get("peft_type") != PEFT_TYPE or not isinstance(extras, dict):
-                raise TypeError(f"peft_type {config.get('peft_type')!r} with a lowrank_rs key is not a TA-LoRA file")
+                raise AdapterFormatError(
+                    f"{where!r}: peft_type {config.get('peft_type')!r} with its lowrank_rs key is not a TA-LoRA file"
+                )
             file_config = TaLoraConfig.from_dict(extras["config"])
             layers = [str(m) for m in extras["modules"]]
         except (KeyError, TypeError, ConfigError) as e:

@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from ...errors import LowRankError, ShapeError, TaskError
+from ...errors import InvalidArgumentError, ShapeError, TaskError
 
 __all__ = ["TaLoraLayer", "TaskError"]
 
@@ -67,7 +67,9 @@ class TaLoraLayer(nn.Module):
         super().__init__()
         weight: torch.Tensor = k_proj.weight  # type: ignore[assignment]  # an nn.Linear's
         if not weight.is_floating_point():
-            raise LowRankError(f"the key projection's weight has dtype {weight.dtype}; TA-LoRA needs floating point")
+            raise InvalidArgumentError(
+                f"the key projection's weight has dtype {weight.dtype}; TA-LoRA needs floating point"
+            )
         if num_heads % num_kv_heads != 0:
             raise ShapeError(f"{num_heads} query heads cannot share {num_kv_heads} key/value heads evenly")
         self.hidden_size = int(weight.shape[1])
@@ -84,8 +86,8 @@ class TaLoraLayer(nn.Module):
         self.theta0 = nn.Parameter(theta0.to(**factory))
         self.B = nn.Parameter(torch.randn(prompt_length, r, generator=generator).to(**factory))
         self.gate = nn.Parameter(torch.zeros(num_heads, **factory))
-        # Tasks come one by one through add_task, each with its own random stream (see lowrank_rs.talora). Lists by
-        # task id rather than dicts by name: a ParameterDict key may not be an attribute name ("train", "keys").
+        # Tasks come one by one through add_task, each with its own random stream (see lowrank_rs.methods.talora).
+        # Lists by task id rather than dicts by name: a ParameterDict key may not be an attribute name ("train").
         self.u = nn.ParameterList()
         self.v = nn.ParameterList()
         self._task_names: List[str] = []
@@ -199,7 +201,7 @@ class TaLoraLayer(nn.Module):
         if rope is None and len(args) > 1:
             rope = args[1]
         if rope is None:
-            raise LowRankError(
+            raise InvalidArgumentError(
                 f"{type(module).__name__} was called without position_embeddings; TA-LoRA needs the rotary (cos, sin) "
                 "the model applies to its queries"
             )
@@ -215,7 +217,9 @@ class TaLoraLayer(nn.Module):
                 "takes them from each batch's task_ids)"
             )
         if query is None:
-            raise LowRankError("TA-LoRA: the output projection ran without its query projection in the same forward")
+            raise InvalidArgumentError(
+                "TA-LoRA: the output projection ran without its query projection in the same forward"
+            )
         attn_output = args[0]
         batch, seq = attn_output.shape[0], attn_output.shape[1]
         query = query.view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)

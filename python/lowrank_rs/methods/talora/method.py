@@ -1,7 +1,7 @@
 """TA-LoRA on Hugging Face models (METHODS.md §4): attach, choose tasks per forward, add a task, the orthogonality
 penalty, adapter files, and what the training loop needs from the method.
 
-``lr.attach(model, TaLoraConfig(...))`` puts a :class:`~lowrank_rs.nn.talora.TaLoraLayer` on each adapted attention
+``lr.attach(model, TaLoraConfig(...))`` puts a :class:`~lowrank_rs.TaLoraLayer` on each adapted attention
 layer (as its ``talora`` child) and freezes everything else. Every forward then runs inside
 ``with lr.use_tasks(model, task_ids):``; :func:`lowrank_rs.train` does that itself from each batch's ``task_ids``,
 adds ``λ Σ_{i≠j} ‖A_iᵀ A_j‖²_F`` to the loss, and gives the slow and fast weights their own learning rates.
@@ -43,7 +43,6 @@ from ...errors import (
     AdapterStateError,
     ConfigError,
     InvalidArgumentError,
-    LowRankError,
     ShapeError,
     TargetError,
     TaskError,
@@ -144,7 +143,7 @@ def _sites(model: nn.Module, layers: Optional[Sequence[int]]) -> Tuple[List[_Sit
         raise TargetError(
             f"TA-LoRA supports the model types {sorted(_FAMILIES)}; this {type(model).__name__} is "
             f"{model_type!r}. Other architectures need their query/key/value/output projections mapped in "
-            "lowrank_rs.talora._FAMILIES"
+            "lowrank_rs.methods.talora.method._FAMILIES"
         )
     # By class name along the MRO: transformers before 4.48 had eager/SDPA/flash subclasses of one attention class.
     found = [
@@ -229,7 +228,7 @@ def _build_layer(site: _Site, config: TaLoraConfig) -> TaLoraLayer:
 
 
 def talora_layers(model: nn.Module) -> Dict[str, TaLoraLayer]:
-    """Every :class:`~lowrank_rs.nn.talora.TaLoraLayer` of ``model``, by module name (``...self_attn.talora``)."""
+    """Every :class:`~lowrank_rs.TaLoraLayer` of ``model``, by module name (``...self_attn.talora``)."""
     return {name: m for name, m in model.named_modules() if isinstance(m, TaLoraLayer)}
 
 
@@ -470,7 +469,7 @@ def save_talora(model: nn.Module, path: PathLike, *, vllm: bool = False, tasks: 
     order, which becomes the saved adapter's task-id order) and ``modules_to_save``, atomically."""
     attachment = _require(model)
     if vllm:
-        raise LowRankError(
+        raise InvalidArgumentError(
             "vLLM serves LoRA adapters only; TA-LoRA prompts cannot be written for it (save without vllm)"
         )
     chosen = _chosen_tasks(model, tasks)
@@ -512,7 +511,10 @@ def load_talora(
     extras = peft_config.get("lowrank_rs")
     try:
         if not isinstance(extras, dict) or extras.get("method") != TaLoraMethod.name:
-            raise TypeError(f"its lowrank_rs key does not name method {TaLoraMethod.name!r}")
+            raise AdapterFormatError(
+                f"{where!r}: a malformed TA-LoRA adapter config: its lowrank_rs key does not name method "
+                f"{TaLoraMethod.name!r}"
+            )
         file_config = TaLoraConfig.from_dict(extras["config"])
         file_modules = list(extras["modules"])
         file_signature = dict(extras["model"])

@@ -42,7 +42,8 @@ from ...errors import (
     ConfigError,
     EmptyInputError,
     InfeasibleError,
-    LowRankError,
+    InvalidArgumentError,
+    MissingDependencyError,
     ShapeError,
 )
 from ...linalg import CovarianceAccumulator, allocate_alphas, allocate_ranks, task_aware_basis
@@ -108,7 +109,7 @@ class CalibrationStatistics:
     def accumulator(self, name: str) -> CovarianceAccumulator:
         """The accumulator holding ``name``'s input statistics (shared with the modules that read the same tensor)."""
         if name not in self.shapes:
-            raise LowRankError(f"no statistics for module {name!r}; nearest: {nearest(name, self.modules)}")
+            raise InvalidArgumentError(f"no statistics for module {name!r}; nearest: {nearest(name, self.modules)}")
         mine = [acc for readers, acc in self._accumulators if name in readers]
         if len(mine) == 1:
             return mine[0]
@@ -150,7 +151,7 @@ def collect_statistics(
     """
     _check_config(config)
     if loss_fn is not None and not callable(loss_fn):
-        raise LowRankError(f"loss_fn must be callable as loss_fn(outputs, batch), not {type(loss_fn).__name__}")
+        raise InvalidArgumentError(f"loss_fn must be callable as loss_fn(outputs, batch), not {type(loss_fn).__name__}")
     targets = _targets(model, config)
     with _Session(model, targets, config, loss_fn) as session:
         session.run(batches, progress)
@@ -223,7 +224,7 @@ class _Session:
         from tqdm.auto import tqdm
 
         if isinstance(batches, Mapping):
-            raise LowRankError("batches must be an iterable of batch dicts, not one dict; wrap it in a list")
+            raise InvalidArgumentError("batches must be an iterable of batch dicts, not one dict; wrap it in a list")
         limit = self.config.num_examples
         bar = tqdm(total=limit, unit="example", desc="TLoRA calibration", disable=not progress, leave=False)
         with bar, torch.inference_mode(False), torch.enable_grad():
@@ -240,7 +241,7 @@ class _Session:
         self.worker.finish()
         never = [n for n, seen in self.seen.items() if not seen]
         if never:
-            raise LowRankError(
+            raise InvalidArgumentError(
                 f"{len(never)} target module(s) never ran during calibration, e.g. {never[0]!r}: "
                 "they have no input statistics; leave them out of target_modules"
             )
@@ -257,7 +258,7 @@ class _Session:
             self.worker.submit(self.forward.covariance_updates(self._accumulator))
             self.forward.drop_reads()
             if not loss.requires_grad:
-                raise LowRankError(
+                raise InvalidArgumentError(
                     "the loss does not depend on any target module's output, so no sensitivity score can be computed"
                 )
             self.forward.weight = weight
@@ -381,7 +382,7 @@ class _Session:
         accumulators = [(readers, acc) for (readers, _), acc in self.accumulators.items()]
         untokened = [n for n in self.targets if not any(n in r for r, _ in accumulators)]
         if untokened:
-            raise LowRankError(
+            raise InvalidArgumentError(
                 f"{untokened[0]!r} ({len(untokened)} module(s) in all) only ran on tensors that do not line up with "
                 "the batch's [batch, seq] tokens, so its input covariance is unknown; leave it out of target_modules"
             )
@@ -511,7 +512,7 @@ class _Batch:
     @classmethod
     def parse(cls, batch: Any, index: int) -> _Batch:
         if not isinstance(batch, Mapping):
-            raise LowRankError(
+            raise InvalidArgumentError(
                 f"calibration batch {index} is a {type(batch).__name__}; each batch must be a dict of tensors as the "
                 "model takes them (input_ids, attention_mask, labels, ...)"
             )
@@ -527,7 +528,7 @@ class _Batch:
             rows, seq_len = value.shape[:2]
             break
         else:
-            raise LowRankError(
+            raise InvalidArgumentError(
                 f"calibration batch {index} has none of input_ids, inputs_embeds, attention_mask "
                 f"(its keys: {sorted(batch)})"
             )
@@ -585,7 +586,7 @@ class _Batch:
         if not count_prompt_tokens:
             labels = self.data.get("labels")
             if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != (self.rows, self.seq_len):
-                raise LowRankError(
+                raise InvalidArgumentError(
                     f"count_prompt_tokens=False needs token-aligned labels ([batch, seq] = [{self.rows}, "
                     f"{self.seq_len}], -100 on prompt tokens), but calibration batch {self.index} has labels "
                     f"{describe(labels)}"
@@ -599,7 +600,9 @@ def _take_examples(batches: Iterable[Mapping[str, Any]], limit: int) -> Iterator
     try:
         iterator = iter(batches)
     except TypeError:
-        raise LowRankError(f"batches must be an iterable of batch dicts, not {type(batches).__name__}") from None
+        raise InvalidArgumentError(
+            f"batches must be an iterable of batch dicts, not {type(batches).__name__}"
+        ) from None
     seen = 0
     for index, raw in enumerate(iterator):
         batch = _Batch.parse(raw, index)
@@ -647,7 +650,7 @@ def _check_config(config: Any) -> None:
 
 def _targets(model: nn.Module, config: TLoraConfig) -> Dict[str, nn.Linear]:
     if not isinstance(model, nn.Module):
-        raise LowRankError(f"calibrate needs a torch.nn.Module, not {type(model).__name__}")
+        raise InvalidArgumentError(f"calibrate needs a torch.nn.Module, not {type(model).__name__}")
     if has_adapter(model):
         raise AdapterStateError("the model already has adapters attached; calibrate the base model, then attach")
     modules = dict(model.named_modules())
@@ -704,7 +707,7 @@ class CalibrationPlan:
         self.config = config
         self.modules: Dict[str, ModulePlan] = {m.name: m for m in modules}
         if len(self.modules) != len(modules):
-            raise LowRankError("a calibration plan lists a module twice")
+            raise InvalidArgumentError("a calibration plan lists a module twice")
         self.num_examples = int(num_examples)
         self.num_tokens = int(num_tokens)
 
@@ -865,7 +868,7 @@ class CalibrationPlan:
             from matplotlib.backends.backend_agg import FigureCanvasAgg
             from matplotlib.figure import Figure
         except ImportError:
-            raise ImportError(
+            raise MissingDependencyError(
                 "CalibrationPlan.plot needs matplotlib; install it with: pip install 'lowrank-rs[plot]'"
             ) from None
         layers, kinds, cells = _layer_grid(self.modules)
@@ -944,18 +947,18 @@ def _module_from_json(entry: Mapping[str, Any], tensors: Mapping[str, np.ndarray
     d_out, d_in = (int(v) for v in entry["shape"])
     rank = int(entry["rank"])
     if rank < 0 or rank > min(d_out, d_in):
-        raise ValueError(f"module {name!r} has rank {rank}, outside [0, {min(d_out, d_in)}]")
+        raise AdapterFormatError(f"module {name!r} has rank {rank}, outside [0, {min(d_out, d_in)}]")
     if rank > 0:
         a = tensors.get(f"{name}.A")
         if a is None:
-            raise KeyError(f"{name}.A")
+            raise AdapterFormatError(f"the plan has no tensor {name}.A for module {name!r} of rank {rank}")
         if a.dtype != np.float32 or a.shape != (rank, d_in):
-            raise ValueError(f"tensor {name}.A is {a.dtype} {a.shape}; expected float32 ({rank}, {d_in})")
+            raise AdapterFormatError(f"tensor {name}.A is {a.dtype} {a.shape}; expected float32 ({rank}, {d_in})")
     else:
         a = np.zeros((0, d_in), dtype=np.float32)
     singular = np.asarray(entry["singular_values"], dtype=np.float32)
     if singular.shape != (rank,):
-        raise ValueError(f"module {name!r} has {singular.size} singular values for rank {rank}")
+        raise AdapterFormatError(f"module {name!r} has {singular.size} singular values for rank {rank}")
     return ModulePlan(
         name=name,
         shape=(d_out, d_in),
@@ -996,7 +999,7 @@ def build_plan(
     modules = dict(model.named_modules())
     missing = [n for n in names if not isinstance(modules.get(n), nn.Linear)]
     if missing:
-        raise LowRankError(
+        raise InvalidArgumentError(
             f"the statistics are for module {missing[0]!r}, which this model has not as an nn.Linear; "
             f"nearest names: {nearest(missing[0], modules)}"
         )
