@@ -11,6 +11,11 @@
 //! The accumulator stores only the lower triangle, packed row by row, which halves its memory: a model has many
 //! target modules, each holding a `dim × dim` statistic for the whole calibration run.
 
+#[cfg(target_arch = "x86_64")]
+mod amx;
+#[cfg(target_arch = "x86_64")]
+mod avx512bf16;
+mod bf16;
 mod convert;
 mod gather;
 mod product;
@@ -160,6 +165,11 @@ impl CovarianceAccumulator {
     /// Values of masked-out tokens are never read, so padding may hold anything. Counted values must be finite and
     /// (for f64 input) within the f32 range the products are computed in.
     pub fn update(&mut self, batch: &Batch<'_>) -> Result<()> {
+        self.update_with(batch, bf16::Kernel::detect())
+    }
+
+    /// [`update`](Self::update) with the bf16 kernel chosen by the caller (`None`: the f32 path), for tests.
+    fn update_with(&mut self, batch: &Batch<'_>, kernel: Option<bf16::Kernel>) -> Result<()> {
         let dim = self.dim;
         if batch.dim != dim {
             return Err(Error::Shape(format!(
@@ -210,6 +220,9 @@ impl CovarianceAccumulator {
             .ok()
             .and_then(|n| self.count.checked_add(n))
             .ok_or_else(|| Error::Value("token count overflows u64".into()))?;
+        if let (Elements::Bf16(data), Center::None, Some(kernel)) = (batch.data, self.center, kernel) {
+            return self.update_bf16(batch, data, &plan, kernel, new_count);
+        }
         let xt_len = n_b
             .checked_mul(dim)
             .ok_or_else(|| Error::Shape(format!("{n_b} tokens × {dim} features overflows the address space")))?;

@@ -520,6 +520,118 @@ fn release_scratch_then_update_still_works() {
     assert_eq!(a.covariance().unwrap(), b.covariance().unwrap());
 }
 
+/// Random bf16 bit patterns of moderate, sign-varying magnitude (exponents 120..134), plus a per-feature offset
+/// so that centring matters; every fifth token is masked out.
+fn bf16_batch(rng: &mut Rng, tokens: usize, dim: usize) -> (Vec<u16>, Vec<bool>) {
+    let data = (0..tokens * dim)
+        .map(|i| {
+            let r = rng.next_u64();
+            let x = f32::from_bits((((r as u32) & 0x807f) | ((120 + (r >> 20) % 15) as u32) << 7) << 16);
+            let offset = if i % dim % 3 == 0 { 8.0 } else { 0.0 };
+            ((x + offset).to_bits() >> 16) as u16
+        })
+        .collect();
+    let mask = (0..tokens).map(|r| r % 5 != 3).collect();
+    (data, mask)
+}
+
+/// Every bf16 kernel against the f32 path (which converts to f32 first) and the f64 oracle, on shapes that
+/// exercise the padding: dims off multiples of 16 and 32, token counts off multiples of 32 (odd ones too),
+/// masks, all three modes (centred modes stay on the f32 path: the check is that they still route correctly).
+#[test]
+fn bf16_kernels_match_f32_path_and_oracle() {
+    let kernels = bf16::Kernel::all_available();
+    eprintln!("bf16 kernels available: {kernels:?}; detected: {:?}", bf16::Kernel::detect());
+    for (dim, sequences, seq_len) in [(1, 3, 7), (17, 2, 19), (33, 3, 37), (70, 1, 45), (130, 4, 33), (600, 2, 61)] {
+        let mut rng = Rng(dim as u64 * 7 + 1);
+        let (data, mask) = bf16_batch(&mut rng, sequences * seq_len, dim);
+        let values: Vec<f64> = data.iter().map(|&h| f64::from(bf16_to_f32(h))).collect();
+        let b = Batch { data: Elements::Bf16(&data), sequences, seq_len, dim, mask: Some(&mask) };
+        for center in MODES {
+            let (n, mean, want) = oracle(&[(values.clone(), sequences, seq_len, Some(mask.clone()))], dim, center);
+            let mut reference = CovarianceAccumulator::new(dim, center).unwrap();
+            reference.update_with(&b, None).unwrap();
+            reference.update_with(&b, None).unwrap();
+            let reference = reference.covariance().unwrap();
+            assert_close(&reference, &want, dim, 2e-6);
+            for &kernel in &kernels {
+                let mut acc = CovarianceAccumulator::new(dim, center).unwrap();
+                acc.update_with(&b, Some(kernel)).unwrap();
+                acc.update_with(&b, Some(kernel)).unwrap();
+                assert_eq!(acc.count(), 2 * n);
+                let got_mean = acc.mean().unwrap();
+                for f in 0..dim {
+                    assert!((got_mean[f] - mean[f]).abs() <= 1e-12 * mean[f].abs().max(1.0), "{kernel:?}");
+                }
+                let got = acc.covariance().unwrap();
+                assert_symmetric(&got, dim);
+                assert_close(&got, &want, dim, 2e-6);
+                assert_close(&got, &reference, dim, 2e-6);
+            }
+        }
+    }
+}
+
+/// A batch longer than one packed chunk: the f32 sums restart per chunk, the result does not change.
+#[test]
+fn bf16_kernels_multi_chunk_batch() {
+    let (dim, sequences, seq_len) = (40, 3, bf16::CHUNK / 2 + 5);
+    let mut rng = Rng(99);
+    let (data, mask) = bf16_batch(&mut rng, sequences * seq_len, dim);
+    let values: Vec<f64> = data.iter().map(|&h| f64::from(bf16_to_f32(h))).collect();
+    let b = Batch { data: Elements::Bf16(&data), sequences, seq_len, dim, mask: Some(&mask) };
+    let (n, _, want) = oracle(&[(values, sequences, seq_len, Some(mask.clone()))], dim, Center::None);
+    for kernel in bf16::Kernel::all_available() {
+        let mut acc = CovarianceAccumulator::new(dim, Center::None).unwrap();
+        acc.update_with(&b, Some(kernel)).unwrap();
+        assert_eq!(acc.count(), n);
+        assert_close(&acc.covariance().unwrap(), &want, dim, 2e-6);
+    }
+}
+
+/// With the bf16 kernels forced off, bf16 input takes the f32 path (what CPUs without them run); and exactly
+/// representable data gives bit-identical results on every path, since all of them sum exact products.
+#[test]
+fn bf16_fallback_path_and_exact_agreement() {
+    let (dim, sequences, seq_len) = (45, 2, 50);
+    // Small integers: every product and every partial sum is exact in f32, whatever the summation order.
+    let data: Vec<u16> =
+        (0..sequences * seq_len * dim).map(|i| ((((i * 7919) % 17) as f32 - 8.0).to_bits() >> 16) as u16).collect();
+    let b = Batch { data: Elements::Bf16(&data), sequences, seq_len, dim, mask: None };
+    let mut fallback = CovarianceAccumulator::new(dim, Center::None).unwrap();
+    fallback.update_with(&b, None).unwrap();
+    let values: Vec<f64> = data.iter().map(|&h| f64::from(bf16_to_f32(h))).collect();
+    let (_, _, want) = oracle(&[(values, sequences, seq_len, None)], dim, Center::None);
+    let expect = fallback.covariance().unwrap();
+    assert_close(&expect, &want, dim, 1e-15);
+    for kernel in bf16::Kernel::all_available() {
+        let mut acc = CovarianceAccumulator::new(dim, Center::None).unwrap();
+        acc.update_with(&b, Some(kernel)).unwrap();
+        assert_eq!(acc.covariance().unwrap(), expect, "{kernel:?}");
+    }
+}
+
+/// Non-finite or overflowing bf16 input is rejected by the kernel path exactly as by the f32 path.
+#[test]
+fn bf16_kernels_reject_bad_input_unchanged() {
+    let dim = 5;
+    let mut data = vec![0x3f80u16; 4 * dim];
+    for kernel in bf16::Kernel::all_available().into_iter().map(Some).chain([None]) {
+        let mut acc = CovarianceAccumulator::new(dim, Center::None).unwrap();
+        data[2 * dim + 3] = 0x7fc0; // NaN
+        let b = Batch { data: Elements::Bf16(&data), sequences: 2, seq_len: 2, dim, mask: None };
+        let err = acc.update_with(&b, kernel).unwrap_err();
+        assert!(matches!(&err, Error::NonFinite(m) if m.contains("sequence 1, token 0, feature 3")), "{err}");
+        data[2 * dim + 3] = 0x7f00; // 1.7e38: its square overflows f32
+        let b = Batch { data: Elements::Bf16(&data), sequences: 2, seq_len: 2, dim, mask: None };
+        let err = acc.update_with(&b, kernel).unwrap_err();
+        assert!(matches!(&err, Error::NonFinite(m) if m.contains("feature 3")), "{err}");
+        assert_eq!(acc.count(), 0);
+        assert!(acc.scatter.iter().all(|&m| m == 0.0));
+        data[2 * dim + 3] = 0x3f80;
+    }
+}
+
 /// `cargo test --release -p lowrank-core covariance::tests::bench -- --ignored --nocapture`
 /// (compare with numpy's `x.T @ x` on the same machine; `bench/` has the side-by-side script).
 #[test]
