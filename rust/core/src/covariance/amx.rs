@@ -121,15 +121,15 @@ unsafe fn store(c: *mut f32, ld: usize) {
 /// `t.i0 + t.bi`, `t.j0 + t.bj` must not exceed `dim_p`; edges multiples of 32, `pairs` of 16.
 #[target_feature(enable = "avx512f")]
 pub(super) unsafe fn tile(t: &KernelTile, a: *const u32, b: *const u32, c: *mut f32) {
-    let (lda, ldb, ldc) = (t.pairs * 4, t.dim_p * 4, t.bj * 4);
+    let (lda, ldb, ldc) = (t.lda * 4, t.ldb * 4, t.bj * 4);
     let mut scratch = [0f32; 32 * 32];
     asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly));
     for pc in (0..t.pairs).step_by(PAIR_BLOCK) {
         let pe = (pc + PAIR_BLOCK).min(t.pairs);
         for is in (0..t.bi).step_by(32) {
             let js_end = if t.diag { is + 32 } else { t.bj };
-            let a0 = a.add((t.i0 + is) * t.pairs);
-            let a1 = a0.add(16 * t.pairs);
+            let a0 = a.add((t.i0 + is) * t.lda);
+            let a1 = a0.add(16 * t.lda);
             for js in (0..js_end).step_by(32) {
                 let c00 = c.add(is * t.bj + js);
                 asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nomem, nostack));
@@ -145,7 +145,7 @@ pub(super) unsafe fn tile(t: &KernelTile, a: *const u32, b: *const u32, c: *mut 
                         "tdpbf16ps tmm2, tmm5, tmm6",
                         "tdpbf16ps tmm3, tmm5, tmm7",
                         a0 = in(reg) a0.add(p), a1 = in(reg) a1.add(p),
-                        b0 = in(reg) b0.add(p * t.dim_p), b1 = in(reg) b0.add(p * t.dim_p + 16),
+                        b0 = in(reg) b0.add(p * t.ldb), b1 = in(reg) b0.add(p * t.ldb + 16),
                         lda = in(reg) lda, ldb = in(reg) ldb, options(nostack, readonly),
                     );
                 }

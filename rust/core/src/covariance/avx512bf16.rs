@@ -33,7 +33,7 @@ pub(super) unsafe fn tile(t: &KernelTile, b: *const u32, c: *mut f32) {
                 let cp = c.add(is * t.bj + js);
                 let mut acc = [[_mm512_setzero_ps(); 2]; ROWS];
                 for p in pc..pe {
-                    let row = b.add(p * t.dim_p);
+                    let row = b.add(p * t.ldb);
                     let r0: __m512bh = std::mem::transmute(_mm512_loadu_si512(row.add(t.j0 + js).cast()));
                     let r1: __m512bh = std::mem::transmute(_mm512_loadu_si512(row.add(t.j0 + js + 16).cast()));
                     let left = row.add(t.i0 + is);

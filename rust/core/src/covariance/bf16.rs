@@ -28,6 +28,8 @@ const PAIR_STEP: usize = 16;
 const K_STEP: usize = 2 * PAIR_STEP;
 /// Features are padded to this (two 16-wide AMX tiles, two 16-lane vectors): padding is zero and adds nothing.
 pub(super) const FEATURE_STEP: usize = 32;
+/// Extra `u32` per packed row (one cache line).
+const PAD: usize = 16;
 /// Counted rows per partial sum, as in the f32 path's first gather pass (same blocks, same order, same means).
 const SUM_BLOCK: usize = 128;
 
@@ -84,6 +86,10 @@ struct Packed<'a> {
     b: &'a [u32],
     pairs: usize,
     dim_p: usize,
+    /// Row strides (`u32`) of `a` and `b`: one cache line more than the rows, so that the rows a tile load walks
+    /// do not all fall into the same L1 set.
+    lda: usize,
+    ldb: usize,
 }
 
 impl TileProduct for Packed<'_> {
@@ -96,12 +102,13 @@ impl TileProduct for Packed<'_> {
         let (bi, bj) = (t.bi.next_multiple_of(FEATURE_STEP), t.bj.next_multiple_of(FEATURE_STEP));
         // Tiles start at multiples of the tile edge (a power of two ≥ 64), so padded tiles stay inside `dim_p`.
         assert!(t.i0 + bi <= self.dim_p && t.j0 + bj <= self.dim_p && out.len() >= bi * bj);
-        assert!(self.pairs % PAIR_STEP == 0 && self.b.len() >= self.pairs * self.dim_p);
-        let shape = KernelTile { i0: t.i0, bi, j0: t.j0, bj, diag: t.diag, pairs: self.pairs, dim_p: self.dim_p };
+        assert!(self.pairs % PAIR_STEP == 0 && self.ldb >= self.dim_p && self.b.len() >= self.pairs * self.ldb);
+        let (lda, ldb) = (self.lda, self.ldb);
+        let shape = KernelTile { i0: t.i0, bi, j0: t.j0, bj, diag: t.diag, pairs: self.pairs, lda, ldb };
         match self.kernel {
             #[cfg(target_arch = "x86_64")]
             Kernel::Amx => {
-                assert!(self.a.len() >= self.pairs * self.dim_p);
+                assert!(self.lda >= self.pairs && self.a.len() >= self.dim_p * self.lda);
                 // SAFETY: `Amx` is only constructed after `amx::available()` (CPU support and the OS permission);
                 // the assertions above keep every tile load and store inside `a`, `b` and `out`.
                 unsafe { super::amx::tile(&shape, self.a.as_ptr(), self.b.as_ptr(), out.as_mut_ptr()) }
@@ -128,7 +135,8 @@ pub(super) struct KernelTile {
     pub(super) bj: usize,
     pub(super) diag: bool,
     pub(super) pairs: usize,
-    pub(super) dim_p: usize,
+    pub(super) lda: usize,
+    pub(super) ldb: usize,
 }
 
 impl CovarianceAccumulator {
@@ -146,8 +154,9 @@ impl CovarianceAccumulator {
         let n_b = plan.rows.len();
         let dim_p = dim.next_multiple_of(FEATURE_STEP);
         let pairs_max = n_b.min(CHUNK).next_multiple_of(K_STEP) / 2;
-        let per_copy = pairs_max
-            .checked_mul(dim_p)
+        let (lda, ldb) = (pairs_max + PAD, dim_p + PAD);
+        let per_copy = lda
+            .checked_mul(ldb)
             .ok_or_else(|| crate::Error::Shape(format!("{n_b} tokens × {dim} features overflows the address space")))?;
         let copies = if kernel == Kernel::Amx { 2 } else { 1 };
         let mut pack = Scratch::<u32>::checkout(per_copy * copies)?;
@@ -166,16 +175,17 @@ impl CovarianceAccumulator {
             for (c, rows) in plan.rows.chunks(CHUNK).enumerate() {
                 let pairs = rows.len().next_multiple_of(K_STEP) / 2;
                 let (b, a) = pack.split_at_mut(per_copy);
-                let b = &mut b[..pairs * dim_p];
-                pack_pairs(data, rows, dim, dim_p, b);
+                let b = &mut b[..pairs * ldb];
+                pack_pairs(data, rows, dim, ldb, b);
+                let lda = pairs + PAD;
                 let a = if kernel == Kernel::Amx {
-                    let a = &mut a[..pairs * dim_p];
-                    transpose_pairs(b, pairs, dim_p, a);
+                    let a = &mut a[..dim_p * lda];
+                    transpose_pairs(b, pairs, ldb, lda, a);
                     &a[..]
                 } else {
                     &[]
                 };
-                let product = Packed { kernel, a, b, pairs, dim_p };
+                let product = Packed { kernel, a, b, pairs, dim_p, lda, ldb };
                 // Chan's term belongs to the batch, not to each chunk.
                 self.add_product(&product, &step.delta, if c == 0 { step.weight } else { 0.0 });
             }
@@ -227,15 +237,15 @@ fn sums(data: &[u16], rows: &[usize], dim: usize, batch_sum: &mut [f64], sum_sq:
     true
 }
 
-/// Pairs of counted rows into `out` (`pairs × dim_p`): entry `(p, f)` holds feature `f` of rows `2p` and `2p + 1`.
-/// Missing rows past the end and features past `dim` are zero.
-fn pack_pairs(data: &[u16], rows: &[usize], dim: usize, dim_p: usize, out: &mut [u32]) {
+/// Pairs of counted rows into `out` (`pairs` rows of stride `ldb`): entry `(p, f)` holds feature `f` of rows `2p` and `2p + 1`.
+/// Missing rows past the end and entries past `dim` are zero.
+fn pack_pairs(data: &[u16], rows: &[usize], dim: usize, ldb: usize, out: &mut [u32]) {
     const PAIRS_PER_TASK: usize = 16;
-    out.par_chunks_mut(PAIRS_PER_TASK * dim_p).enumerate().for_each(|(t, out)| {
+    out.par_chunks_mut(PAIRS_PER_TASK * ldb).enumerate().for_each(|(t, out)| {
         simd(
             #[inline(always)]
             || {
-                for (q, dst) in out.chunks_exact_mut(dim_p).enumerate() {
+                for (q, dst) in out.chunks_exact_mut(ldb).enumerate() {
                     let k = 2 * (t * PAIRS_PER_TASK + q);
                     let row = |k: usize| rows.get(k).map(|&r| &data[r * dim..(r + 1) * dim]);
                     let (dst, pad) = dst.split_at_mut(dim);
@@ -259,19 +269,89 @@ fn pack_pairs(data: &[u16], rows: &[usize], dim: usize, dim_p: usize, out: &mut 
     });
 }
 
-/// `a` (`dim_p × pairs`) = transpose of `b` (`pairs × dim_p`), through blocks small enough for L1.
-fn transpose_pairs(b: &[u32], pairs: usize, dim_p: usize, a: &mut [u32]) {
+/// `a` (rows of stride `lda`, one per feature) = transpose of `b` (`pairs` rows of stride `ldb`), through blocks
+/// small enough for L1. `a`'s entries past `pairs` are never read and stay as they were.
+fn transpose_pairs(b: &[u32], pairs: usize, ldb: usize, lda: usize, a: &mut [u32]) {
     const F: usize = 16;
     const P: usize = 64;
-    a.par_chunks_mut(F * pairs).enumerate().for_each(|(t, a)| {
+    a.par_chunks_mut(F * lda).enumerate().for_each(|(t, a)| {
         let f0 = t * F;
         for p0 in (0..pairs).step_by(P) {
             let p1 = (p0 + P).min(pairs);
-            for (f, dst) in a.chunks_exact_mut(pairs).enumerate() {
+            for (f, dst) in a.chunks_mut(lda).enumerate() {
                 for (p, d) in (p0..p1).zip(&mut dst[p0..p1]) {
-                    *d = b[p * dim_p + f0 + f];
+                    *d = b[p * ldb + f0 + f];
                 }
             }
         }
     });
+}
+
+#[cfg(test)]
+mod bench {
+    use super::*;
+    use crate::covariance::Center;
+
+    /// Time of each piece of an uncentred bf16 update at dim 4096, 4096 tokens, per kernel:
+    /// `cargo test --release -p lowrank-core covariance::bf16::bench -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn bench_bf16_pieces() {
+        let (dim, n) = (4096, 4096);
+        let data: Vec<u16> = (0..n * dim).map(|i| (0x3f00 + (i * 2_654_435_761) % 0x100) as u16).collect();
+        let rows: Vec<usize> = (0..n).collect();
+        let dim_p = dim.next_multiple_of(FEATURE_STEP);
+        let pairs = n.next_multiple_of(K_STEP) / 2;
+        let (lda, ldb) = (pairs + PAD, dim_p + PAD);
+        let (mut a, mut b) = (vec![0u32; dim_p * lda], vec![0u32; pairs * ldb]);
+        let median = |f: &mut dyn FnMut()| {
+            f();
+            let mut t: Vec<f64> = (0..5)
+                .map(|_| {
+                    let s = std::time::Instant::now();
+                    f();
+                    s.elapsed().as_secs_f64() * 1e3
+                })
+                .collect();
+            t.sort_by(f64::total_cmp);
+            t[2]
+        };
+        crate::threads::run(|_| {
+            let (mut s, mut q) = (vec![0f64; dim], vec![0f64; dim]);
+            println!("sums      {:.1} ms", median(&mut || assert!(sums(&data, &rows, dim, &mut s, &mut q))));
+            println!("pack      {:.1} ms", median(&mut || pack_pairs(&data, &rows, dim, ldb, &mut b)));
+            println!("transpose {:.1} ms", median(&mut || transpose_pairs(&b, pairs, ldb, lda, &mut a)));
+            struct Null;
+            impl TileProduct for Null {
+                fn buffer_len(&self, tile: usize) -> usize {
+                    tile * tile
+                }
+                fn tile(&self, t: &Tile, _: &mut [f32]) -> usize {
+                    t.bj
+                }
+            }
+            let mut acc = CovarianceAccumulator::new(dim, Center::None).unwrap();
+            let delta = vec![0f64; dim];
+            println!("add only  {:.1} ms", median(&mut || acc.add_product(&Null, &delta, 0.0)));
+            for kernel in Kernel::all_available() {
+                let mut acc = CovarianceAccumulator::new(dim, Center::None).unwrap();
+                let delta = vec![0f64; dim];
+                let product = Packed { kernel, a: &a, b: &b, pairs, dim_p, lda, ldb };
+                let mut out = vec![0f32; 512 * 512];
+                let t = Tile { i0: 1024, bi: 512, j0: 0, bj: 512, diag: false };
+                let one = median(&mut || {
+                    product.tile(&t, &mut out);
+                });
+                println!(
+                    "{kernel:?} one 512² tile: {one:.2} ms ({:.0} GFLOP/s as 2·MAC)",
+                    2.0 * (512 * 512 * n) as f64 / one / 1e6
+                );
+                let ms = median(&mut || acc.add_product(&product, &delta, 0.0));
+                println!(
+                    "{kernel:?} product+add {ms:.1} ms ({:.0} GFLOP/s as n·d²)",
+                    (n * dim * dim) as f64 / ms / 1e6
+                );
+            }
+        });
+    }
 }
