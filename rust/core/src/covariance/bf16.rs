@@ -40,6 +40,7 @@ pub(super) enum Kernel {
     /// permission).
     Amx,
     /// AVX512-BF16 vectors (Cooper Lake, Sapphire Rapids, Zen 4 and later).
+    #[cfg_attr(not(test), allow(dead_code))] // exact but slower than the f32 path until tuned
     Avx512Bf16,
 }
 
@@ -53,9 +54,8 @@ impl Kernel {
                 if super::amx::available() {
                     return Some(Kernel::Amx);
                 }
-                if super::avx512bf16::available() {
-                    return Some(Kernel::Avx512Bf16);
-                }
+                // The AVX512-BF16 kernel is exact but, untuned, measured at ~43 GFLOP/s per tile against ~240 for
+                // the f32 path on the same machine: it stays tested (all_available) but is not picked until it wins.
             }
             None
         })
@@ -102,7 +102,7 @@ impl TileProduct for Packed<'_> {
         let (bi, bj) = (t.bi.next_multiple_of(FEATURE_STEP), t.bj.next_multiple_of(FEATURE_STEP));
         // Tiles start at multiples of the tile edge (a power of two ≥ 64), so padded tiles stay inside `dim_p`.
         assert!(t.i0 + bi <= self.dim_p && t.j0 + bj <= self.dim_p && out.len() >= bi * bj);
-        assert!(self.pairs % PAIR_STEP == 0 && self.ldb >= self.dim_p && self.b.len() >= self.pairs * self.ldb);
+        assert!(self.pairs.is_multiple_of(PAIR_STEP) && self.ldb >= self.dim_p && self.b.len() >= self.pairs * self.ldb);
         let (lda, ldb) = (self.lda, self.ldb);
         let shape = KernelTile { i0: t.i0, bi, j0: t.j0, bj, diag: t.diag, pairs: self.pairs, lda, ldb };
         match self.kernel {

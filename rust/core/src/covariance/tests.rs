@@ -124,7 +124,7 @@ fn stream(rng: &mut Rng, dim: usize) -> Vec<Spec<f32>> {
         let mask = if b == 1 {
             None
         } else {
-            let mut m: Vec<bool> = (0..sequences * seq_len).map(|_| rng.next_u64() % 4 != 0).collect();
+            let mut m: Vec<bool> = (0..sequences * seq_len).map(|_| !rng.next_u64().is_multiple_of(4)).collect();
             // Second sequence entirely padding; last sequence exactly one counted token.
             if sequences > 1 {
                 m[seq_len..2 * seq_len].iter_mut().for_each(|k| *k = false);
@@ -527,7 +527,7 @@ fn bf16_batch(rng: &mut Rng, tokens: usize, dim: usize) -> (Vec<u16>, Vec<bool>)
         .map(|i| {
             let r = rng.next_u64();
             let x = f32::from_bits((((r as u32) & 0x807f) | ((120 + (r >> 20) % 15) as u32) << 7) << 16);
-            let offset = if i % dim % 3 == 0 { 8.0 } else { 0.0 };
+            let offset = if (i % dim).is_multiple_of(3) { 8.0 } else { 0.0 };
             ((x + offset).to_bits() >> 16) as u16
         })
         .collect();
