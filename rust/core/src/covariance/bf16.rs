@@ -102,7 +102,9 @@ impl TileProduct for Packed<'_> {
         let (bi, bj) = (t.bi.next_multiple_of(FEATURE_STEP), t.bj.next_multiple_of(FEATURE_STEP));
         // Tiles start at multiples of the tile edge (a power of two ≥ 64), so padded tiles stay inside `dim_p`.
         assert!(t.i0 + bi <= self.dim_p && t.j0 + bj <= self.dim_p && out.len() >= bi * bj);
-        assert!(self.pairs.is_multiple_of(PAIR_STEP) && self.ldb >= self.dim_p && self.b.len() >= self.pairs * self.ldb);
+        assert!(
+            self.pairs.is_multiple_of(PAIR_STEP) && self.ldb >= self.dim_p && self.b.len() >= self.pairs * self.ldb
+        );
         let (lda, ldb) = (self.lda, self.ldb);
         let shape = KernelTile { i0: t.i0, bi, j0: t.j0, bj, diag: t.diag, pairs: self.pairs, lda, ldb };
         match self.kernel {
