@@ -15,6 +15,7 @@ This module is a facade: names only. The layers behind it are described in ``doc
 from __future__ import annotations
 
 from . import methods as _methods  # noqa: F401  (registers every method)
+from . import package
 from ._core import __version__
 from .adapters import (
     Method,
@@ -49,7 +50,7 @@ from .errors import (
     TargetError,
     TaskError,
 )
-from .export import OrtModel, export_onnx
+from .export import OrtModel, export_onnx, write_ort_adapter
 from .linalg import get_num_threads, set_num_threads
 from .methods.dora import DoraConfig, DoraLinear
 from .methods.lora import LoraConfig, LoraLinear, lora_layers
@@ -65,6 +66,10 @@ from .methods.talora import (
 )
 from .methods.tlora import CalibrationPlan, TLoraConfig, calibrate
 from .training import EvalResult, TrainConfig, TrainResult, evaluate, train
+
+# `lowrank_rs.package.write_ort_adapter`, the name from before the export package existed, stays an alias. It is
+# set here, at the top, because `package` sits below `export` and must not import it.
+setattr(package, "write_ort_adapter", write_ort_adapter)  # noqa: B010
 
 __all__ = [
     "AdapterFormatError",

@@ -26,7 +26,7 @@ from ._core import (
 )
 from .errors import DtypeError, InvalidArgumentError
 
-__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "read_adapter", "write_adapter", "write_ort_adapter"]
+__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "read_adapter", "write_adapter"]
 
 WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -80,18 +80,6 @@ def read_adapter(directory: PathLike, framework: str = "numpy") -> Tuple[Dict[st
         else:
             out[name] = arr.copy() if not arr.flags.writeable else arr
     return out, json.loads(config_json)
-
-
-def write_ort_adapter(adapter_dir: Any, out_path: PathLike, *, graph: Any = None, dtype: Any = None) -> Any:
-    """An adapter directory (ours, LoRA or TLoRA, or a plain PEFT LoRA one) → an ONNX Runtime ``.onnx_adapter`` file.
-
-    An alias of :func:`lowrank_rs.export.write_ort_adapter` (needs the ``onnx`` extra), kept for code written before
-    the export package existed; ``graph`` is the adapters-mode ``.onnx`` file to check against and take the dtype
-    from. Returns the written path.
-    """
-    from .export.adapter_file import write_ort_adapter as write
-
-    return write(adapter_dir, out_path, graph=graph, dtype=dtype)
 
 
 def _to_bytes(name: str, value: Any) -> Tuple[str, np.ndarray]:

@@ -85,7 +85,7 @@ def export_onnx(
     graph computes the base model when no adapter is active. The parameters of ``modules_to_save`` modules (the
     attached adapter's and those named here) become overridable inputs named ``<module>.<param>`` with their
     current values as defaults. ONNX Runtime's LoRA support (``.onnx_adapter`` files from
-    :func:`~lowrank_rs.package.write_ort_adapter`, ``RunOptions.add_active_adapter``) feeds them per request.
+    :func:`~lowrank_rs.export.write_ort_adapter`, ``RunOptions.add_active_adapter``) feeds them per request.
 
     The model is left as it was (modules swapped for the export are put back, train/eval mode restored). Raises
     :class:`ExportError` when torch's exporter fails, with its message.

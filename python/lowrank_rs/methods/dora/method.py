@@ -16,6 +16,7 @@ from ..lora.layer import LoraLinear
 from ..lora.method import UNSUPPORTED_PEFT_FIELDS, LoraMethod, Overrides
 from ..tlora.calibrate import CalibrationPlan
 from .config import DoraConfig
+from .export import DORA_EXPORTS
 from .layer import DoraLinear
 
 __all__ = ["DoraMethod"]
@@ -117,6 +118,4 @@ class DoraMethod(LoraMethod):
         getattr(layer, MAGNITUDE).copy_(tensors[MAGNITUDE])
 
     def export_hooks(self) -> Sequence[Any]:
-        from .export import DORA_EXPORTS
-
         return DORA_EXPORTS

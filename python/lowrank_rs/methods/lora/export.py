@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...export.methods import EMPTY, EXAMPLE_RANK, GraphInput, GraphInputModule, MethodExport
+from .codec import UNSUPPORTED_PEFT_FIELDS, check_lora_file, ranks_and_scales, split_factors
 from .layer import LoraLinear
 
 __all__ = ["LORA_EXPORT", "LoraExport", "lora_input_names", "rank_symbol"]
@@ -111,12 +112,9 @@ class LoraExport(MethodExport):
     def file_tensors(
         self, tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any], where: str
     ) -> Tuple[Dict[str, Dict[str, torch.Tensor]], Dict[str, torch.Tensor]]:
-        from .method import LoraMethod, ranks_and_scales
-
-        reader = LoraMethod()
-        reader.check_file(config, where)
+        check_lora_file(config, where, UNSUPPORTED_PEFT_FIELDS, "LoRA")
         extras = config.get("lowrank_rs") if isinstance(config.get("lowrank_rs"), dict) else None
-        factors, _, rest = reader.split_factors(tensors)
+        factors, _, rest = split_factors(tensors)
         vllm = bool(extras and extras.get("vllm"))
         ranks, gammas = ranks_and_scales(factors, config, extras if vllm else None)
         out: Dict[str, Dict[str, torch.Tensor]] = {}

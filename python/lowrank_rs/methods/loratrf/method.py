@@ -21,6 +21,7 @@ from ..lora.method import LoraMethod, Overrides
 from ..tlora.calibrate import CalibrationPlan
 from . import filters as trf
 from .config import TrfConfig
+from .export import TRF_EXPORTS
 from .layer import TaskFilter
 
 __all__ = ["TrfMethod"]
@@ -135,8 +136,6 @@ class TrfMethod(LoraMethod):
     # -- export, the job ----------------------------------------------------------------------------------------
 
     def export_hooks(self) -> Sequence[Any]:
-        from .export import TRF_EXPORTS
-
         return TRF_EXPORTS
 
     def prepare(self, model: nn.Module, examples: Sequence[Dict[str, Any]], settings: Settings, pad: int) -> Prepared:

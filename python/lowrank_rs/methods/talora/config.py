@@ -9,7 +9,10 @@ from ...adapters.tasks import task_names
 from ...config import JsonConfig, float_field, int_field, name_list, positive_float
 from ...errors import ConfigError
 
-__all__ = ["TaLoraConfig"]
+__all__ = ["PEFT_TYPE", "TaLoraConfig"]
+
+# PEFT has no TA-LoRA, so its files carry a peft_type of their own, which PEFT refuses.
+PEFT_TYPE = "LOWRANK_RS_TA_LORA"
 
 
 @dataclasses.dataclass(frozen=True)

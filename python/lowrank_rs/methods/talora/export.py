@@ -36,9 +36,8 @@ from torch import nn
 from ...adapters.peft_format import PEFT_PREFIX
 from ...errors import AdapterFormatError, ConfigError, InvalidArgumentError, ShapeError, TaskError
 from ...export.methods import EXAMPLE_RANK, TASK_INPUT, GraphInput, GraphInputModule, MethodExport
-from .config import TaLoraConfig
+from .config import PEFT_TYPE, TaLoraConfig
 from .layer import TaLoraLayer
-from .method import PEFT_TYPE
 
 __all__ = ["TASK_INPUT", "TaLoraExport", "prompt_input_names"]
 

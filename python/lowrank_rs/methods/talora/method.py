@@ -48,7 +48,8 @@ from ...errors import (
     TaskError,
 )
 from ...package import write_adapter
-from .config import TaLoraConfig
+from .config import PEFT_TYPE, TaLoraConfig
+from .export import TALORA_EXPORTS
 from .layer import TaLoraLayer
 
 __all__ = [
@@ -64,7 +65,6 @@ __all__ = [
 PathLike = Union[str, "os.PathLike[str]"]
 TaskIds = Union[torch.Tensor, str, int, Sequence[Union[str, int]]]
 
-PEFT_TYPE = "LOWRANK_RS_TA_LORA"
 CHILD = "talora"
 _SLOW = ("theta0", "B", "gate")
 _FAST = ("u", "v")
@@ -679,8 +679,6 @@ class TaLoraMethod(Method):
         return _TrainingHooks(model, _require(model))
 
     def export_hooks(self) -> Sequence[Any]:
-        from .export import TALORA_EXPORTS
-
         return TALORA_EXPORTS
 
     def prepare(self, model: nn.Module, examples: Sequence[Dict[str, Any]], settings: Settings, pad: int) -> Prepared:
