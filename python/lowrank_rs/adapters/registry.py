@@ -9,7 +9,7 @@ adapter file's config — never by ``isinstance`` chains in generic code.
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, List, Mapping, Type
+from typing import Any, Dict, List, Mapping, Optional, Type
 
 from torch import nn
 
@@ -82,7 +82,8 @@ def method_of(model: nn.Module) -> Method:
     return method_named(require_attachment(model).method)
 
 
-def method_or_none(model: nn.Module) -> Any:
+def method_or_none(model: nn.Module) -> Optional[Method]:
+    """The method that adapted ``model``, or ``None`` for a model without adapter."""
     record = attachment_of(model)
     return None if record is None else method_named(record.method)
 

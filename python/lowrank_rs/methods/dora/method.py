@@ -11,10 +11,10 @@ from typing import Any, ClassVar, Dict, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ...errors import AdapterFormatError, InvalidArgumentError, ShapeError
+from ...errors import AdapterFormatError, ShapeError
 from ..lora.layer import LoraLinear
 from ..lora.method import UNSUPPORTED_PEFT_FIELDS, LoraMethod, Overrides
-from ..tlora.calibrate import CalibrationPlan
+from ..tlora.method import plan_overrides
 from .config import DoraConfig
 from .export import DORA_EXPORTS
 from .layer import DoraLinear
@@ -28,6 +28,7 @@ class DoraMethod(LoraMethod):
     name = "dora"
     title = "DoRA"
     config_type = DoraConfig
+    layer_type = DoraLinear
     default_job_order: ClassVar[Optional[int]] = None
     description = "weight-decomposed LoRA: a trainable magnitude per output row times the adapted direction"
     unsupported_peft_fields = tuple(f for f in UNSUPPORTED_PEFT_FIELDS if f != "use_dora")
@@ -51,37 +52,13 @@ class DoraMethod(LoraMethod):
         if plan is None:
             return super().resolve(model, config, ranks, scales, init_a, rest)
         super().resolve(model, config, None, None, None, rest)
-        if not isinstance(plan, CalibrationPlan):
-            raise InvalidArgumentError(
-                f"plan must be a CalibrationPlan (lowrank_rs.calibrate), not {type(plan).__name__}"
-            )
-        if ranks is not None or scales is not None or init_a is not None:
-            raise InvalidArgumentError("attach(model, config, plan=plan) takes ranks, scales and init_a from the plan")
-        tlora, ranks, scales, init_a = plan.attach_arguments()
+        tlora, ranks, scales, init_a = plan_overrides(plan, ranks, scales, init_a)
         lora_fields = ("target_modules", "r", "alpha", "use_rslora", "dropout", "modules_to_save", "init_seed")
         merged = DoraConfig(**{f: getattr(tlora, f) for f in lora_fields}, train_a=tlora.train_a)
         return merged, ranks, scales, init_a, True
 
     def freezes_a(self, config: Any) -> bool:
         return not config.train_a
-
-    def make_layer(
-        self,
-        base: nn.Linear,
-        r: int,
-        scaling: float,
-        config: Any,
-        *,
-        freeze_a: bool,
-        init_a: Any,
-        generator: Optional[torch.Generator],
-    ) -> LoraLinear:
-        return DoraLinear(
-            base, r, scaling, dropout=config.dropout, freeze_a=freeze_a, init_a=init_a, generator=generator
-        )
-
-    def layers(self, model: nn.Module) -> Dict[str, LoraLinear]:
-        return {name: m for name, m in model.named_modules() if isinstance(m, DoraLinear)}
 
     # -- files ----------------------------------------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
-from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple, Type, Union
 
 import torch
 from torch import nn
@@ -75,6 +75,7 @@ class LoraMethod(Method):
     default_job_order: ClassVar[Optional[int]] = 1
     description = "plain LoRA, y = W0 x + γ B A x (A Kaiming-uniform, B = 0)"
     unsupported_peft_fields: Tuple[str, ...] = UNSUPPORTED_PEFT_FIELDS
+    layer_type: ClassVar[Type[LoraLinear]] = LoraLinear
 
     # -- attach ---------------------------------------------------------------------------------------------------
 
@@ -183,7 +184,7 @@ class LoraMethod(Method):
         init_a: Any,
         generator: Optional[torch.Generator],
     ) -> LoraLinear:
-        return LoraLinear(
+        return self.layer_type(
             base, r, scaling, dropout=config.dropout, freeze_a=freeze_a, init_a=init_a, generator=generator
         )
 
@@ -197,8 +198,8 @@ class LoraMethod(Method):
         """Put what :meth:`build_extras` built into the model, after the LoRA layers are in place."""
 
     def layers(self, model: nn.Module) -> Dict[str, LoraLinear]:
-        """This method's LoRA layers in ``model`` (a variant with a layer of its own narrows it)."""
-        return lora_layers(model)
+        """This method's layers in ``model``: every ``layer_type`` (a variant with a layer of its own narrows it)."""
+        return {name: m for name, m in model.named_modules() if isinstance(m, self.layer_type)}
 
     def adapter_modules(self, model: nn.Module) -> Dict[str, nn.Module]:
         return dict(self.layers(model))

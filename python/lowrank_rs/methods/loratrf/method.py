@@ -18,7 +18,7 @@ from ...adapters.recipe import Prepared, Settings, settings_targets
 from ...errors import ConfigError, InvalidArgumentError
 from ...training.collate import calibration_batches
 from ..lora.method import LoraMethod, Overrides
-from ..tlora.calibrate import CalibrationPlan
+from ..tlora.method import plan_overrides
 from . import filters as trf
 from .config import TrfConfig
 from .export import TRF_EXPORTS
@@ -60,15 +60,7 @@ class TrfMethod(LoraMethod):
             )
         plan = options.get("plan")
         if plan is not None:
-            if not isinstance(plan, CalibrationPlan):
-                raise InvalidArgumentError(
-                    f"plan must be a CalibrationPlan (lowrank_rs.calibrate), not {type(plan).__name__}"
-                )
-            if ranks is not None or scales is not None or init_a is not None:
-                raise InvalidArgumentError(
-                    "attach(model, config, plan=plan) takes ranks, scales and init_a from the plan"
-                )
-            tlora, ranks, scales, init_a = plan.attach_arguments()
+            tlora, ranks, scales, init_a = plan_overrides(plan, ranks, scales, init_a)
             if config.tlora is None:
                 config = dataclasses.replace(config, tlora=tlora)
             elif config.tlora != tlora:

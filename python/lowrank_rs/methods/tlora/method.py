@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, ClassVar, Dict, Mapping, Optional, Sequence
+from typing import Any, ClassVar, Dict, Mapping, Optional, Sequence, Tuple
 
 from torch import nn
 
@@ -15,7 +15,22 @@ from ..lora.method import LoraMethod, Overrides
 from .calibrate import PLAN_FORMAT, CalibrationPlan, calibrate
 from .config import TLoraConfig
 
-__all__ = ["TLoraMethod"]
+__all__ = ["TLoraMethod", "plan_overrides"]
+
+
+def plan_overrides(
+    plan: Any,
+    ranks: Optional[Mapping[str, int]],
+    scales: Optional[Mapping[str, float]],
+    init_a: Optional[Mapping[str, Any]],
+) -> Tuple[TLoraConfig, Dict[str, int], Dict[str, float], Dict[str, Any]]:
+    """A calibration plan's ``(config, ranks, scales, init_a)`` for attach; explicit overrides beside a plan are an
+    error rather than a silent choice between the two (TLoRA, and the variants that take a plan)."""
+    if not isinstance(plan, CalibrationPlan):
+        raise InvalidArgumentError(f"plan must be a CalibrationPlan (lowrank_rs.calibrate), not {type(plan).__name__}")
+    if ranks is not None or scales is not None or init_a is not None:
+        raise InvalidArgumentError("attach with a plan takes ranks, scales and init_a from the plan; pass none of them")
+    return plan.attach_arguments()
 
 
 class TLoraMethod(LoraMethod):
@@ -38,13 +53,9 @@ class TLoraMethod(LoraMethod):
     ) -> Overrides:
         if not isinstance(config, CalibrationPlan):
             return super().resolve(model, config, ranks, scales, init_a, options)
-        if ranks is not None or scales is not None or init_a is not None:
-            raise InvalidArgumentError(
-                "attach(model, plan) takes ranks, scales and init_a from the plan; pass none of them"
-            )
         super().resolve(model, config.config, None, None, None, options)
-        tlora, ranks, scales, init_a = config.attach_arguments()
-        return tlora, ranks, scales, init_a, True
+        tlora, plan_ranks, plan_scales, plan_init_a = plan_overrides(config, ranks, scales, init_a)
+        return tlora, plan_ranks, plan_scales, plan_init_a, True
 
     def freezes_a(self, config: Any) -> bool:
         return not config.train_a
