@@ -141,7 +141,7 @@ pub fn allocate_ranks(
         }
     }
     let m = multiple_of;
-    if budget % m != 0 {
+    if !budget.is_multiple_of(m) {
         let below = budget - budget % m;
         return Err(Error::Infeasible(format!(
             "budget {budget} is not a multiple of multiple_of {m}: ranks that are multiples of {m} can only sum to \

@@ -950,7 +950,7 @@ mod tests {
                 let mut seq = Vec::new();
                 for t in 0..*seq_len {
                     let r = s * seq_len + t;
-                    if mask.as_ref().map_or(true, |m| m[r]) {
+                    if mask.as_ref().is_none_or(|m| m[r]) {
                         seq.push(&data[r * dim..(r + 1) * dim]);
                     }
                 }
@@ -1025,7 +1025,7 @@ mod tests {
             let mask = if b == 1 {
                 None
             } else {
-                let mut m: Vec<bool> = (0..sequences * seq_len).map(|_| rng.next_u64() % 4 != 0).collect();
+                let mut m: Vec<bool> = (0..sequences * seq_len).map(|_| !rng.next_u64().is_multiple_of(4)).collect();
                 // Second sequence entirely padding; last sequence exactly one counted token.
                 if sequences > 1 {
                     m[seq_len..2 * seq_len].iter_mut().for_each(|k| *k = false);
