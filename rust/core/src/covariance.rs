@@ -153,6 +153,18 @@ impl CovarianceAccumulator {
     /// Values of masked-out tokens are never read, so padding may hold anything. Counted values must be finite and
     /// (for f64 input) within the f32 range the products are computed in.
     pub fn update(&mut self, batch: &Batch<'_>) -> Result<()> {
+        self.update_with(batch, None)
+    }
+
+    /// [`update`](Self::update) that `interrupt` can stop: it is called on the caller's thread at most every
+    /// 100 ms, and once it returns `true` the update ends with [`Error::Interrupted`] and the accumulator
+    /// unchanged. The batch's product itself runs to completion once started (stopping half-way would leave a
+    /// partial sum), so feed large data as several batches to bound the wait.
+    pub fn update_interruptible(&mut self, batch: &Batch<'_>, interrupt: &dyn Fn() -> bool) -> Result<()> {
+        self.update_with(batch, Some(interrupt))
+    }
+
+    fn update_with(&mut self, batch: &Batch<'_>, interrupt: Option<&dyn Fn() -> bool>) -> Result<()> {
         let dim = self.dim;
         if batch.dim != dim {
             return Err(Error::Shape(format!(
@@ -194,7 +206,7 @@ impl CovarianceAccumulator {
             )));
         }
 
-        let plan = Plan::new(batch, self.center);
+        let plan = Plan::new(batch, self.center)?;
         let n_b = plan.rows.len();
         if n_b == 0 {
             return Ok(());
@@ -210,7 +222,8 @@ impl CovarianceAccumulator {
         let mut xt = Scratch::checkout(xt_len)?;
         let mut batch_sum = zeroed(dim)?;
         let mut sum_sq = zeroed::<f32>(dim)?;
-        let result = crate::threads::run(|par| -> Result<()> {
+        let result = crate::threads::run_interruptible(interrupt, |par, stop| -> Result<()> {
+            stop.check()?;
             let sums = (&mut batch_sum[..], &mut sum_sq[..]);
             let gathered = match batch.data {
                 Elements::F16(d) => gather(&F16Conv(f16_table()), d, &plan, dim, &mut xt, sums),
@@ -227,6 +240,7 @@ impl CovarianceAccumulator {
             if let Some(f) = sum_sq.iter().position(|&s| s.is_nan() || f64::from(s) > limit) {
                 return Err(diagnose(batch, &plan, Some((f, f64::from(sum_sq[f])))));
             }
+            stop.check()?;
             self.accumulate(&xt, n_b, new_count, &batch_sum, par);
             Ok(())
         });
@@ -443,8 +457,9 @@ fn packed_rows(packed: &mut [f64], dim: usize) -> Vec<&mut [f64]> {
 
 fn zeroed<T: Clone + Default>(len: usize) -> Result<Vec<T>> {
     let mut v = Vec::new();
-    v.try_reserve_exact(len)
-        .map_err(|_| Error::Value(format!("cannot allocate {len} elements of {} bytes", std::mem::size_of::<T>())))?;
+    v.try_reserve_exact(len).map_err(|_| {
+        Error::OutOfMemory(format!("cannot allocate {len} elements of {} bytes", std::mem::size_of::<T>()))
+    })?;
     v.resize(len, T::default());
     Ok(v)
 }
@@ -649,12 +664,14 @@ struct Plan {
 }
 
 impl Plan {
-    fn new(batch: &Batch<'_>, center: Center) -> Self {
+    fn new(batch: &Batch<'_>, center: Center) -> Result<Self> {
         let tokens = batch.sequences * batch.seq_len;
-        let rows: Vec<usize> = match batch.mask {
-            Some(mask) => mask.iter().enumerate().filter(|(_, &keep)| keep).map(|(r, _)| r).collect(),
-            None => (0..tokens).collect(),
-        };
+        let mut rows: Vec<usize> = zeroed(0)?;
+        rows.try_reserve_exact(tokens).map_err(|_| Error::OutOfMemory(format!("cannot index {tokens} tokens")))?;
+        match batch.mask {
+            Some(mask) => rows.extend(mask.iter().enumerate().filter(|(_, &keep)| keep).map(|(r, _)| r)),
+            None => rows.extend(0..tokens),
+        }
         let segments = if center == Center::Sequence {
             let mut segments = vec![0];
             let mut k = 0;
@@ -671,11 +688,11 @@ impl Plan {
         } else {
             vec![0, rows.len()]
         };
-        let mut segment_of = vec![0; rows.len()];
+        let mut segment_of = zeroed(rows.len())?;
         for (s, seg) in segments.windows(2).enumerate() {
             segment_of[seg[0]..seg[1]].fill(s);
         }
-        Self { rows, segments, segment_of, centred: center != Center::None, seq_len: batch.seq_len }
+        Ok(Self { rows, segments, segment_of, centred: center != Center::None, seq_len: batch.seq_len })
     }
 }
 

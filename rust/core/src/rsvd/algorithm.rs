@@ -1,6 +1,6 @@
 //! The randomized SVD itself (see the module documentation of [`crate::rsvd`]) and its exact fallback.
 
-use faer::dyn_stack::{MemBuffer, MemStack, StackReq};
+use faer::dyn_stack::{MemStack, StackReq};
 use faer::linalg::cholesky::llt::factor as llt;
 use faer::linalg::householder;
 use faer::linalg::matmul::matmul;
@@ -13,32 +13,73 @@ use faer::{Accum, Conj, Mat, MatMut, MatRef, Par};
 use rayon::prelude::*;
 
 use super::checks::{check_covariance, check_finite};
-use super::operator::{Dense, LinearOperator, Transposed, WeightCovariance};
-use super::rng::gaussian;
+use super::operator::{BufferedWeightCovariance, Dense, LinearOperator, Transposed, WeightCovariance};
+use super::rng::fill_gaussian;
 use super::{Real, Svd, SvdOptions};
 use crate::error::{Error, Result};
-use crate::threads;
+use crate::memory::{buffer, mat_of};
+use crate::threads::{self, Stop};
+
+/// The most power iterations a decomposition accepts. Each one raises the spectrum ratio `σ_{k+1}/σ_j` to a
+/// higher power; past a dozen the error is at rounding level and further rounds only cost time, so a count beyond
+/// this is a mistake (or an unsigned wrap-around) rather than a request for accuracy.
+pub const MAX_POWER_ITERS: usize = 64;
+
+/// An interrupt check: called on the caller's thread at most every 100 ms while a decomposition runs; returning
+/// `true` stops it with [`Error::Interrupted`] at its next step (before the next operator product).
+pub type Interrupt<'a> = &'a dyn Fn() -> bool;
 
 /// The truncated SVD of `op` by the randomized algorithm of the module documentation.
 ///
 /// `u: [m, rank]`, `s` descending and non-negative, `vt: [rank, n]` with orthonormal rows. The result is a
-/// deterministic function of the operator and `opts` (including the seed), independent of the thread count.
+/// deterministic function of the operator and `opts` (including the seed), independent of the thread count, and
+/// invariant under scaling of the operator by any factor that keeps its entries finite and normal.
 ///
 /// Errors: [`Error::Empty`] for a matrix with no rows or columns, [`Error::Rank`] unless
-/// `1 ≤ rank ≤ min(m, n)`, [`Error::NonFinite`] when the operator's products are not finite, [`Error::Value`]
-/// when the small SVD does not converge.
+/// `1 ≤ rank ≤ min(m, n)`, [`Error::Value`] for more than [`MAX_POWER_ITERS`] power iterations or when the small
+/// SVD does not converge, [`Error::NonFinite`] when the operator's products are not finite,
+/// [`Error::OutOfMemory`] when a working buffer cannot be allocated.
 pub fn randomized_svd<T: Real, Op: LinearOperator<T> + ?Sized>(op: &Op, opts: &SvdOptions) -> Result<Svd<T>> {
-    let (m, n) = (op.nrows(), op.ncols());
-    check_rank(m, n, opts.rank)?;
-    threads::run(|par| svd_on_pool(op, opts, true, par))
+    svd_of_operator(op, opts, None)
+}
+
+/// [`randomized_svd`] that `interrupt` can stop ([`Error::Interrupted`]).
+pub fn randomized_svd_interruptible<T: Real, Op: LinearOperator<T> + ?Sized>(
+    op: &Op,
+    opts: &SvdOptions,
+    interrupt: Interrupt<'_>,
+) -> Result<Svd<T>> {
+    svd_of_operator(op, opts, Some(interrupt))
+}
+
+fn svd_of_operator<T: Real, Op: LinearOperator<T> + ?Sized>(
+    op: &Op,
+    opts: &SvdOptions,
+    interrupt: Option<Interrupt<'_>>,
+) -> Result<Svd<T>> {
+    check_options(op.nrows(), op.ncols(), opts)?;
+    threads::run_interruptible(interrupt, |par, stop| svd_on_pool(op, opts, true, par, stop))
 }
 
 /// [`randomized_svd`] of an explicit matrix; also rejects NaN and infinity in `a` with [`Error::NonFinite`].
 pub fn randomized_svd_dense<T: Real>(a: MatRef<'_, T>, opts: &SvdOptions) -> Result<Svd<T>> {
-    check_rank(a.nrows(), a.ncols(), opts.rank)?;
-    threads::run(|par| {
+    svd_of_dense(a, opts, None)
+}
+
+/// [`randomized_svd_dense`] that `interrupt` can stop ([`Error::Interrupted`]).
+pub fn randomized_svd_dense_interruptible<T: Real>(
+    a: MatRef<'_, T>,
+    opts: &SvdOptions,
+    interrupt: Interrupt<'_>,
+) -> Result<Svd<T>> {
+    svd_of_dense(a, opts, Some(interrupt))
+}
+
+fn svd_of_dense<T: Real>(a: MatRef<'_, T>, opts: &SvdOptions, interrupt: Option<Interrupt<'_>>) -> Result<Svd<T>> {
+    check_options(a.nrows(), a.ncols(), opts)?;
+    threads::run_interruptible(interrupt, |par, stop| {
         check_finite(a, "matrix")?;
-        svd_on_pool(&Dense { a }, opts, true, par)
+        svd_on_pool(&Dense { a }, opts, true, par, stop)
     })
 }
 
@@ -50,8 +91,28 @@ pub fn randomized_svd_dense<T: Real>(a: MatRef<'_, T>, opts: &SvdOptions) -> Res
 ///
 /// Errors: [`Error::Shape`] when `C` is not `[d_in, d_in]`, [`Error::Empty`] for a weight with no rows or columns,
 /// [`Error::Rank`] unless `1 ≤ rank ≤ min(d_out, d_in)`, [`Error::NonFinite`] naming the argument that holds NaN
-/// or infinity, [`Error::Value`] when `C` is not symmetric to `1e-4 · max|C|`.
+/// or infinity, [`Error::Value`] when `C` is not symmetric to `1e-4 · max|C|` or for more than
+/// [`MAX_POWER_ITERS`] power iterations, [`Error::OutOfMemory`] when a working buffer cannot be allocated.
 pub fn task_aware_basis<T: Real>(w: MatRef<'_, T>, c: MatRef<'_, T>, opts: &SvdOptions) -> Result<(Mat<T>, Vec<T>)> {
+    basis(w, c, opts, None)
+}
+
+/// [`task_aware_basis`] that `interrupt` can stop ([`Error::Interrupted`]).
+pub fn task_aware_basis_interruptible<T: Real>(
+    w: MatRef<'_, T>,
+    c: MatRef<'_, T>,
+    opts: &SvdOptions,
+    interrupt: Interrupt<'_>,
+) -> Result<(Mat<T>, Vec<T>)> {
+    basis(w, c, opts, Some(interrupt))
+}
+
+fn basis<T: Real>(
+    w: MatRef<'_, T>,
+    c: MatRef<'_, T>,
+    opts: &SvdOptions,
+    interrupt: Option<Interrupt<'_>>,
+) -> Result<(Mat<T>, Vec<T>)> {
     let (d_out, d_in) = w.shape();
     if c.nrows() != c.ncols() || c.nrows() != d_in {
         return Err(Error::Shape(format!(
@@ -60,22 +121,31 @@ pub fn task_aware_basis<T: Real>(w: MatRef<'_, T>, c: MatRef<'_, T>, opts: &SvdO
             c.ncols()
         )));
     }
-    check_rank(d_out, d_in, opts.rank)?;
-    threads::run(|par| {
+    check_options(d_out, d_in, opts)?;
+    threads::run_interruptible(interrupt, |par, stop| {
         check_finite(w, "weight")?;
         check_covariance(c)?;
-        let svd = svd_on_pool(&WeightCovariance { w, c }, opts, false, par)?;
+        let k = opts.rank.saturating_add(opts.oversample).min(d_out.min(d_in));
+        let op = BufferedWeightCovariance::new(WeightCovariance { w, c }, k)?;
+        let svd = svd_on_pool(&op, opts, false, par, stop)?;
         Ok((svd.vt, svd.s))
     })
 }
 
-fn check_rank(m: usize, n: usize, rank: usize) -> Result<()> {
+fn check_options(m: usize, n: usize, opts: &SvdOptions) -> Result<()> {
     if m == 0 || n == 0 {
         return Err(Error::Empty(format!("cannot decompose an empty {m}×{n} matrix")));
     }
     let max = m.min(n);
+    let rank = opts.rank;
     if rank == 0 || rank > max {
         return Err(Error::Rank(format!("rank {rank} is outside 1..={max} for a {m}×{n} matrix")));
+    }
+    if opts.power_iters > MAX_POWER_ITERS {
+        return Err(Error::Value(format!(
+            "power_iters {} is above the maximum of {MAX_POWER_ITERS} (a handful suffices; see the documentation)",
+            opts.power_iters
+        )));
     }
     Ok(())
 }
@@ -87,24 +157,27 @@ fn svd_on_pool<T: Real, Op: LinearOperator<T> + ?Sized>(
     opts: &SvdOptions,
     want_u: bool,
     par: Par,
+    stop: &Stop,
 ) -> Result<Svd<T>> {
     let (m, n) = (op.nrows(), op.ncols());
     let small = m.min(n);
     let k = opts.rank.saturating_add(opts.oversample).min(small);
     // Singular vectors as columns until the very end: polishing and sign fixing read them contiguously.
     let Factors { mut u, s, mut v } = if k >= small {
-        exact_svd(op, par)?
+        exact_svd(op, par, stop)?
     } else if m >= n {
-        range_finder_svd(op, k, opts, want_u, par)?
+        range_finder_svd(op, k, opts, want_u, par, stop)?
     } else {
-        let t = range_finder_svd(&Transposed(op), k, opts, true, par)?;
+        let t = range_finder_svd(&Transposed(op), k, opts, true, par, stop)?;
         Factors { u: t.v, s: t.s, v: t.u }
     };
     let rank = opts.rank;
-    u = if want_u { polish_columns(u.subcols(0, rank), par) } else { Mat::zeros(m, 0) };
-    v = polish_columns(v.subcols(0, rank), par);
+    u = if want_u { polish_columns(u.subcols(0, rank), par)? } else { Mat::zeros(m, 0) };
+    v = polish_columns(v.subcols(0, rank), par)?;
     fix_signs(u.as_mut(), v.as_mut());
-    Ok(Svd { u, s: s[..rank].to_vec(), vt: v.transpose().to_owned() })
+    let mut vt = mat_of(rank, n, T::from_f64(0.0), "the right singular vectors")?;
+    vt.copy_from(v.transpose());
+    Ok(Svd { u, s: s[..rank].to_vec(), vt })
 }
 
 /// A thin SVD with both factors as columns: `u: [m, k]`, `v: [n, k]`.
@@ -116,34 +189,48 @@ pub(super) struct Factors<T> {
 
 /// Exact thin SVD of the materialised operator. The cheaper of `A·I` and `Aᵀ·I` is the one with the smaller
 /// identity.
-fn exact_svd<T: Real, Op: LinearOperator<T> + ?Sized>(op: &Op, par: Par) -> Result<Factors<T>> {
+fn exact_svd<T: Real, Op: LinearOperator<T> + ?Sized>(op: &Op, par: Par, stop: &Stop) -> Result<Factors<T>> {
     let (m, n) = (op.nrows(), op.ncols());
-    m.checked_mul(n).ok_or_else(|| Error::Value(format!("a {m}×{n} matrix does not fit in memory")))?;
-    let mut full = Mat::<T>::zeros(m, n);
+    let (zero, one) = (T::from_f64(0.0), T::from_f64(1.0));
+    let mut full = mat_of(m, n, zero, "the materialised matrix")?;
+    stop.check()?;
+    let small = m.min(n);
+    let mut identity = mat_of(small, small, zero, "an identity block")?;
+    identity.as_mut().diagonal_mut().fill(one);
     if n <= m {
-        op.apply(full.as_mut(), Mat::<T>::identity(n, n).as_ref(), par);
+        op.apply(full.as_mut(), identity.as_ref(), par);
     } else {
-        let mut t = Mat::<T>::zeros(n, m);
-        op.apply_transpose(t.as_mut(), Mat::<T>::identity(m, m).as_ref(), par);
+        let mut t = mat_of(n, m, zero, "the materialised transpose")?;
+        op.apply_transpose(t.as_mut(), identity.as_ref(), par);
         full.copy_from(t.transpose());
     }
+    drop(identity);
     ensure_finite(full.as_ref())?;
-    thin_svd(full.as_ref(), par)
+    stop.check()?;
+    // An SVD squares its entries on the way (norms, Givens rotations): scaled to order one, neither tiny nor huge
+    // inputs underflow or overflow there, and a power of two changes no bit of the result.
+    let scale = unit_scale::<T>(max_abs(full.as_ref()));
+    scale_in_place(full.as_mut(), scale);
+    let mut factors = thin_svd(full.as_ref(), par)?;
+    unscale(&mut factors.s, scale);
+    Ok(factors)
 }
 
 /// `A = U diag(s) Vᵀ` with `U: [m, min]`, `V: [n, min]`, by faer with the caller's parallelism.
 pub(super) fn thin_svd<T: Real>(a: MatRef<'_, T>, par: Par) -> Result<Factors<T>> {
     let (m, n) = a.shape();
     let size = m.min(n);
-    let mut u = Mat::<T>::zeros(m, size);
-    let mut v = Mat::<T>::zeros(n, size);
-    let mut s = faer::diag::Diag::<T>::zeros(size);
+    let zero = T::from_f64(0.0);
+    let mut u = mat_of(m, size, zero, "the left singular vectors")?;
+    let mut v = mat_of(n, size, zero, "the right singular vectors")?;
+    let mut s = mat_of(size, 1, zero, "the singular values")?;
     let req =
         faer_svd::svd_scratch::<T>(m, n, ComputeSvdVectors::Thin, ComputeSvdVectors::Thin, par, Default::default());
-    let mut mem = MemBuffer::new(req);
-    faer_svd::svd(a, s.as_mut(), Some(u.as_mut()), Some(v.as_mut()), par, MemStack::new(&mut mem), Default::default())
+    let mut mem = buffer(req, "the SVD workspace")?;
+    let s_diag = s.as_mut().col_mut(0).as_diagonal_mut();
+    faer_svd::svd(a, s_diag, Some(u.as_mut()), Some(v.as_mut()), par, MemStack::new(&mut mem), Default::default())
         .map_err(|_| Error::Value(format!("the SVD of a {m}×{n} matrix did not converge")))?;
-    let s = (0..size).map(|i| s[i]).collect();
+    let s = (0..size).map(|i| s[(i, 0)]).collect();
     Ok(Factors { u, s, v })
 }
 
@@ -178,16 +265,18 @@ struct Orthonormalizer<T> {
 }
 
 impl<T: Real> Orthonormalizer<T> {
-    fn new(rows: usize, k: usize) -> Self {
+    fn new(rows: usize, k: usize) -> Result<Self> {
         let bs = qr::recommended_block_size::<T>(rows, k);
-        Self {
-            coeff: Mat::zeros(bs, k),
-            q: Mat::zeros(rows, k),
-            wide: Mat::zeros(rows, k),
-            wide_next: Mat::zeros(rows, k),
-            gram: Mat::zeros(k, k),
-            inverse: Mat::zeros(k, k),
-        }
+        let zero = T::from_f64(0.0);
+        let what = "the orthonormalisation workspace";
+        Ok(Self {
+            coeff: mat_of(bs, k, zero, what)?,
+            q: mat_of(rows, k, zero, what)?,
+            wide: mat_of(rows, k, 0.0, what)?,
+            wide_next: mat_of(rows, k, 0.0, what)?,
+            gram: mat_of(k, k, 0.0, what)?,
+            inverse: mat_of(k, k, 0.0, what)?,
+        })
     }
 
     fn scratch(&self, par: Par) -> StackReq {
@@ -309,32 +398,49 @@ fn range_finder_svd<T: Real, Op: LinearOperator<T> + ?Sized>(
     opts: &SvdOptions,
     want_u: bool,
     par: Par,
+    stop: &Stop,
 ) -> Result<Factors<T>> {
     let (p, q) = (op.nrows(), op.ncols());
+    let zero = T::from_f64(0.0);
     // y: the range basis, [p, k]; z: the co-range block, [q, k]. The test matrix lives in z first.
-    let mut y = Mat::<T>::zeros(p, k);
-    let mut z = gaussian::<T>(q, k, opts.seed);
-    let mut orth_p = Orthonormalizer::<T>::new(p, k);
-    let mut orth_q = Orthonormalizer::<T>::new(q, k);
-    let mut mem = MemBuffer::new(StackReq::any_of(&[orth_p.scratch(par), orth_q.scratch(par)]));
+    let mut y = mat_of(p, k, zero, "the range basis")?;
+    let mut z = mat_of(q, k, zero, "the test matrix")?;
+    fill_gaussian(z.as_mut(), opts.seed);
+    let mut orth_p = Orthonormalizer::<T>::new(p, k)?;
+    let mut orth_q = Orthonormalizer::<T>::new(q, k)?;
+    let mut mem = buffer(StackReq::any_of(&[orth_p.scratch(par), orth_q.scratch(par)]), "the QR workspace")?;
     let stack = MemStack::new(&mut mem);
 
+    stop.check()?;
     op.apply(y.as_mut(), z.as_ref(), par);
     // A broken operator is caught here, before it costs 2q + 1 more products.
     ensure_finite(y.as_ref())?;
+    // Every later block is orthonormal, so the products carry the operator's scale only through this factor:
+    // multiplying each product by it keeps the Gram matrices and the small SVD at order one whatever the scale of
+    // the input (f32 entries of 1e-25 underflow in a Gram matrix, f64 entries of 1e154 overflow). A power of two
+    // keeps every product bit-identical up to the exponent.
+    let scale = unit_scale::<T>(max_abs(y.as_ref()));
+    scale_in_place(y.as_mut(), scale);
     orth_p.orthonormalize(&mut y, par, stack);
     for _ in 0..opts.power_iters {
+        stop.check()?;
         op.apply_transpose(z.as_mut(), y.as_ref(), par);
+        scale_in_place(z.as_mut(), scale);
         orth_q.orthonormalize(&mut z, par, stack);
+        stop.check()?;
         op.apply(y.as_mut(), z.as_ref(), par);
+        scale_in_place(y.as_mut(), scale);
         orth_p.orthonormalize(&mut y, par, stack);
     }
+    stop.check()?;
     // z = Aᵀ Q = Bᵀ: its SVD z = Uz Σ Vzᵀ gives A ≈ Q B = (Q Vz) Σ Uzᵀ.
     op.apply_transpose(z.as_mut(), y.as_ref(), par);
     ensure_finite(z.as_ref())?;
-    let Factors { u: uz, s, v: vz } = thin_svd(z.as_ref(), par)?;
+    scale_in_place(z.as_mut(), scale);
+    let Factors { u: uz, mut s, v: vz } = thin_svd(z.as_ref(), par)?;
+    unscale(&mut s, scale);
     let u = if want_u {
-        let mut u = Mat::<T>::zeros(p, k);
+        let mut u = mat_of(p, k, zero, "the left singular vectors")?;
         matmul(u.as_mut(), Accum::Replace, y.as_ref(), vz.as_ref(), T::from_f64(1.0), par);
         u
     } else {
@@ -349,16 +455,55 @@ fn range_finder_svd<T: Real, Op: LinearOperator<T> + ?Sized>(
 /// (TLoRA freezes `A`, and its scale assumes orthonormal rows). The input is already orthonormal to that level, so
 /// the Gram is perfectly conditioned, `L ≈ I` barely moves the columns (span and order are kept), and what is
 /// left is the final rounding to `T`: ~1e-7 in f32.
-fn polish_columns<T: Real>(x: MatRef<'_, T>, par: Par) -> Mat<T> {
-    let mut out = x.to_owned();
-    let (n, r) = out.shape();
+fn polish_columns<T: Real>(x: MatRef<'_, T>, par: Par) -> Result<Mat<T>> {
+    let (n, r) = x.shape();
+    let mut out = mat_of(n, r, T::from_f64(0.0), "the singular vectors")?;
+    out.copy_from(x);
     if n == 0 || r == 0 {
-        return out;
+        return Ok(out);
     }
-    let mut orth = Orthonormalizer::<T>::new(n, r);
-    let mut mem = MemBuffer::new(orth.scratch(par));
+    let mut orth = Orthonormalizer::<T>::new(n, r)?;
+    let mut mem = buffer(orth.scratch(par), "the QR workspace")?;
     orth.orthonormalize(&mut out, par, MemStack::new(&mut mem));
-    out
+    Ok(out)
+}
+
+fn max_abs<T: Real>(a: MatRef<'_, T>) -> f64 {
+    let mut max = 0f64;
+    for j in 0..a.ncols() {
+        for i in 0..a.nrows() {
+            max = max.max(a[(i, j)].magnitude().to_f64());
+        }
+    }
+    max
+}
+
+/// The power of two that brings `max` into `[1, 2)`, clamped to what `T` represents (1 for zero or non-finite).
+fn unit_scale<T: Real>(max: f64) -> T {
+    if max == 0.0 || !max.is_finite() {
+        return T::from_f64(1.0);
+    }
+    // Exponent range of T with room to spare: f32 normals span 2^±126, f64 2^±1022.
+    let limit = if T::EPSILON > 1e-10 { 120 } else { 1000 };
+    let e = (max.log2().floor() as i32).clamp(-limit, limit);
+    T::from_f64(2f64.powi(-e))
+}
+
+fn scale_in_place<T: Real>(mut a: MatMut<'_, T>, scale: T) {
+    if scale == T::from_f64(1.0) {
+        return;
+    }
+    for j in 0..a.ncols() {
+        for x in a.rb_mut().col_mut(j).iter_mut() {
+            *x *= scale;
+        }
+    }
+}
+
+fn unscale<T: Real>(s: &mut [T], scale: T) {
+    for x in s {
+        *x /= scale;
+    }
 }
 
 /// Makes the largest-magnitude entry of each right singular vector (column of `v`) positive, the first one on a
@@ -385,14 +530,15 @@ fn fix_signs<T: Real>(mut u: MatMut<'_, T>, mut v: MatMut<'_, T>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rsvd::rng::gaussian;
     use crate::rsvd::test_util::*;
 
     /// `max |QᵀQ − I|` and the relative residual `‖Y − Q Qᵀ Y‖ / ‖Y‖` of an orthonormalised block.
     fn orthonormalize_check<T: Real>(y: &Mat<T>) -> (f64, f64) {
         let mut q = y.clone();
         let (rows, k) = y.shape();
-        let mut orth = Orthonormalizer::<T>::new(rows, k);
-        let mut mem = MemBuffer::new(orth.scratch(Par::Seq));
+        let mut orth = Orthonormalizer::<T>::new(rows, k).unwrap();
+        let mut mem = faer::dyn_stack::MemBuffer::new(orth.scratch(Par::Seq));
         orth.orthonormalize(&mut q, Par::Seq, MemStack::new(&mut mem));
         let qd = Mat::from_fn(rows, k, |i, j| q[(i, j)].to_f64());
         let yd = Mat::from_fn(rows, k, |i, j| y[(i, j)].to_f64());
@@ -434,7 +580,7 @@ mod tests {
     #[test]
     #[ignore]
     fn bench_task_aware_basis() {
-        crate::threads::set_num_threads(2);
+        crate::threads::set_num_threads(2).unwrap();
         for &(d_out, d_in) in &[(4096usize, 4096usize), (4096, 11008), (11008, 4096)] {
             // C = G Gᵀ / t + 0.05 I with three outlier channels; W Gaussian with power-law column scales. Row-major
             // views, as numpy hands them over.
@@ -555,8 +701,8 @@ mod tests {
         assert_eq!(first.s, second.s);
         assert!(first.u == second.u && first.vt == second.vt);
         // Same seed under a different parallelism: the test matrix is identical, the results agree to rounding.
-        let seq = svd_on_pool(&Dense { a: a.as_ref() }, &o, true, Par::Seq).unwrap();
-        let par = svd_on_pool(&Dense { a: a.as_ref() }, &o, true, Par::rayon(3)).unwrap();
+        let seq = svd_on_pool(&Dense { a: a.as_ref() }, &o, true, Par::Seq, &Stop::default()).unwrap();
+        let par = svd_on_pool(&Dense { a: a.as_ref() }, &o, true, Par::rayon(3), &Stop::default()).unwrap();
         for i in 0..12 {
             assert!((seq.s[i] - par.s[i]).abs() <= 1e-4 * seq.s[0]);
         }
@@ -692,5 +838,113 @@ mod tests {
         let mut c_close = c.clone();
         c_close[(0, 3)] = 5e-5;
         assert!(task_aware_basis(w.as_ref(), c_close.as_ref(), &opts(1, 0, 0, 0)).is_ok());
+    }
+
+    /// An operator that only has a shape: its products would be huge, and it sleeps instead of computing.
+    struct Phantom {
+        rows: usize,
+        cols: usize,
+        delay_ms: u64,
+    }
+
+    impl LinearOperator<f64> for Phantom {
+        fn nrows(&self) -> usize {
+            self.rows
+        }
+        fn ncols(&self) -> usize {
+            self.cols
+        }
+        fn apply(&self, mut out: MatMut<'_, f64>, x: MatRef<'_, f64>, _: Par) {
+            std::thread::sleep(std::time::Duration::from_millis(self.delay_ms));
+            out.fill(0.0);
+            let rows = out.nrows();
+            for j in 0..x.ncols().min(out.ncols()) {
+                out[(j % rows, j)] = 1.0 + j as f64;
+            }
+        }
+        fn apply_transpose(&self, out: MatMut<'_, f64>, x: MatRef<'_, f64>, par: Par) {
+            self.apply(out, x, par)
+        }
+    }
+
+    #[test]
+    fn buffers_too_large_for_memory_are_an_error_not_an_abort() {
+        // 2^40 × 2^20 with k = 20: the range basis alone is 2^40 · 20 · 8 bytes.
+        let op = Phantom { rows: 1 << 40, cols: 1 << 20, delay_ms: 0 };
+        let e = randomized_svd(&op, &opts(10, 10, 1, 0)).unwrap_err();
+        assert!(matches!(e, Error::OutOfMemory(ref m) if m.contains("range basis")), "{e}");
+        // The exact path materialises the matrix: 2^31 × 30 f64 is 480 GiB.
+        let op = Phantom { rows: 1 << 31, cols: 30, delay_ms: 0 };
+        let e = randomized_svd(&op, &opts(25, 10, 1, 0)).unwrap_err();
+        assert!(matches!(e, Error::OutOfMemory(ref m) if m.contains("materialised")), "{e}");
+    }
+
+    #[test]
+    fn power_iterations_are_capped() {
+        let a = gaussian::<f64>(20, 10, 1);
+        let e = randomized_svd_dense(a.as_ref(), &opts(2, 2, MAX_POWER_ITERS + 1, 0)).unwrap_err();
+        assert!(matches!(e, Error::Value(ref m) if m.contains("power_iters 65") && m.contains("64")), "{e}");
+        let e = task_aware_basis(a.as_ref(), Mat::<f64>::identity(10, 10).as_ref(), &opts(2, 2, usize::MAX, 0));
+        assert!(matches!(e, Err(Error::Value(_))));
+        assert!(randomized_svd_dense(a.as_ref(), &opts(2, 2, MAX_POWER_ITERS, 0)).is_ok());
+    }
+
+    #[test]
+    fn an_interrupt_stops_the_power_iterations() {
+        // 2 + 2·20 products of 30 ms each: well past the 100 ms poll interval.
+        let op = Phantom { rows: 200, cols: 100, delay_ms: 30 };
+        let polls = std::sync::atomic::AtomicUsize::new(0);
+        let interrupt = || {
+            polls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            true
+        };
+        let started = std::time::Instant::now();
+        let e = randomized_svd_interruptible(&op, &opts(5, 5, 20, 0), &interrupt).unwrap_err();
+        assert!(matches!(e, Error::Interrupted), "{e}");
+        assert!(started.elapsed() < std::time::Duration::from_millis(800), "{:?}", started.elapsed());
+        assert_eq!(polls.load(std::sync::atomic::Ordering::Relaxed), 1);
+        // A check that never fires changes nothing.
+        let a = gaussian::<f64>(60, 40, 2);
+        let o = opts(5, 5, 2, 0);
+        let quiet = || false;
+        let plain = randomized_svd_dense(a.as_ref(), &o).unwrap();
+        let checked = randomized_svd_dense_interruptible(a.as_ref(), &o, &quiet).unwrap();
+        assert!(plain.s == checked.s && plain.vt == checked.vt);
+    }
+
+    /// Singular values scale with the input and singular vectors do not, across the whole representable range,
+    /// on both the range-finder and the exact path.
+    #[test]
+    fn results_are_scale_invariant() {
+        let s: Vec<f64> = (0..40).map(|i| 0.8f64.powi(i)).collect();
+        let a = with_spectrum(90, 60, &s, 3);
+        for o in [opts(8, 6, 3, 1), opts(50, 10, 0, 1)] {
+            // Directions past the 40 of the spectrum are rounding noise, different for every rounding of the input.
+            let signal = o.rank.min(s.len());
+            let a32 = Mat::from_fn(90, 60, |i, j| a[(i, j)] as f32);
+            let base = randomized_svd_dense(a32.as_ref(), &o).unwrap();
+            for f in [1e-30f32, 1e-25, 1.0, 1e25] {
+                let scaled = Mat::from_fn(90, 60, |i, j| a32[(i, j)] * f);
+                let got = randomized_svd_dense(scaled.as_ref(), &o).unwrap();
+                for (i, (&g, &b)) in got.s.iter().zip(&base.s).enumerate() {
+                    let rel = ((g / f) as f64 - b as f64).abs() / base.s[0] as f64;
+                    assert!(rel < 1e-5, "f32 ×{f:e}, σ{i}: {} vs {b}", g / f);
+                }
+                let dv = (0..signal).flat_map(|i| (0..60).map(move |j| (i, j)));
+                let err = dv.map(|(i, j)| (got.vt[(i, j)] - base.vt[(i, j)]).abs()).fold(0f32, f32::max);
+                assert!(err < 1e-3, "f32 ×{f:e}: vt differs by {err}");
+            }
+            let base = randomized_svd_dense(a.as_ref(), &o).unwrap();
+            for f in [1e-150f64, 1e154, 1e300] {
+                let scaled = Mat::from_fn(90, 60, |i, j| a[(i, j)] * f);
+                let got = randomized_svd_dense(scaled.as_ref(), &o).unwrap();
+                for (i, (&g, &b)) in got.s.iter().zip(&base.s).enumerate() {
+                    assert!((g / f - b).abs() < 1e-12 * base.s[0], "f64 ×{f:e}, σ{i}: {} vs {b}", g / f);
+                }
+                let dv = (0..signal).flat_map(|i| (0..60).map(move |j| (i, j)));
+                let err = dv.map(|(i, j)| (got.vt[(i, j)] - base.vt[(i, j)]).abs()).fold(0f64, f64::max);
+                assert!(err < 1e-9, "f64 ×{f:e}: vt differs by {err}");
+            }
+        }
     }
 }

@@ -57,7 +57,10 @@ mod sgemm;
 #[cfg(test)]
 mod test_util;
 
-pub use algorithm::{randomized_svd, randomized_svd_dense, task_aware_basis};
+pub use algorithm::{
+    randomized_svd, randomized_svd_dense, randomized_svd_dense_interruptible, randomized_svd_interruptible,
+    task_aware_basis, task_aware_basis_interruptible, Interrupt, MAX_POWER_ITERS,
+};
 pub use operator::{Dense, LinearOperator, WeightCovariance};
 
 /// Randomized-SVD settings (Halko, Martinsson & Tropp 2011).

@@ -1,12 +1,16 @@
 //! The operators the randomized SVD runs on: a matrix known only through products with it.
 
+use std::sync::Mutex;
+
 use faer::linalg::matmul::matmul;
-use faer::reborrow::ReborrowMut;
+use faer::reborrow::{Reborrow, ReborrowMut};
 use faer::{Accum, Mat, MatMut, MatRef, Par};
 
 #[cfg(target_arch = "x86_64")]
 use super::sgemm;
 use super::Real;
+use crate::error::Result;
+use crate::memory::mat_of;
 
 /// A real matrix known only through products with it. Implementations must be `Sync`: products run on the core's
 /// thread pool.
@@ -62,14 +66,65 @@ impl<T: Real> LinearOperator<T> for WeightCovariance<'_, T> {
     /// `W·(C·x)`.
     fn apply(&self, out: MatMut<'_, T>, x: MatRef<'_, T>, par: Par) {
         let mut cx = Mat::<T>::zeros(self.c.nrows(), x.ncols());
-        product(cx.as_mut(), self.c, x, par);
-        product(out, self.w, cx.as_ref(), par);
+        self.apply_through(out, x, cx.as_mut(), par);
     }
     /// `Mᵀ y = Cᵀ Wᵀ y = C·(Wᵀ·y)`, using the symmetry of `C`.
     fn apply_transpose(&self, out: MatMut<'_, T>, x: MatRef<'_, T>, par: Par) {
         let mut wty = Mat::<T>::zeros(self.w.ncols(), x.ncols());
-        product(wty.as_mut(), self.w.transpose(), x, par);
-        product(out, self.c, wty.as_ref(), par);
+        self.apply_transpose_through(out, x, wty.as_mut(), par);
+    }
+}
+
+impl<T: Real> WeightCovariance<'_, T> {
+    /// `W·(C·x)` with `C·x` in `tmp: [d_in, x.ncols()]`.
+    fn apply_through(&self, out: MatMut<'_, T>, x: MatRef<'_, T>, mut tmp: MatMut<'_, T>, par: Par) {
+        product(tmp.rb_mut(), self.c, x, par);
+        product(out, self.w, tmp.rb(), par);
+    }
+    /// `C·(Wᵀ·y)` with `Wᵀ·y` in `tmp: [d_in, y.ncols()]`.
+    fn apply_transpose_through(&self, out: MatMut<'_, T>, y: MatRef<'_, T>, mut tmp: MatMut<'_, T>, par: Par) {
+        product(tmp.rb_mut(), self.w.transpose(), y, par);
+        product(out, self.c, tmp.rb(), par);
+    }
+}
+
+/// [`WeightCovariance`] with its intermediate `[d_in, k]` block allocated once, up front and fallibly: the trait's
+/// products cannot report an allocation failure, so the core's own decompositions must not allocate inside them.
+pub(super) struct BufferedWeightCovariance<'a, T> {
+    op: WeightCovariance<'a, T>,
+    tmp: Mutex<Mat<T>>,
+}
+
+impl<'a, T: Real> BufferedWeightCovariance<'a, T> {
+    /// Room for products with up to `k` columns (wider ones fall back to a fresh block).
+    pub(super) fn new(op: WeightCovariance<'a, T>, k: usize) -> Result<Self> {
+        let tmp = mat_of(op.w.ncols(), k, T::from_f64(0.0), "the W·C intermediate block")?;
+        Ok(Self { op, tmp: Mutex::new(tmp) })
+    }
+
+    fn with_tmp(&self, cols: usize, f: impl FnOnce(MatMut<'_, T>)) {
+        // Products run one at a time from the algorithm's thread, so the lock is never contended.
+        let mut tmp = self.tmp.lock().unwrap_or_else(|e| e.into_inner());
+        if cols <= tmp.ncols() {
+            f(tmp.as_mut().subcols_mut(0, cols));
+        } else {
+            f(Mat::<T>::zeros(self.op.w.ncols(), cols).as_mut());
+        }
+    }
+}
+
+impl<T: Real> LinearOperator<T> for BufferedWeightCovariance<'_, T> {
+    fn nrows(&self) -> usize {
+        self.op.nrows()
+    }
+    fn ncols(&self) -> usize {
+        self.op.ncols()
+    }
+    fn apply(&self, out: MatMut<'_, T>, x: MatRef<'_, T>, par: Par) {
+        self.with_tmp(x.ncols(), |tmp| self.op.apply_through(out, x, tmp, par));
+    }
+    fn apply_transpose(&self, out: MatMut<'_, T>, y: MatRef<'_, T>, par: Par) {
+        self.with_tmp(y.ncols(), |tmp| self.op.apply_transpose_through(out, y, tmp, par));
     }
 }
 

@@ -1,7 +1,8 @@
 //! The seeded pseudo-random numbers of the test matrix. Hand-written rather than a dependency so that the test
 //! matrix, and with it every result, stays bit-identical across dependency upgrades.
 
-use faer::Mat;
+use faer::reborrow::ReborrowMut;
+use faer::MatMut;
 use rayon::prelude::*;
 
 use super::Real;
@@ -58,12 +59,12 @@ impl Xoshiro256pp {
     }
 }
 
-/// A `[rows, cols]` standard Gaussian matrix; column `j` is its own stream seeded from `(seed, j)`, so it can be
+/// Fills `out` with standard Gaussian samples; column `j` is its own stream seeded from `(seed, j)`, so it can be
 /// filled in parallel and still not depend on the thread count.
-pub(super) fn gaussian<T: Real>(rows: usize, cols: usize, seed: u64) -> Mat<T> {
-    let mut out = Mat::<T>::zeros(rows, cols);
+pub(super) fn fill_gaussian<T: Real>(mut out: MatMut<'_, T>, seed: u64) {
+    let rows = out.nrows();
     let base = splitmix64(seed);
-    out.as_mut().par_col_chunks_mut(1).enumerate().for_each(|(j, mut col)| {
+    out.rb_mut().par_col_chunks_mut(1).enumerate().for_each(|(j, mut col)| {
         let mut rng = Xoshiro256pp::new(base ^ splitmix64(j as u64 ^ 0xD1B5_4A32_D192_ED03));
         let mut i = 0;
         while i < rows {
@@ -75,6 +76,13 @@ pub(super) fn gaussian<T: Real>(rows: usize, cols: usize, seed: u64) -> Mat<T> {
             i += 2;
         }
     });
+}
+
+/// A `[rows, cols]` matrix of [`fill_gaussian`]'s samples, for tests.
+#[cfg(test)]
+pub(super) fn gaussian<T: Real>(rows: usize, cols: usize, seed: u64) -> faer::Mat<T> {
+    let mut out = faer::Mat::<T>::zeros(rows, cols);
+    fill_gaussian(out.as_mut(), seed);
     out
 }
 
