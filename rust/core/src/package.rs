@@ -157,10 +157,7 @@ pub struct Adapter {
 /// is not a directory, or a `dir` with no final name component; [`Error::Shape`] for data whose length does not
 /// match shape × dtype size; [`Error::Io`] for failures of the file system.
 pub fn write_adapter(dir: &Path, tensors: &[TensorView<'_>], config_json: &str) -> Result<()> {
-    let config = parse_config(config_json)?;
-    let mut config_text = serde_json::to_string_pretty(&config)
-        .map_err(|e| Error::Value(format!("adapter config cannot be serialised: {e}")))?;
-    config_text.push('\n');
+    let config_text = normalise_config(config_json)?;
     let metadata = BTreeMap::from([("format".to_string(), "pt".to_string())]);
     let weights = encode_safetensors(tensors, Some(&metadata))?;
 
@@ -229,6 +226,16 @@ pub fn write_adapter(dir: &Path, tensors: &[TensorView<'_>], config_json: &str) 
     Ok(())
 }
 
+/// The configuration text [`write_adapter`] stores for `config_json`: pretty-printed, keys sorted, a trailing
+/// newline. [`Error::Value`] unless `config_json` is a JSON object.
+pub fn normalise_config(config_json: &str) -> Result<String> {
+    let config = parse_config(config_json)?;
+    let mut text = serde_json::to_string_pretty(&config)
+        .map_err(|e| Error::Value(format!("adapter config cannot be serialised: {e}")))?;
+    text.push('\n');
+    Ok(text)
+}
+
 /// Writes one safetensors file atomically: a temporary `.{file}.tmp-{pid}-{n}` in the same directory, fsync'd,
 /// renamed over `path`, and the directory fsync'd. Parent directories are created as needed.
 ///
@@ -270,8 +277,11 @@ pub fn write_safetensors(
     sync_dir(&parent)
 }
 
-/// Validates the tensors and serialises them to the safetensors format.
-fn encode_safetensors(tensors: &[TensorView<'_>], metadata: Option<&BTreeMap<String, String>>) -> Result<Vec<u8>> {
+/// Validates the tensors and serialises them to the safetensors format: the bytes [`write_safetensors`] writes.
+///
+/// # Errors
+/// As [`write_safetensors`], less the file system's; [`Error::OutOfMemory`] when the buffer cannot be allocated.
+pub fn encode_safetensors(tensors: &[TensorView<'_>], metadata: Option<&BTreeMap<String, String>>) -> Result<Vec<u8>> {
     let mut seen = HashSet::with_capacity(tensors.len());
     for t in tensors {
         if t.name.is_empty() {
@@ -617,6 +627,11 @@ fn read_regular_file(path: &Path) -> Result<Vec<u8>> {
         return Err(Error::format(path, format!("changed size while being read ({size} bytes, then {})", bytes.len())));
     }
     Ok(bytes)
+}
+
+/// [`read_safetensors`] of bytes already in memory (errors name the file `<bytes>`).
+pub fn parse_safetensors_bytes(bytes: &[u8]) -> Result<(NamedTensors, Option<BTreeMap<String, String>>)> {
+    parse_safetensors(Path::new("<bytes>"), bytes)
 }
 
 struct Entry {

@@ -385,6 +385,13 @@ fn read_adapter<'py>(py: Python<'py>, dir: PathBuf) -> PyResult<(Vec<RawTensor<'
     Ok((tensors, adapter.config_json))
 }
 
+/// Panics inside [`detached`], for the test that a core panic reaches Python as `InternalError`: no input is known
+/// to make the core panic, which is the point, so the test needs a deliberate one.
+#[pyfunction]
+fn _panic_for_testing(py: Python<'_>, message: String) -> PyResult<()> {
+    detached(py, |_| -> Result<(), Error> { panic!("{message}") })
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
@@ -397,5 +404,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(allocate_alphas, m)?)?;
     m.add_function(wrap_pyfunction!(write_adapter, m)?)?;
     m.add_function(wrap_pyfunction!(read_adapter, m)?)?;
+    m.add_function(wrap_pyfunction!(_panic_for_testing, m)?)?;
     Ok(())
 }
