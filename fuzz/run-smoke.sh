@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs every fuzz target for at most $SECONDS_PER_TARGET seconds (default 30), one job, one thread.
 #
-# With libFuzzer (cargo-fuzz, `--sanitizer none` on a stable toolchain through RUSTC_BOOTSTRAP=1, since
-# cargo-fuzz passes -Z flags) when `cargo fuzz` is installed; otherwise the deterministic driver of src/bin/drive.rs.
+# With libFuzzer when `cargo fuzz` is installed (`--sanitizer none` builds on the stable toolchain, no
+# RUSTC_BOOTSTRAP needed); otherwise with the deterministic driver of src/bin/drive.rs.
 # Set FUZZ_DRIVER=1 to force the driver.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -12,7 +12,7 @@ export CARGO_BUILD_JOBS=${CARGO_BUILD_JOBS:-1}
 if [ "${FUZZ_DRIVER:-0}" != 1 ] && cargo fuzz --version >/dev/null 2>&1; then
   for t in "${targets[@]}"; do
     mkdir -p "corpus/$t"
-    RUSTC_BOOTSTRAP=1 cargo fuzz run --sanitizer none --features libfuzzer "$t" "corpus/$t" -- \
+    cargo fuzz run --sanitizer none --features libfuzzer "$t" "corpus/$t" -- \
       -max_total_time="$secs" -rss_limit_mb=2048 -max_len=4096
   done
 else

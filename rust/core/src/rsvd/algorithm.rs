@@ -212,7 +212,7 @@ fn exact_svd<T: Real, Op: LinearOperator<T> + ?Sized>(op: &Op, par: Par, stop: &
     let scale = unit_scale::<T>(max_abs(full.as_ref()));
     scale_in_place(full.as_mut(), scale);
     let mut factors = thin_svd(full.as_ref(), par)?;
-    unscale(&mut factors.s, scale);
+    unscale(&mut factors.s, scale)?;
     Ok(factors)
 }
 
@@ -438,7 +438,7 @@ fn range_finder_svd<T: Real, Op: LinearOperator<T> + ?Sized>(
     ensure_finite(z.as_ref())?;
     scale_in_place(z.as_mut(), scale);
     let Factors { u: uz, mut s, v: vz } = thin_svd(z.as_ref(), par)?;
-    unscale(&mut s, scale);
+    unscale(&mut s, scale)?;
     let u = if want_u {
         let mut u = mat_of(p, k, zero, "the left singular vectors")?;
         matmul(u.as_mut(), Accum::Replace, y.as_ref(), vz.as_ref(), T::from_f64(1.0), par);
@@ -500,10 +500,19 @@ fn scale_in_place<T: Real>(mut a: MatMut<'_, T>, scale: T) {
     }
 }
 
-fn unscale<T: Real>(s: &mut [T], scale: T) {
-    for x in s {
+/// Undoes [`unit_scale`] on the singular values. The largest one, `‖A‖₂`, can exceed `T`'s range even when every
+/// entry is finite (an f32 matrix of entries near `f32::MAX`); that is reported, not returned as infinity.
+fn unscale<T: Real>(s: &mut [T], scale: T) -> Result<()> {
+    for x in s.iter_mut() {
         *x /= scale;
     }
+    if s.iter().any(|x| !x.finite()) {
+        return Err(Error::NonFinite(format!(
+            "the largest singular value (the matrix's spectral norm) exceeds the range of {}; scale the input down",
+            core::any::type_name::<T>()
+        )));
+    }
+    Ok(())
 }
 
 /// Makes the largest-magnitude entry of each right singular vector (column of `v`) positive, the first one on a
@@ -946,5 +955,18 @@ mod tests {
                 assert!(err < 1e-9, "f64 ×{f:e}: vt differs by {err}");
             }
         }
+    }
+
+    /// Found by the rsvd fuzz target: finite entries whose spectral norm f32 cannot hold.
+    #[test]
+    fn a_norm_beyond_the_type_range_is_an_error() {
+        let a = Mat::from_fn(6, 5, |_, _| 3e38f32);
+        // The exact path materialises A exactly and finds the norm too large; the sketch overflows in A·Ω.
+        let e = randomized_svd_dense(a.as_ref(), &opts(4, 1, 1, 0)).unwrap_err();
+        assert!(matches!(e, Error::NonFinite(ref m) if m.contains("f32")), "{e}");
+        let e = randomized_svd_dense(a.as_ref(), &opts(2, 1, 1, 0)).unwrap_err();
+        assert!(matches!(e, Error::NonFinite(_)), "{e}");
+        let half = Mat::from_fn(6, 5, |_, _| 3e37f32);
+        assert!(randomized_svd_dense(half.as_ref(), &opts(2, 1, 1, 0)).unwrap().s[0].is_finite());
     }
 }
