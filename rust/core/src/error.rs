@@ -30,6 +30,13 @@ pub enum Error {
     /// A corrupt, truncated or inconsistent adapter file.
     #[error("{path}: {message}")]
     Format { path: PathBuf, message: String },
+    /// An allocation the machine (or an address-space limit) refused. The core never aborts on one: every buffer
+    /// sized from an input or a file is allocated fallibly.
+    #[error("{0}")]
+    OutOfMemory(String),
+    /// The caller's interrupt check asked a long computation to stop; nothing the call would change was changed.
+    #[error("interrupted")]
+    Interrupted,
     /// The operating system refused a read or write.
     #[error("{path}: {source}")]
     Io {

@@ -11,6 +11,7 @@
 pub mod allocate;
 pub mod covariance;
 pub mod error;
+mod memory;
 pub mod package;
 pub mod rsvd;
 pub mod threads;

@@ -24,14 +24,16 @@
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::fs::{self, File};
-use std::io::{self, BufWriter, Write};
+use std::io::{self, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use serde_json::Value;
 
 use crate::error::{Error, Result};
+use crate::memory::copy_of;
 
 /// The weights file of a PEFT adapter directory.
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
@@ -155,10 +157,7 @@ pub struct Adapter {
 /// is not a directory, or a `dir` with no final name component; [`Error::Shape`] for data whose length does not
 /// match shape × dtype size; [`Error::Io`] for failures of the file system.
 pub fn write_adapter(dir: &Path, tensors: &[TensorView<'_>], config_json: &str) -> Result<()> {
-    let config = parse_config(config_json)?;
-    let mut config_text = serde_json::to_string_pretty(&config)
-        .map_err(|e| Error::Value(format!("adapter config cannot be serialised: {e}")))?;
-    config_text.push('\n');
+    let config_text = normalise_config(config_json)?;
     let metadata = BTreeMap::from([("format".to_string(), "pt".to_string())]);
     let weights = encode_safetensors(tensors, Some(&metadata))?;
 
@@ -178,6 +177,7 @@ pub fn write_adapter(dir: &Path, tensors: &[TensorView<'_>], config_json: &str) 
         Err(e) => return Err(Error::io(&dir, e)),
     };
 
+    remove_stale_temporaries(&parent, &name);
     let (tmp, n) = create_unique_dir(&parent, &name)?;
     let staged = (|| {
         write_synced(&tmp.join(WEIGHTS_FILE), &weights)?;
@@ -226,6 +226,16 @@ pub fn write_adapter(dir: &Path, tensors: &[TensorView<'_>], config_json: &str) 
     Ok(())
 }
 
+/// The configuration text [`write_adapter`] stores for `config_json`: pretty-printed, keys sorted, a trailing
+/// newline. [`Error::Value`] unless `config_json` is a JSON object.
+pub fn normalise_config(config_json: &str) -> Result<String> {
+    let config = parse_config(config_json)?;
+    let mut text = serde_json::to_string_pretty(&config)
+        .map_err(|e| Error::Value(format!("adapter config cannot be serialised: {e}")))?;
+    text.push('\n');
+    Ok(text)
+}
+
 /// Writes one safetensors file atomically: a temporary `.{file}.tmp-{pid}-{n}` in the same directory, fsync'd,
 /// renamed over `path`, and the directory fsync'd. Parent directories are created as needed.
 ///
@@ -248,6 +258,7 @@ pub fn write_safetensors(
         return Err(Error::Value(format!("{}: is a directory, expected a file path", path.display())));
     }
     fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
+    remove_stale_temporaries(&parent, &name);
     let mut attempt = 0;
     let (tmp, file) = loop {
         let tmp = parent.join(format!(".{name}.tmp-{}-{}", std::process::id(), next_counter()));
@@ -266,8 +277,11 @@ pub fn write_safetensors(
     sync_dir(&parent)
 }
 
-/// Validates the tensors and serialises them to the safetensors format.
-fn encode_safetensors(tensors: &[TensorView<'_>], metadata: Option<&BTreeMap<String, String>>) -> Result<Vec<u8>> {
+/// Validates the tensors and serialises them to the safetensors format: the bytes [`write_safetensors`] writes.
+///
+/// # Errors
+/// As [`write_safetensors`], less the file system's; [`Error::OutOfMemory`] when the buffer cannot be allocated.
+pub fn encode_safetensors(tensors: &[TensorView<'_>], metadata: Option<&BTreeMap<String, String>>) -> Result<Vec<u8>> {
     let mut seen = HashSet::with_capacity(tensors.len());
     for t in tensors {
         if t.name.is_empty() {
@@ -328,7 +342,11 @@ fn encode_safetensors(tensors: &[TensorView<'_>], metadata: Option<&BTreeMap<Str
              fewer tensors or shorter names and metadata"
         )));
     }
-    let mut bytes = Vec::with_capacity(8 + padded + offset);
+    let total = 8 + padded + offset;
+    let mut bytes = Vec::new();
+    bytes
+        .try_reserve_exact(total)
+        .map_err(|_| Error::OutOfMemory(format!("cannot allocate {total} bytes for the safetensors file")))?;
     bytes.extend_from_slice(&(padded as u64).to_le_bytes());
     bytes.extend_from_slice(header.as_bytes());
     bytes.resize(8 + padded, b' ');
@@ -408,6 +426,42 @@ fn create_unique_dir(parent: &Path, name: &str) -> Result<(PathBuf, u64)> {
             Err(e) => return Err(Error::io(&tmp, e)),
         }
     }
+}
+
+/// A temporary of a writer that this machine knows is gone is removed once it is this old (a margin against a
+/// writer in another pid namespace sharing the directory, whose pid means nothing here).
+const STALE_AFTER_DEAD_WRITER: Duration = Duration::from_secs(60);
+/// Any temporary this old is removed: no write takes a day, so its writer was killed (on this or another host).
+const STALE_AFTER: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// Removes the `.{name}.tmp-{pid}-{n}` leftovers of killed writers from `parent`, so that interrupted writes do
+/// not pile up. Only names of exactly that pattern are touched, never this process's own (another thread may be
+/// writing), and a live writer's never: its pid must be dead and the entry a minute old, or the entry a day old.
+/// Best effort: a failure here must not fail the write.
+fn remove_stale_temporaries(parent: &Path, name: &str) {
+    let prefix = format!(".{name}.tmp-");
+    let Ok(entries) = fs::read_dir(parent) else { return };
+    for entry in entries.flatten() {
+        let file_name = entry.file_name();
+        let Some(rest) = file_name.to_str().and_then(|f| f.strip_prefix(prefix.as_str())) else { continue };
+        let Some((pid, n)) = rest.split_once('-') else { continue };
+        let (Ok(pid), Ok(_)) = (pid.parse::<u32>(), n.parse::<u64>()) else { continue };
+        if pid == std::process::id() {
+            continue;
+        }
+        let path = entry.path();
+        let Ok(meta) = fs::symlink_metadata(&path) else { continue };
+        let age = meta.modified().ok().and_then(|t| t.elapsed().ok()).unwrap_or_default();
+        if age >= STALE_AFTER || (age >= STALE_AFTER_DEAD_WRITER && writer_is_gone(pid)) {
+            let _ = if meta.is_dir() { fs::remove_dir_all(&path) } else { fs::remove_file(&path) };
+        }
+    }
+}
+
+/// Whether no process with this pid exists here. Only Linux's `/proc` answers without a new dependency;
+/// elsewhere the answer is "unknown" and only the age rule applies.
+fn writer_is_gone(pid: u32) -> bool {
+    cfg!(target_os = "linux") && Path::new("/proc/self").exists() && !Path::new(&format!("/proc/{pid}")).exists()
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -507,7 +561,7 @@ pub fn read_adapter(dir: &Path) -> Result<Adapter> {
         }
     }
 
-    let config_bytes = fs::read(&config_path).map_err(|e| Error::io(&config_path, e))?;
+    let config_bytes = read_regular_file(&config_path)?;
     let config_json = String::from_utf8(config_bytes)
         .map_err(|e| Error::format(&config_path, format!("not valid UTF-8 text: {e}")))?;
     match serde_json::from_str::<Value>(&config_json) {
@@ -535,8 +589,49 @@ pub fn read_adapter(dir: &Path) -> Result<Adapter> {
 /// dtype size, overlap, or leave bytes uncovered; `__metadata__` that is not a string-to-string map.
 /// [`Error::Dtype`] for a dtype outside [`DType`]. [`Error::Io`] when the file cannot be read.
 pub fn read_safetensors(path: &Path) -> Result<(NamedTensors, Option<BTreeMap<String, String>>)> {
-    let bytes = fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = read_regular_file(path)?;
     parse_safetensors(path, &bytes)
+}
+
+/// The whole content of a regular file, with the buffer sized from the opened file's own metadata.
+///
+/// Checking the file after opening it (not the path before) leaves no window for a swap. Opening is
+/// non-blocking, so a FIFO is refused instead of waiting forever for a writer; devices (`/dev/zero` behind a
+/// symlink) are refused instead of read until memory runs out. The read stops at the size the file had when
+/// opened, and a file that shrank meanwhile is reported.
+fn read_regular_file(path: &Path) -> Result<Vec<u8>> {
+    let mut options = File::options();
+    options.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.custom_flags(libc::O_NONBLOCK);
+    }
+    let file = options.open(path).map_err(|e| Error::io(path, e))?;
+    let meta = file.metadata().map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() {
+        return Err(Error::format(
+            path,
+            "not a regular file (a directory, FIFO, socket or device); adapter files must be regular files",
+        ));
+    }
+    let len = meta.len();
+    let size = usize::try_from(len)
+        .map_err(|_| Error::OutOfMemory(format!("{}: {len} bytes do not fit in memory", path.display())))?;
+    let mut bytes = Vec::new();
+    bytes
+        .try_reserve_exact(size)
+        .map_err(|_| Error::OutOfMemory(format!("{}: cannot allocate {size} bytes to read it", path.display())))?;
+    file.take(len).read_to_end(&mut bytes).map_err(|e| Error::io(path, e))?;
+    if bytes.len() != size {
+        return Err(Error::format(path, format!("changed size while being read ({size} bytes, then {})", bytes.len())));
+    }
+    Ok(bytes)
+}
+
+/// [`read_safetensors`] of bytes already in memory (errors name the file `<bytes>`).
+pub fn parse_safetensors_bytes(bytes: &[u8]) -> Result<(NamedTensors, Option<BTreeMap<String, String>>)> {
+    parse_safetensors(Path::new("<bytes>"), bytes)
 }
 
 struct Entry {
@@ -615,10 +710,11 @@ fn parse_safetensors(path: &Path, bytes: &[u8]) -> Result<(NamedTensors, Option<
         )));
     }
 
-    let mut tensors: Vec<(String, Tensor)> = entries
-        .into_iter()
-        .map(|e| (e.name, Tensor { dtype: e.dtype, shape: e.shape, data: data[e.begin..e.end].to_vec() }))
-        .collect();
+    let mut tensors: Vec<(String, Tensor)> = Vec::with_capacity(entries.len());
+    for e in entries {
+        let data = copy_of(&data[e.begin..e.end], "a tensor's data")?;
+        tensors.push((e.name, Tensor { dtype: e.dtype, shape: e.shape, data }));
+    }
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
     Ok((tensors, metadata))
 }
@@ -1201,5 +1297,64 @@ mod tests {
         assert!(matches!(write_safetensors(&dir.join("x"), &dup, None), Err(Error::Value(_))));
         assert_eq!(fs::read_dir(&dir).unwrap().count(), 0);
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn only_regular_files_are_read() {
+        let dir = scratch("special");
+        let target = dir.join("adapter");
+        write_adapter(&target, &views(&sample()), "{}").unwrap();
+        let weights = target.join(WEIGHTS_FILE);
+        fs::remove_file(&weights).unwrap();
+        // A FIFO with no writer: opening it blocking would hang forever.
+        let status = std::process::Command::new("mkfifo").arg(&weights).status().unwrap();
+        assert!(status.success());
+        let e = read_adapter(&target).unwrap_err();
+        assert!(matches!(e, Error::Format { ref message, .. } if message.contains("not a regular file")), "{e}");
+        fs::remove_file(&weights).unwrap();
+        // A device behind a symlink: reading it would never end.
+        std::os::unix::fs::symlink("/dev/zero", &weights).unwrap();
+        let e = read_adapter(&target).unwrap_err();
+        assert!(matches!(e, Error::Format { ref message, .. } if message.contains("not a regular file")), "{e}");
+        fs::remove_file(&weights).unwrap();
+        fs::remove_file(target.join(CONFIG_FILE)).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", target.join(CONFIG_FILE)).unwrap();
+        let e = read_safetensors(&target.join(CONFIG_FILE)).unwrap_err();
+        assert!(matches!(e, Error::Format { .. }), "{e}");
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    fn age(path: &Path, seconds: u64) {
+        let when = std::time::SystemTime::now() - Duration::from_secs(seconds);
+        File::open(path).unwrap().set_modified(when).unwrap();
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn stale_temporaries_of_dead_writers_are_removed() {
+        let dir = scratch("stale");
+        // No pid reaches 2^31 (pid_max is at most 2^22), so these writers are certainly gone.
+        let dead_old = dir.join(".adapter.tmp-2147483000-3");
+        let dead_fresh = dir.join(".adapter.tmp-2147483001-0");
+        let live_old = dir.join(format!(".adapter.tmp-{}-7", std::process::id()));
+        let parent_pid = std::os::unix::process::parent_id();
+        let other_live = dir.join(format!(".adapter.tmp-{parent_pid}-1"));
+        let ancient = dir.join(format!(".adapter.tmp-{parent_pid}-2"));
+        let unrelated = dir.join(".other.tmp-2147483000-3");
+        let file_temp = dir.join(".adapter.tmp-2147483002-1");
+        for d in [&dead_old, &dead_fresh, &live_old, &other_live, &ancient, &unrelated] {
+            fs::create_dir(d).unwrap();
+            fs::write(d.join("partial"), b"x").unwrap();
+        }
+        fs::write(&file_temp, b"x").unwrap();
+        for d in [&dead_old, &live_old, &other_live, &unrelated, &file_temp] {
+            age(d, 120);
+        }
+        age(&ancient, 2 * 24 * 60 * 60);
+        write_adapter(&dir.join("adapter"), &views(&sample()), "{}").unwrap();
+        assert!(!dead_old.exists() && !file_temp.exists() && !ancient.exists());
+        assert!(dead_fresh.exists() && live_old.exists() && other_live.exists() && unrelated.exists());
+        let _ = fs::remove_dir_all(&dir);
     }
 }

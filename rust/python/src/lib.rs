@@ -3,7 +3,12 @@
 //! Arrays in, arrays out, the GIL released around every piece of real work, and each core error variant mapped onto
 //! one class of the Python hierarchy in `lowrank_rs.errors`. Argument normalisation (dtype dispatch, reshaping,
 //! contiguity) happens in the Python layer; nothing here decides anything.
+//!
+//! Every call into the core goes through [`detached`]: without the GIL, with Python's signals checked while it
+//! runs (so Ctrl-C stops a long decomposition), and with any panic turned into `InternalError` instead of taking
+//! the interpreter down.
 
+use std::panic::{self, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::sync::Mutex;
 
@@ -30,6 +35,9 @@ mod exceptions {
     pyo3::import_exception!(lowrank_rs.errors, InfeasibleError);
     pyo3::import_exception!(lowrank_rs.errors, AdapterFormatError);
     pyo3::import_exception!(lowrank_rs.errors, AdapterIOError);
+    pyo3::import_exception!(lowrank_rs.errors, InvalidArgumentError);
+    pyo3::import_exception!(lowrank_rs.errors, OutOfMemoryError);
+    pyo3::import_exception!(lowrank_rs.errors, InternalError);
 }
 
 /// The one place core errors become Python exceptions (a local newtype because of the orphan rule).
@@ -52,9 +60,47 @@ impl From<PyLowRankError> for PyErr {
             Error::Empty(_) => EmptyInputError::new_err(msg),
             Error::Rank(_) => RankError::new_err(msg),
             Error::Infeasible(_) => InfeasibleError::new_err(msg),
-            Error::Value(_) => LowRankError::new_err(msg),
+            Error::Value(_) => InvalidArgumentError::new_err(msg),
+            Error::OutOfMemory(_) => OutOfMemoryError::new_err(msg),
+            // Only reached when the signal that stopped the work is gone by now; see `detached`.
+            Error::Interrupted => pyo3::exceptions::PyKeyboardInterrupt::new_err(msg),
             Error::Format { .. } => AdapterFormatError::new_err(msg),
             Error::Io { .. } => AdapterIOError::new_err(msg),
+        }
+    }
+}
+
+/// Runs core work `f` with the GIL released. `f` receives the interrupt check to hand to the core: it briefly
+/// takes the GIL to run Python's signal handlers (the core calls it on this thread, at most every 100 ms), and
+/// the exception a handler raises (KeyboardInterrupt) is the one this returns. A panic becomes `InternalError`.
+fn detached<R: Send>(py: Python<'_>, f: impl FnOnce(&dyn Fn() -> bool) -> Result<R, Error> + Send) -> PyResult<R> {
+    let raised: Mutex<Option<PyErr>> = Mutex::new(None);
+    let outcome = py.detach(|| {
+        let interrupt = || match Python::attach(|py| py.check_signals()) {
+            Ok(()) => false,
+            Err(e) => {
+                *raised.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+                true
+            }
+        };
+        panic::catch_unwind(AssertUnwindSafe(|| f(&interrupt)))
+    });
+    match outcome {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(Error::Interrupted)) => match raised.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            Some(e) => Err(e),
+            None => Err(PyLowRankError(Error::Interrupted).into()),
+        },
+        Ok(Err(e)) => Err(PyLowRankError(e).into()),
+        Err(payload) => {
+            let what = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic without a message".into());
+            Err(exceptions::InternalError::new_err(format!(
+                "internal error in lowrank-core (please report it): {what}"
+            )))
         }
     }
 }
@@ -71,8 +117,8 @@ fn contiguous<'a, T: numpy::Element, D: numpy::ndarray::Dimension>(
 }
 
 #[pyfunction]
-fn set_num_threads(n: usize) {
-    threads::set_num_threads(n);
+fn set_num_threads(n: usize) -> PyResult<()> {
+    Ok(threads::set_num_threads(n).map_err(PyLowRankError)?)
 }
 
 #[pyfunction]
@@ -145,8 +191,7 @@ impl CovarianceAccumulator {
                     dim: shape[2],
                     mask: mask_slice,
                 };
-                py.detach(|| self.lock().update(&batch)).map_err(PyLowRankError)?;
-                Ok(())
+                detached(py, |interrupt| self.lock().update_interruptible(&batch, interrupt))
             }};
         }
         match bits16 {
@@ -170,23 +215,22 @@ impl CovarianceAccumulator {
         if std::ptr::eq(self, other) {
             // Locking the same mutex twice would deadlock; merging with oneself doubles every sum.
             let snapshot = self.lock().clone();
-            return py.detach(|| self.lock().merge(&snapshot)).map_err(|e| PyLowRankError(e).into());
+            return detached(py, |_| self.lock().merge(&snapshot));
         }
         let theirs = other.lock().clone();
-        py.detach(|| self.lock().merge(&theirs)).map_err(|e| PyLowRankError(e).into())
+        detached(py, |_| self.lock().merge(&theirs))
     }
 
     fn mean<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray1<f64>>> {
-        let mean = py.detach(|| self.lock().mean()).map_err(PyLowRankError)?;
+        let mean = detached(py, |_| self.lock().mean())?;
         Ok(mean.into_pyarray(py))
     }
 
     fn covariance<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray2<f64>>> {
-        let (dim, cov) = py.detach(|| {
+        let (dim, cov) = detached(py, |_| {
             let acc = self.lock();
-            (acc.dim(), acc.covariance())
-        });
-        let cov = cov.map_err(PyLowRankError)?;
+            Ok((acc.dim(), acc.covariance()?))
+        })?;
         cov.into_pyarray(py).reshape([dim, dim])
     }
 }
@@ -197,7 +241,9 @@ fn mat_ref<'a, T>(slice: &'a [T], shape: &[usize]) -> MatRef<'a, T> {
 
 fn mat_to_numpy<'py, T: numpy::Element + Copy>(py: Python<'py>, m: &Mat<T>) -> PyResult<Bound<'py, PyArray2<T>>> {
     let (r, c) = (m.nrows(), m.ncols());
-    let mut v = Vec::with_capacity(r * c);
+    let mut v = Vec::new();
+    v.try_reserve_exact(r * c)
+        .map_err(|_| exceptions::OutOfMemoryError::new_err(format!("cannot allocate a {r}×{c} result array")))?;
     for i in 0..r {
         for j in 0..c {
             v.push(m[(i, j)]);
@@ -216,7 +262,8 @@ fn svd_impl<'py, T: numpy::Element + rsvd::Real>(
 ) -> PyResult<SvdTriple<'py, T>> {
     let shape = a.shape().to_vec();
     let data = contiguous(&a, "matrix")?;
-    let svd = py.detach(|| rsvd::randomized_svd_dense(mat_ref(data, &shape), &opts)).map_err(PyLowRankError)?;
+    let svd =
+        detached(py, |interrupt| rsvd::randomized_svd_dense_interruptible(mat_ref(data, &shape), &opts, interrupt))?;
     Ok((mat_to_numpy(py, &svd.u)?, svd.s.into_pyarray(py), mat_to_numpy(py, &svd.vt)?))
 }
 
@@ -247,8 +294,9 @@ fn basis_impl<'py, T: numpy::Element + rsvd::Real>(
 ) -> PyResult<BasisPair<'py, T>> {
     let (ws, cs) = (w.shape().to_vec(), c.shape().to_vec());
     let (wd, cd) = (contiguous(&w, "weight")?, contiguous(&c, "covariance")?);
-    let (vt, s) =
-        py.detach(|| rsvd::task_aware_basis(mat_ref(wd, &ws), mat_ref(cd, &cs), &opts)).map_err(PyLowRankError)?;
+    let (vt, s) = detached(py, |interrupt| {
+        rsvd::task_aware_basis_interruptible(mat_ref(wd, &ws), mat_ref(cd, &cs), &opts, interrupt)
+    })?;
     Ok((mat_to_numpy(py, &vt)?, s.into_pyarray(py)))
 }
 
@@ -313,8 +361,7 @@ fn write_adapter(
     for ((name, _, shape, bytes), dtype) in tensors.iter().zip(dtypes) {
         views.push(TensorView { name, dtype, shape, data: contiguous(bytes, "tensor bytes")? });
     }
-    py.detach(|| package::write_adapter(&dir, &views, config_json)).map_err(PyLowRankError)?;
-    Ok(())
+    detached(py, |_| package::write_adapter(&dir, &views, config_json))
 }
 
 type RawTensor<'py> = (String, &'static str, Vec<usize>, Bound<'py, PyBytes>);
@@ -322,13 +369,27 @@ type RawTensor<'py> = (String, &'static str, Vec<usize>, Bound<'py, PyBytes>);
 /// Returns `([(name, dtype, shape, bytes)], config_json)`.
 #[pyfunction]
 fn read_adapter<'py>(py: Python<'py>, dir: PathBuf) -> PyResult<(Vec<RawTensor<'py>>, String)> {
-    let adapter = py.detach(|| package::read_adapter(&dir)).map_err(PyLowRankError)?;
-    let tensors = adapter
-        .tensors
-        .into_iter()
-        .map(|(name, t)| (name, t.dtype.name(), t.shape, PyBytes::new(py, &t.data)))
-        .collect();
+    let adapter = detached(py, |_| package::read_adapter(&dir))?;
+    let mut tensors = Vec::with_capacity(adapter.tensors.len());
+    for (name, t) in adapter.tensors {
+        // `PyBytes::new` panics when Python cannot allocate; `new_with` reports it.
+        let bytes = PyBytes::new_with(py, t.data.len(), |buf| {
+            buf.copy_from_slice(&t.data);
+            Ok(())
+        })
+        .map_err(|_| {
+            exceptions::OutOfMemoryError::new_err(format!("cannot allocate {} bytes for tensor {name:?}", t.data.len()))
+        })?;
+        tensors.push((name, t.dtype.name(), t.shape, bytes));
+    }
     Ok((tensors, adapter.config_json))
+}
+
+/// Panics inside [`detached`], for the test that a core panic reaches Python as `InternalError`: no input is known
+/// to make the core panic, which is the point, so the test needs a deliberate one.
+#[pyfunction]
+fn _panic_for_testing(py: Python<'_>, message: String) -> PyResult<()> {
+    detached(py, |_| -> Result<(), Error> { panic!("{message}") })
 }
 
 #[pymodule]
@@ -343,5 +404,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(allocate_alphas, m)?)?;
     m.add_function(wrap_pyfunction!(write_adapter, m)?)?;
     m.add_function(wrap_pyfunction!(read_adapter, m)?)?;
+    m.add_function(wrap_pyfunction!(_panic_for_testing, m)?)?;
     Ok(())
 }

@@ -4,7 +4,7 @@ use rayon::prelude::*;
 
 use super::convert::{bf16_to_f32, f16_to_f32, Convert};
 use super::{simd, Batch, Center, Elements};
-use crate::error::Error;
+use crate::error::{Error, Result};
 
 /// Which source rows are counted and how they group for centring.
 pub(super) struct Plan {
@@ -20,12 +20,14 @@ pub(super) struct Plan {
 }
 
 impl Plan {
-    pub(super) fn new(batch: &Batch<'_>, center: Center) -> Self {
+    pub(super) fn new(batch: &Batch<'_>, center: Center) -> Result<Self> {
         let tokens = batch.sequences * batch.seq_len;
-        let rows: Vec<usize> = match batch.mask {
-            Some(mask) => mask.iter().enumerate().filter(|(_, &keep)| keep).map(|(r, _)| r).collect(),
-            None => (0..tokens).collect(),
-        };
+        let mut rows: Vec<usize> = Vec::new();
+        rows.try_reserve_exact(tokens).map_err(|_| Error::OutOfMemory(format!("cannot index {tokens} tokens")))?;
+        match batch.mask {
+            Some(mask) => rows.extend(mask.iter().enumerate().filter(|(_, &keep)| keep).map(|(r, _)| r)),
+            None => rows.extend(0..tokens),
+        }
         let segments = if center == Center::Sequence {
             let mut segments = vec![0];
             let mut k = 0;
@@ -42,11 +44,15 @@ impl Plan {
         } else {
             vec![0, rows.len()]
         };
-        let mut segment_of = vec![0; rows.len()];
+        let mut segment_of: Vec<usize> = Vec::new();
+        segment_of
+            .try_reserve_exact(rows.len())
+            .map_err(|_| Error::OutOfMemory(format!("cannot index {} tokens", rows.len())))?;
+        segment_of.resize(rows.len(), 0);
         for (s, seg) in segments.windows(2).enumerate() {
             segment_of[seg[0]..seg[1]].fill(s);
         }
-        Self { rows, segments, segment_of, centred: center != Center::None, seq_len: batch.seq_len }
+        Ok(Self { rows, segments, segment_of, centred: center != Center::None, seq_len: batch.seq_len })
     }
 }
 

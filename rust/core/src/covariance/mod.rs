@@ -165,11 +165,25 @@ impl CovarianceAccumulator {
     /// Values of masked-out tokens are never read, so padding may hold anything. Counted values must be finite and
     /// (for f64 input) within the f32 range the products are computed in.
     pub fn update(&mut self, batch: &Batch<'_>) -> Result<()> {
-        self.update_with(batch, bf16::Kernel::detect())
+        self.update_with(batch, bf16::Kernel::detect(), None)
     }
 
-    /// [`update`](Self::update) with the bf16 kernel chosen by the caller (`None`: the f32 path), for tests.
-    fn update_with(&mut self, batch: &Batch<'_>, kernel: Option<bf16::Kernel>) -> Result<()> {
+    /// [`update`](Self::update) that `interrupt` can stop: it is called on the caller's thread at most every
+    /// 100 ms, and once it returns `true` the update ends with [`Error::Interrupted`] and the accumulator
+    /// unchanged. The batch's product itself runs to completion once started (stopping half-way would leave a
+    /// partial sum), so feed large data as several batches to bound the wait.
+    pub fn update_interruptible(&mut self, batch: &Batch<'_>, interrupt: &dyn Fn() -> bool) -> Result<()> {
+        self.update_with(batch, bf16::Kernel::detect(), Some(interrupt))
+    }
+
+    /// [`update`](Self::update) with the bf16 kernel chosen by the caller (`None`: the f32 path, for tests) and an
+    /// optional interrupt check.
+    fn update_with(
+        &mut self,
+        batch: &Batch<'_>,
+        kernel: Option<bf16::Kernel>,
+        interrupt: Option<&dyn Fn() -> bool>,
+    ) -> Result<()> {
         let dim = self.dim;
         if batch.dim != dim {
             return Err(Error::Shape(format!(
@@ -211,7 +225,7 @@ impl CovarianceAccumulator {
             )));
         }
 
-        let plan = Plan::new(batch, self.center);
+        let plan = Plan::new(batch, self.center)?;
         let n_b = plan.rows.len();
         if n_b == 0 {
             return Ok(());
@@ -221,6 +235,10 @@ impl CovarianceAccumulator {
             .and_then(|n| self.count.checked_add(n))
             .ok_or_else(|| Error::Value("token count overflows u64".into()))?;
         if let (Elements::Bf16(data), Center::None, Some(kernel)) = (batch.data, self.center, kernel) {
+            // The bf16 kernels run one product per chunk and cannot stop inside it; check once before starting.
+            if interrupt.is_some_and(|stop| stop()) {
+                return Err(Error::Interrupted);
+            }
             return self.update_bf16(batch, data, &plan, kernel, new_count);
         }
         let xt_len = n_b
@@ -230,7 +248,8 @@ impl CovarianceAccumulator {
         let mut xt = Scratch::checkout(xt_len)?;
         let mut batch_sum = zeroed(dim)?;
         let mut sum_sq = zeroed::<f32>(dim)?;
-        let result = crate::threads::run(|par| -> Result<()> {
+        let result = crate::threads::run_interruptible(interrupt, |par, stop| -> Result<()> {
+            stop.check()?;
             let sums = (&mut batch_sum[..], &mut sum_sq[..]);
             let gathered = match batch.data {
                 Elements::F16(d) => gather(&F16Conv(f16_table()), d, &plan, dim, &mut xt, sums),
@@ -247,6 +266,7 @@ impl CovarianceAccumulator {
             if let Some(f) = sum_sq.iter().position(|&s| s.is_nan() || f64::from(s) > limit) {
                 return Err(diagnose(batch, &plan, Some((f, f64::from(sum_sq[f])))));
             }
+            stop.check()?;
             self.accumulate(&xt, n_b, new_count, &batch_sum, par);
             Ok(())
         });
@@ -372,8 +392,9 @@ fn packed_rows(packed: &mut [f64], dim: usize) -> Vec<&mut [f64]> {
 
 fn zeroed<T: Clone + Default>(len: usize) -> Result<Vec<T>> {
     let mut v = Vec::new();
-    v.try_reserve_exact(len)
-        .map_err(|_| Error::Value(format!("cannot allocate {len} elements of {} bytes", std::mem::size_of::<T>())))?;
+    v.try_reserve_exact(len).map_err(|_| {
+        Error::OutOfMemory(format!("cannot allocate {len} elements of {} bytes", std::mem::size_of::<T>()))
+    })?;
     v.resize(len, T::default());
     Ok(v)
 }

@@ -550,14 +550,14 @@ fn bf16_kernels_match_f32_path_and_oracle() {
         for center in MODES {
             let (n, mean, want) = oracle(&[(values.clone(), sequences, seq_len, Some(mask.clone()))], dim, center);
             let mut reference = CovarianceAccumulator::new(dim, center).unwrap();
-            reference.update_with(&b, None).unwrap();
-            reference.update_with(&b, None).unwrap();
+            reference.update_with(&b, None, None).unwrap();
+            reference.update_with(&b, None, None).unwrap();
             let reference = reference.covariance().unwrap();
             assert_close(&reference, &want, dim, 2e-6);
             for &kernel in &kernels {
                 let mut acc = CovarianceAccumulator::new(dim, center).unwrap();
-                acc.update_with(&b, Some(kernel)).unwrap();
-                acc.update_with(&b, Some(kernel)).unwrap();
+                acc.update_with(&b, Some(kernel), None).unwrap();
+                acc.update_with(&b, Some(kernel), None).unwrap();
                 assert_eq!(acc.count(), 2 * n);
                 let got_mean = acc.mean().unwrap();
                 for f in 0..dim {
@@ -583,7 +583,7 @@ fn bf16_kernels_multi_chunk_batch() {
     let (n, _, want) = oracle(&[(values, sequences, seq_len, Some(mask.clone()))], dim, Center::None);
     for kernel in bf16::Kernel::all_available() {
         let mut acc = CovarianceAccumulator::new(dim, Center::None).unwrap();
-        acc.update_with(&b, Some(kernel)).unwrap();
+        acc.update_with(&b, Some(kernel), None).unwrap();
         assert_eq!(acc.count(), n);
         assert_close(&acc.covariance().unwrap(), &want, dim, 2e-6);
     }
@@ -599,14 +599,14 @@ fn bf16_fallback_path_and_exact_agreement() {
         (0..sequences * seq_len * dim).map(|i| ((((i * 7919) % 17) as f32 - 8.0).to_bits() >> 16) as u16).collect();
     let b = Batch { data: Elements::Bf16(&data), sequences, seq_len, dim, mask: None };
     let mut fallback = CovarianceAccumulator::new(dim, Center::None).unwrap();
-    fallback.update_with(&b, None).unwrap();
+    fallback.update_with(&b, None, None).unwrap();
     let values: Vec<f64> = data.iter().map(|&h| f64::from(bf16_to_f32(h))).collect();
     let (_, _, want) = oracle(&[(values, sequences, seq_len, None)], dim, Center::None);
     let expect = fallback.covariance().unwrap();
     assert_close(&expect, &want, dim, 1e-15);
     for kernel in bf16::Kernel::all_available() {
         let mut acc = CovarianceAccumulator::new(dim, Center::None).unwrap();
-        acc.update_with(&b, Some(kernel)).unwrap();
+        acc.update_with(&b, Some(kernel), None).unwrap();
         assert_eq!(acc.covariance().unwrap(), expect, "{kernel:?}");
     }
 }
@@ -620,11 +620,11 @@ fn bf16_kernels_reject_bad_input_unchanged() {
         let mut acc = CovarianceAccumulator::new(dim, Center::None).unwrap();
         data[2 * dim + 3] = 0x7fc0; // NaN
         let b = Batch { data: Elements::Bf16(&data), sequences: 2, seq_len: 2, dim, mask: None };
-        let err = acc.update_with(&b, kernel).unwrap_err();
+        let err = acc.update_with(&b, kernel, None).unwrap_err();
         assert!(matches!(&err, Error::NonFinite(m) if m.contains("sequence 1, token 0, feature 3")), "{err}");
         data[2 * dim + 3] = 0x7f00; // 1.7e38: its square overflows f32
         let b = Batch { data: Elements::Bf16(&data), sequences: 2, seq_len: 2, dim, mask: None };
-        let err = acc.update_with(&b, kernel).unwrap_err();
+        let err = acc.update_with(&b, kernel, None).unwrap_err();
         assert!(matches!(&err, Error::NonFinite(m) if m.contains("feature 3")), "{err}");
         assert_eq!(acc.count(), 0);
         assert!(acc.scatter.iter().all(|&m| m == 0.0));
