@@ -261,6 +261,20 @@ def load_checkpoint(
             f"and the global batch (batch_size · grad_accum · processes) depend on it, so resume with "
             f"--nproc_per_node/--nnodes giving {saved_world} processes (or start a new run)"
         )
+    changed = [
+        f"{field} ({getattr(saved_config, field)!r} → {getattr(config, field)!r})"
+        for field in (f.name for f in dataclasses.fields(TrainConfig))
+        if field not in RESUMABLE_CHANGES and getattr(saved_config, field) != getattr(config, field)
+    ]
+    if changed:
+        raise CheckpointError(
+            f"{where!r} was written by a run with a different config: {', '.join(changed)}; resuming it with these "
+            f"would not continue the same run (only {sorted(RESUMABLE_CHANGES)} may change)"
+        )
+    if saved_examples != num_examples:
+        raise CheckpointError(
+            f"{where!r} was written training on {saved_examples} examples; train_data has {num_examples}"
+        )
     # The position is checked against this run, not trusted: a step past the end would silently train nothing.
     step = _count(state, "step", 0, total_steps, where)
     epoch = _count(state, "epoch", 0, step, where)
@@ -275,21 +289,6 @@ def load_checkpoint(
     if scheduler_state.get("last_epoch") != step:
         raise CheckpointError(
             f"{where!r}: the scheduler has taken {scheduler_state.get('last_epoch')!r} steps, the run {step}"
-        )
-
-    changed = [
-        f"{field} ({getattr(saved_config, field)!r} → {getattr(config, field)!r})"
-        for field in (f.name for f in dataclasses.fields(TrainConfig))
-        if field not in RESUMABLE_CHANGES and getattr(saved_config, field) != getattr(config, field)
-    ]
-    if changed:
-        raise CheckpointError(
-            f"{where!r} was written by a run with a different config: {', '.join(changed)}; resuming it with these "
-            f"would not continue the same run (only {sorted(RESUMABLE_CHANGES)} may change)"
-        )
-    if saved_examples != num_examples:
-        raise CheckpointError(
-            f"{where!r} was written training on {saved_examples} examples; train_data has {num_examples}"
         )
 
     params = tensors[MODEL_FILE]
