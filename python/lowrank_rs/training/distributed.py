@@ -229,8 +229,8 @@ def transformer_blocks(model: nn.Module) -> List[nn.Module]:
     found = [m for m in model.modules() if type(m).__name__ in names and m is not model]
     if found:
         return found
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
-    return list(max(lists, key=len)) if lists else []
+    lists: List[nn.ModuleList] = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    return list(max(lists, key=lambda m: sum(1 for _ in m.children())).children()) if lists else []
 
 
 # -- tensors ---------------------------------------------------------------------------------------------------------
@@ -249,7 +249,8 @@ def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return full
     from torch.distributed.tensor import distribute_tensor
 
-    return distribute_tensor(full.to(like.device, like.dtype), mesh, like.placements)
+    placements = like.placements  # type: ignore[attr-defined]
+    return distribute_tensor(full.to(like.device, like.dtype), mesh, placements)
 
 
 def all_reduce_sum(values: Sequence[float], ctx: Distributed) -> List[float]:
