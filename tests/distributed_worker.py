@@ -39,6 +39,9 @@ SCENARIOS = {
     "talora-llama-fsdp": ("talora", "llama", "fsdp", 9, 2, 1),
 }
 
+# Scenarios whose adapter directory is also written (once, by rank 0, after gathering FSDP2 shards).
+SAVED = ("lora-bert-ddp", "lora-llama-fsdp", "dora-bert-fsdp")
+
 
 def examples(family, n, seed=0, tasks=False):
     g = torch.Generator().manual_seed(seed)
@@ -134,6 +137,8 @@ def main(out, names):
             save_file({k: v.contiguous() for k, v in params.items()}, os.path.join(out, f"{name}.safetensors"))
         with open(os.path.join(out, f"{name}.rank{rank}.json"), "w") as f:
             json.dump(record(result), f)
+        if name in SAVED:
+            lr.save_adapter(model, os.path.join(out, f"adapter-{name}"))
     # Errors every rank raises alike instead of hanging in a collective: ranks given different data, and FSDP2 asked to
     # reduce a regulariser's gradient.
     errors = {}

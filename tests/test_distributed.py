@@ -108,3 +108,16 @@ def test_ranks_that_disagree_raise_instead_of_hanging(two_processes):
         errors = read(two_processes, f"errors.rank{rank}.json")
         assert "disagree on the run" in errors["different data"]
         assert "FSDP2 cannot reduce" in errors["fsdp regulariser"]
+
+
+@pytest.mark.parametrize("name", worker.SAVED)
+def test_save_adapter_writes_the_trained_adapter_once(two_processes, tmp_path, name):
+    model, _ = worker.run(name, world=1)
+    lr.save_adapter(model, tmp_path / "single")
+    written = two_processes / f"adapter-{name}"
+    assert sorted(os.listdir(written)) == sorted(os.listdir(tmp_path / "single"))
+    expected = load_file(tmp_path / "single" / "adapter_model.safetensors")
+    got = load_file(written / "adapter_model.safetensors")
+    assert set(got) == set(expected)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=2e-6)
