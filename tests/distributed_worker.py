@@ -126,6 +126,28 @@ def record(result):
     }
 
 
+def calibration_examples(family, n=6):
+    """Single-example batches ``[1, L]``, as ``calibration_batches`` makes them."""
+    return [{k: v.unsqueeze(0) for k, v in e.items()} for e in examples(family, n, seed=5)]
+
+
+def calibrated(family):
+    """A TLoRA plan for a fresh tiny model of ``family``: in this process, or sharded under torchrun."""
+    model = tiny_model(family, 0, vocab=VOCAB, max_position_embeddings=32)
+    targets = (
+        ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"] if family == "llama" else ["query", "value", "dense"]
+    )
+    config = lr.TLoraConfig(targets, r=4, alpha=8, num_examples=5, budget=20)
+    return lr.calibrate(model, calibration_examples(family), config, progress=False)
+
+
+def plan_record(plan):
+    return {
+        name: {"rank": m.rank, "scale": m.scale, "score": m.score, "a": m.a.tolist()}
+        for name, m in plan.modules.items()
+    }
+
+
 def main(out, names):
     from safetensors.torch import save_file
 
@@ -139,6 +161,9 @@ def main(out, names):
             json.dump(record(result), f)
         if name in SAVED:
             lr.save_adapter(model, os.path.join(out, f"adapter-{name}"))
+    for family in ("llama", "bert"):
+        with open(os.path.join(out, f"plan-{family}.rank{rank}.json"), "w") as f:
+            json.dump(plan_record(calibrated(family)), f)
     # Errors every rank raises alike instead of hanging in a collective: ranks given different data, and FSDP2 asked to
     # reduce a regulariser's gradient.
     errors = {}

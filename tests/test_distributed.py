@@ -121,3 +121,20 @@ def test_save_adapter_writes_the_trained_adapter_once(two_processes, tmp_path, n
     assert set(got) == set(expected)
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=2e-6)
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_sharded_calibration_gives_the_single_process_plan(two_processes, family):
+    np = pytest.importorskip("numpy")
+    single = worker.plan_record(worker.calibrated(family))
+    ranks = [read(two_processes, f"plan-{family}.rank{r}.json") for r in range(2)]
+    assert ranks[0] == ranks[1]  # every rank ends with the identical plan
+    sharded = ranks[0]
+    assert set(sharded) == set(single)
+    for name, expected in single.items():
+        got = sharded[name]
+        assert got["rank"] == expected["rank"] and got["scale"] == expected["scale"], name
+        assert got["score"] == pytest.approx(expected["score"], rel=1e-6), name
+        a, b = np.array(got["a"]).reshape(got["rank"], -1), np.array(expected["a"]).reshape(expected["rank"], -1)
+        # The same row space: the orthogonal projectors agree.
+        np.testing.assert_allclose(a.T @ a, b.T @ b, atol=1e-5, err_msg=name)

@@ -242,7 +242,7 @@ def load_checkpoint(
         saved_world = _count(state, "world_size", 1, None, where) if "world_size" in state else 1
         history_json = state["history"]
         if not isinstance(history_json, dict):
-            raise TypeError(f"history must be an object, not {type(history_json).__name__}")
+            raise CheckpointError(f"{where!r}: history must be an object, not {type(history_json).__name__}")
         history = History(
             losses=_numbers(history_json, "losses", where),
             learning_rates=_numbers(history_json, "learning_rates", where),
@@ -252,7 +252,7 @@ def load_checkpoint(
         optimizer_json = state["optimizer"]
         scheduler_state = state["scheduler"]
         if not isinstance(optimizer_json, dict) or not isinstance(scheduler_state, dict):
-            raise TypeError("optimizer and scheduler must be objects")
+            raise CheckpointError(f"{where!r}: optimizer and scheduler must be objects")
     except (KeyError, TypeError, ValueError, OSError, SafetensorError) as e:
         raise CheckpointError(f"{where!r}: a malformed checkpoint: {type(e).__name__}: {e}") from None
     if saved_world != ctx.world:

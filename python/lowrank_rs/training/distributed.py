@@ -257,12 +257,13 @@ def all_reduce_sum(values: Sequence[float], ctx: Distributed) -> List[float]:
     """Sums of ``values`` over the ranks, in float64 (loss sums, example and token counts)."""
     t = torch.tensor([float(v) for v in values], dtype=torch.float64)
     if ctx.active:
-        t = _on_backend(t)
+        t = on_backend(t)
         _dist().all_reduce(t)
     return [float(v) for v in t.cpu()]
 
 
-def _on_backend(t: torch.Tensor) -> torch.Tensor:
+def on_backend(t: torch.Tensor) -> torch.Tensor:
+    """``t`` where the process group's backend reduces it."""
     # NCCL reduces CUDA tensors only; gloo takes CPU ones.
     if _dist().get_backend() == "nccl":
         return t.to(torch.device("cuda", torch.cuda.current_device()))
@@ -338,7 +339,7 @@ def reduce_to_owners(
     for name in sorted(stats):
         summed: Dict[str, torch.Tensor] = {}
         for key in sorted(stats[name]):
-            t = _on_backend(stats[name][key].contiguous().clone())
+            t = on_backend(stats[name][key].contiguous().clone())
             dist.reduce(t, dst=owner[name])
             if ctx.rank == owner[name]:
                 summed[key] = t.to(stats[name][key].device)
