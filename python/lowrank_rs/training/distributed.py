@@ -317,35 +317,31 @@ def owners(sizes: Mapping[str, int], world: int) -> Dict[str, int]:
 
 
 def reduce_to_owners(
-    stats: Mapping[str, Mapping[str, torch.Tensor]], ctx: Distributed, error: Callable[[str], Exception]
-) -> Tuple[Dict[str, Dict[str, torch.Tensor]], Dict[str, int]]:
-    """Sum each accumulator's additive statistics over the ranks onto its owner.
+    layout: Any,
+    sizes: Mapping[str, int],
+    produce: Callable[[str], torch.Tensor],
+    ctx: Distributed,
+    error: Callable[[str], Exception],
+) -> Iterator[Tuple[str, int, Optional[torch.Tensor]]]:
+    """Sum additive statistics over the ranks, each accumulator onto one owner rank.
 
-    ``stats`` maps an accumulator name to its named tensors (scatter sum, mean terms, counts, score sums, example
-    counts: anything that adds up over examples). Ranks first agree on names, keys, shapes and dtypes; then every
-    tensor is ``reduce``d (not all-gathered) to the owner :func:`owners` picks by size. Returns the accumulators this
-    rank owns, summed over all ranks, and the full owner map. A single process owns everything.
+    ``layout`` (names, shapes, dtypes: what must match) is agreed on first, so a rank measuring something else is an
+    ``error`` everywhere instead of a hang. ``sizes`` gives each accumulator's size (for :func:`owners`); for each name
+    in sorted order ``produce(name)`` makes this rank's flat tensor of the accumulator's additive terms (scatter sum,
+    the means' terms, counts), which is ``reduce``d — never all-gathered — onto its owner. Yields ``(name, owner,
+    sum)`` with the sum on the owner and ``None`` elsewhere; one accumulator is in flight at a time, so a rank holds at
+    most one extra copy. A single process owns everything.
     """
-    layout = {
-        name: {k: [list(t.shape), str(t.dtype)] for k, t in sorted(parts.items())} for name, parts in stats.items()
-    }
-    agree("the calibration accumulators (targets, shapes, dtypes)", layout, ctx, error)
-    sizes = {name: sum(t.numel() * t.element_size() for t in parts.values()) for name, parts in stats.items()}
+    agree("the accumulators (targets, shapes, dtypes)", layout, ctx, error)
     owner = owners(sizes, ctx.world)
-    if not ctx.active:
-        return {name: dict(parts) for name, parts in stats.items()}, owner
-    dist = _dist()
-    mine: Dict[str, Dict[str, torch.Tensor]] = {}
-    for name in sorted(stats):
-        summed: Dict[str, torch.Tensor] = {}
-        for key in sorted(stats[name]):
-            t = on_backend(stats[name][key].contiguous().clone())
-            dist.reduce(t, dst=owner[name])
-            if ctx.rank == owner[name]:
-                summed[key] = t.to(stats[name][key].device)
-        if summed:
-            mine[name] = summed
-    return mine, owner
+    for name in sorted(sizes):
+        local = produce(name)
+        if not ctx.active:
+            yield name, 0, local
+            continue
+        t = on_backend(local.contiguous())
+        _dist().reduce(t, dst=owner[name])
+        yield name, owner[name], t.to(local.device) if ctx.rank == owner[name] else None
 
 
 def gather_owned(results: Mapping[str, Any], owner: Mapping[str, int], ctx: Distributed) -> Dict[str, Any]:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ...errors import EmptyInputError, InvalidArgumentError
-from ...training.distributed import Distributed, agree, all_reduce_sum, gather_owned, on_backend, owners
+from ...training.distributed import Distributed, agree, all_reduce_sum, gather_owned, reduce_to_owners
 from .calibrate import CalibrationPlan, CalibrationStatistics, collect_statistics
 from .config import TLoraConfig
 
@@ -76,15 +76,14 @@ class _Reduced(CalibrationStatistics):
 
 def reduce_statistics(local: CalibrationStatistics, ctx: Distributed) -> Tuple[_Reduced, Dict[str, int]]:
     """``local`` summed over the ranks; returns the statistics and each module's owner rank."""
-    import torch.distributed as dist
-
     groups: Dict[int, Tuple[Any, List[str]]] = {}
     for name in local.modules:
         accumulator = local.accumulator(name)
         groups.setdefault(id(accumulator), (accumulator, []))[1].append(name)
     ordered = sorted(groups.values(), key=lambda g: g[1])
-    layout = [[names, acc.dim, acc.center] for acc, names in ordered]
-    agree("the calibration targets and their accumulators", [list(local.modules), layout], ctx, InvalidArgumentError)
+    layout = [list(local.modules), [[names, acc.dim, acc.center] for acc, names in ordered]]
+    # Before the first collective: ranks measuring other targets would otherwise sum mismatched vectors, or hang.
+    agree("the calibration targets and their accumulators", layout, ctx, InvalidArgumentError)
 
     # Scores are means over a rank's examples: their sums over all examples add up.
     names = list(local.modules)
@@ -96,26 +95,25 @@ def reduce_statistics(local: CalibrationStatistics, ctx: Distributed) -> Tuple[_
     reduced = _Reduced(local, scores, examples, tokens)
 
     keys = {" ".join(group): (acc, group) for acc, group in ordered}
-    owner_of = owners({k: acc.dim * acc.dim for k, (acc, _) in keys.items()}, ctx.world)
-    module_owner: Dict[str, int] = {}
-    for key in sorted(keys):
-        acc, group = keys[key]
-        d = acc.dim
+
+    def additive(key: str) -> torch.Tensor:
+        acc = keys[key][0]
         n = float(acc.count)
         mean = np.asarray(acc.mean(), dtype=np.float64)
         second = np.asarray(acc.covariance(), dtype=np.float64) * n
         if acc.center == "global":
             # Chan's merge in additive form: Σ(M2_r + n_r μ_r μ_rᵀ) − n μ μᵀ.
             second = second + n * np.outer(mean, mean)
-        packed = torch.from_numpy(np.concatenate([[n], n * mean, second.reshape(-1)]))
-        if ctx.active:
-            packed = on_backend(packed)
-            dist.reduce(packed, dst=owner_of[key])
-            packed = packed.cpu()
-        for name in group:
-            module_owner[name] = owner_of[key]
-        if owner_of[key] != ctx.rank:
+        return torch.from_numpy(np.concatenate([[n], n * mean, second.reshape(-1)]))
+
+    sizes = {key: acc.dim * acc.dim for key, (acc, _) in keys.items()}
+    module_owner: Dict[str, int] = {}
+    for key, owner, packed in reduce_to_owners(layout, sizes, additive, ctx, InvalidArgumentError):
+        acc, group = keys[key]
+        module_owner.update((name, owner) for name in group)
+        if packed is None:
             continue
+        d = acc.dim
         total = float(packed[0])
         scatter = packed[1 + d :].numpy().reshape(d, d)
         if acc.center == "global":
