@@ -3,9 +3,10 @@
 Each rank measures its own share of the calibration examples (whole batches, dealt round-robin from the prefix of
 ``num_examples`` rows a single process would read). What adds up over examples is then reduced with collectives:
 
-- per accumulator, one float64 vector ``[n, n·μ, n·C (+ n·μμᵀ for global centring)]`` — the count, the mean's
-  terms and the scatter sum — ``reduce``d to one owner rank (largest accumulators first, each to the least-loaded
-  rank), so after reduction a rank holds about ``1/W`` of the covariances;
+- per accumulator, one float64 vector ``[n, n·μ, upper triangle of n·C (+ n·μμᵀ for global centring)]`` — the
+  count, the mean's terms and the scatter sum, ``d(d+3)/2 + 1`` numbers — ``reduce``d to one owner rank (largest
+  accumulators first, each to the least-loaded rank), so after reduction a rank holds about ``1/W`` of them. While
+  measuring, each rank still holds every accumulator for its own examples (``docs/distributed.md``, memory);
 - per module, the score sum ``score · examples`` and the example and token counts, all-reduced (a few numbers).
 
 Ranks first agree on the accumulators' layout (names, sharing, dims, centring), so a mismatch is an error on every
@@ -104,9 +105,10 @@ def reduce_statistics(local: CalibrationStatistics, ctx: Distributed) -> Tuple[_
         if acc.center == "global":
             # Chan's merge in additive form: Σ(M2_r + n_r μ_r μ_rᵀ) − n μ μᵀ.
             second = second + n * np.outer(mean, mean)
-        return torch.from_numpy(np.concatenate([[n], n * mean, second.reshape(-1)]))
+        # The matrix is symmetric: its upper triangle is all that needs to travel (half the bytes).
+        return torch.from_numpy(np.concatenate([[n], n * mean, second[np.triu_indices(acc.dim)]]))
 
-    sizes = {key: acc.dim * acc.dim for key, (acc, _) in keys.items()}
+    sizes = {key: acc.dim * (acc.dim + 1) // 2 for key, (acc, _) in keys.items()}
     module_owner: Dict[str, int] = {}
     for key, owner, packed in reduce_to_owners(layout, sizes, additive, ctx, InvalidArgumentError):
         acc, group = keys[key]
@@ -115,13 +117,13 @@ def reduce_statistics(local: CalibrationStatistics, ctx: Distributed) -> Tuple[_
             continue
         d = acc.dim
         total = float(packed[0])
-        scatter = packed[1 + d :].numpy().reshape(d, d)
+        scatter = np.zeros((d, d))
+        scatter[np.triu_indices(d)] = packed[1 + d :].numpy()
+        scatter = scatter + np.triu(scatter, 1).T
         if acc.center == "global":
             mu = packed[1 : 1 + d].numpy() / total
             scatter = scatter - total * np.outer(mu, mu)
         covariance = scatter / total if total > 0 else np.zeros((d, d))
-        # Summation order differs between ranks: symmetrise so the matrix is exactly symmetric, as the core's is.
-        covariance = (covariance + covariance.T) / 2
         for name in group:
             reduced.covariances[name] = covariance
     return reduced, module_owner
