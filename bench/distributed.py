@@ -73,7 +73,6 @@ class Counter:
 
 def run(world):
     import lowrank_rs as lr
-
     from lowrank_rs.training.distributed import detect
 
     rank = detect().rank  # initialises the process group under torchrun, as lr.train and lr.calibrate would
