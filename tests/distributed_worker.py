@@ -180,6 +180,7 @@ def main(out, names):
         errors["fsdp regulariser"] = str(e)
     with open(os.path.join(out, f"errors.rank{rank}.json"), "w") as f:
         json.dump(errors, f)
+    hf_trainer(out, rank)
     # Resume: a run writing a checkpoint every step, then a fresh model resumed from its first checkpoint; the test
     # compares the two ends and checks that one process refuses the two-process checkpoint.
     for name in ("lora-bert-ddp", "lora-llama-fsdp"):
@@ -191,6 +192,25 @@ def main(out, names):
             save_file({k: v.contiguous() for k, v in params.items()}, os.path.join(out, f"resumed-{name}.safetensors"))
             with open(os.path.join(out, f"resumed-{name}.json"), "w") as f:
                 json.dump(record(result), f)
+
+
+def hf_trainer(out, rank):
+    """An attached model under Hugging Face Trainer + accelerate, which runs DDP itself under torchrun."""
+    import transformers
+    from safetensors.torch import save_file
+
+    model = model_for("lora", "bert")
+    g = torch.Generator().manual_seed(4)
+    data = [{"input_ids": torch.randint(1, VOCAB, (6,), generator=g), "attention_mask": torch.ones(6, dtype=torch.long),
+             "labels": torch.tensor(i % 3)} for i in range(8)]  # fmt: skip
+    args = transformers.TrainingArguments(
+        output_dir=os.path.join(out, "hf"), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-2,
+        report_to="none", save_strategy="no", logging_strategy="no", use_cpu=True, disable_tqdm=True,
+        ddp_backend="gloo",
+    )  # fmt: skip
+    transformers.Trainer(model=model, args=args, train_dataset=data).train()
+    params = {n: p.detach().contiguous().clone() for n, p in model.named_parameters()}
+    save_file(params, os.path.join(out, f"hf-trainer.rank{rank}.safetensors"))
 
 
 if __name__ == "__main__":

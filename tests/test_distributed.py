@@ -138,3 +138,16 @@ def test_sharded_calibration_gives_the_single_process_plan(two_processes, family
         a, b = np.array(got["a"]).reshape(got["rank"], -1), np.array(expected["a"]).reshape(expected["rank"], -1)
         # The same row space: the orthogonal projectors agree.
         np.testing.assert_allclose(a.T @ a, b.T @ b, atol=1e-5, err_msg=name)
+
+
+def test_attached_model_trains_under_hf_trainer_with_ddp(two_processes):
+    pytest.importorskip("accelerate")
+    before = dict(worker.model_for("lora", "bert").named_parameters())
+    ranks = [load_file(two_processes / f"hf-trainer.rank{r}.safetensors") for r in range(2)]
+    for name, p in before.items():
+        # DDP keeps the replicas identical; only the adapters (and the saved head) move.
+        torch.testing.assert_close(ranks[0][name], ranks[1][name], rtol=0, atol=0)
+        if p.requires_grad and "lora_B" in name:
+            assert not torch.equal(ranks[0][name], p.detach()), name
+        if not p.requires_grad:
+            assert torch.equal(ranks[0][name], p.detach()), name
