@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import shutil
 import sys
-from typing import Any, List, Optional
+import tempfile
+from typing import Any, Iterator, List, Optional
 
 from .errors import InvalidArgumentError, LowRankError
 
@@ -41,7 +44,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.print_help()
         return 0
     try:
-        args.run(args)
+        with _as_rank(args):
+            args.run(args)
     except LowRankError as e:
         print(f"lowrank-rs: error: {e}", file=sys.stderr)
         return 2
@@ -49,6 +53,37 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("lowrank-rs: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+@contextlib.contextmanager
+def _as_rank(args: argparse.Namespace) -> Iterator[None]:
+    """Under ``torchrun`` every process runs the whole command: rank 0 prints and writes ``--out``; the others run
+    the same collectives silently, writing their copies of the outputs to a scratch directory (adapters and
+    checkpoints are written by rank 0 alone in any case). Each process takes its own GPU (``LOCAL_RANK``)."""
+    rank, world = int(os.environ.get("RANK", "0") or 0), int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1:
+        yield
+        return
+    device = getattr(args, "device", None)
+    local = os.environ.get("LOCAL_RANK", "0")
+    if device in (None, "cuda"):
+        import torch
+
+        if torch.cuda.is_available():
+            args.device = f"cuda:{local}"
+    if rank == 0:
+        yield
+        return
+    scratch = tempfile.mkdtemp(prefix=f"lowrank-rs-rank{rank}-")
+    if getattr(args, "out", None):
+        args.out = os.path.join(scratch, "out")
+    if hasattr(args, "no_progress"):
+        args.no_progress = True
+    try:
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+            yield
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _parser() -> argparse.ArgumentParser:

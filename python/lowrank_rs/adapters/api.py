@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Union
+from contextlib import contextmanager
+from typing import Any, Dict, Iterator, Union, cast
 
 import torch
 from torch import nn
@@ -77,8 +78,57 @@ def save_adapter(model: nn.Module, path: PathLike, **options: Any) -> None:
 
     ``options`` are the method's: ``vllm=True`` for LoRA-shaped methods writes what vLLM can serve; ``tasks=`` for
     TA-LoRA picks the tasks to save.
+
+    Under several processes (``torchrun``) every rank calls it: an FSDP2-sharded model is gathered whole on every
+    rank for the duration of the call, rank 0 alone writes, and every rank returns once the directory is there.
     """
-    method_of(model).save_adapter(model, path, **options)
+    method = method_of(model)
+    with _gathered(model) as rank:
+        if rank == 0:
+            method.save_adapter(model, path, **options)
+
+
+@contextmanager
+def _gathered(model: nn.Module) -> Iterator[int]:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        yield 0
+        return
+    # FSDP2 units hold a shard of each parameter between forwards; unshard() puts the whole tensors back on the
+    # module (a collective, so every rank runs it, in module order) and reshard() frees them again.
+    units = [
+        m for m in model.modules() if callable(getattr(m, "unshard", None)) and callable(getattr(m, "reshard", None))
+    ]
+    if not units:
+        try:
+            yield dist.get_rank()
+        finally:
+            dist.barrier()
+        return
+    # The writer sees copies: FSDP2 frees the gathered storage on reshard(), which fails once a writer has shared it
+    # (numpy views). FSDP2 also hooks state_dict() to hand out shards even while unsharded, and the methods read
+    # modules_to_save through state_dict(): those hooks are set aside for the call.
+    for unit in units:
+        cast(Any, unit).unshard()
+    params = {m: dict(m._parameters) for m in model.modules() if m._parameters}
+    hooks = {m: m._state_dict_pre_hooks for m in model.modules() if m._state_dict_pre_hooks}
+    try:
+        for module, own in params.items():
+            for key, p in own.items():
+                if p is not None:
+                    module._parameters[key] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+        for module in hooks:
+            module._state_dict_pre_hooks = type(hooks[module])()
+        yield dist.get_rank()
+    finally:
+        for module, own in params.items():
+            module._parameters.update(own)
+        for module, saved in hooks.items():
+            module._state_dict_pre_hooks = saved
+        for unit in units:
+            cast(Any, unit).reshard()
+        dist.barrier()
 
 
 def load_adapter(model: nn.Module, path: PathLike) -> nn.Module:

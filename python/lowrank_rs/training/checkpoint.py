@@ -1,5 +1,9 @@
 """The training checkpoint format (see "Checkpoints" in :mod:`lowrank_rs.training.loop`): no pickle, written
-atomically, resumed bit for bit."""
+atomically, resumed bit for bit.
+
+Under several processes every rank takes part in gathering the state (FSDP2 shards are collected into whole
+tensors, each rank's RNG states are collected), rank 0 alone writes, and every rank reads the same files back. The
+state records the number of processes, since the data order and the global batch depend on it."""
 
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from torch import nn
 from .._core import __version__
 from ..errors import CheckpointError
 from .config import RESUMABLE_CHANGES, TrainConfig
+from .distributed import Distributed, barrier, full_tensor, gather_objects, shard_like
 from .results import EvalResult
 
 __all__ = ["History", "Position", "checkpoint_path", "load_checkpoint", "save_checkpoint"]
@@ -55,21 +60,30 @@ def save_checkpoint(
     order_generator: torch.Generator,
     num_examples: int,
     total_steps: int,
+    ctx: Optional[Distributed] = None,
 ) -> str:
     from safetensors.torch import save_file
 
+    ctx = ctx or Distributed()
     assert config.checkpoint_dir is not None
     root = config.checkpoint_dir
-    os.makedirs(root, exist_ok=True)
     name = f"{_CHECKPOINT_PREFIX}{position.step:08d}"
     final = os.path.join(root, name)
 
-    params = {n: p.detach() for n, p in named}
+    # Gathering FSDP2 shards is a collective: every rank runs it, in the same order, before rank 0 writes.
+    params = {n: full_tensor(p.detach()) for n, p in named}
     optimizer_tensors, optimizer_json = _optimizer_state(optimizer, named)
     rng = {"rng/torch_cpu": torch.get_rng_state(), "rng/data_order": order_generator.get_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         for index, cuda_state in enumerate(torch.cuda.get_rng_state_all()):
             rng[f"rng/cuda/{index}"] = cuda_state
+    for rank, states in enumerate(gather_objects(_rank_rng(), ctx)):
+        if rank > 0:
+            rng.update({f"rng/rank/{rank}/{key}": value for key, value in states.items()})
+    if ctx.rank != 0:
+        barrier(ctx)
+        return final
+    os.makedirs(root, exist_ok=True)
     if position.order is not None:
         rng["rng/epoch_order"] = position.order
     state = {
@@ -81,6 +95,7 @@ def save_checkpoint(
         "epoch": position.epoch,
         "offset": position.offset,
         "num_examples": num_examples,
+        "world_size": ctx.world,
         "config": config.to_dict(),
         "trainable": {n: list(p.shape) for n, p in named},
         "optimizer": optimizer_json,
@@ -108,7 +123,16 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
+    barrier(ctx)
     return final
+
+
+def _rank_rng() -> Dict[str, torch.Tensor]:
+    # What a rank other than 0 needs to repeat its dropout: its CPU generator and its own CUDA device's.
+    states = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
 
 
 def _optimizer_state(
@@ -124,7 +148,7 @@ def _optimizer_state(
         name = position_names[index]
         for key, value in entries.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"optimizer/{name}/{key}"] = value
+                tensors[f"optimizer/{name}/{key}"] = full_tensor(value)
             else:
                 scalars.setdefault(name, {})[key] = value
     groups = []
@@ -189,10 +213,13 @@ def load_checkpoint(
     order_generator: torch.Generator,
     config: TrainConfig,
     num_examples: int,
+    total_steps: int,
+    ctx: Optional[Distributed] = None,
 ) -> Tuple[Position, History]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    ctx = ctx or Distributed()
     try:
         with open(os.path.join(where, STATE_FILE), encoding="utf-8") as f:
             state = json.load(f)
@@ -210,20 +237,30 @@ def load_checkpoint(
         tensors = {}
         for file in (MODEL_FILE, OPTIMIZER_FILE, RNG_FILE):
             tensors[file] = load_file(os.path.join(where, file))
-        step, epoch, offset = int(state["step"]), int(state["epoch"]), int(state["offset"])
+        saved_examples = _count(state, "num_examples", 1, None, where)
+        # Checkpoints from before distributed training have no world_size: they were written by one process.
+        saved_world = _count(state, "world_size", 1, None, where) if "world_size" in state else 1
         history_json = state["history"]
+        if not isinstance(history_json, dict):
+            raise CheckpointError(f"{where!r}: history must be an object, not {type(history_json).__name__}")
         history = History(
-            losses=[float(x) for x in history_json["losses"]],
-            learning_rates=[float(x) for x in history_json["learning_rates"]],
-            grad_norms=[float(x) for x in history_json["grad_norms"]],
+            losses=_numbers(history_json, "losses", where),
+            learning_rates=_numbers(history_json, "learning_rates", where),
+            grad_norms=_numbers(history_json, "grad_norms", where),
             evals=[EvalResult(**e) for e in history_json["evals"]],
         )
-        saved_examples = int(state["num_examples"])
         optimizer_json = state["optimizer"]
         scheduler_state = state["scheduler"]
+        if not isinstance(optimizer_json, dict) or not isinstance(scheduler_state, dict):
+            raise CheckpointError(f"{where!r}: optimizer and scheduler must be objects")
     except (KeyError, TypeError, ValueError, OSError, SafetensorError) as e:
         raise CheckpointError(f"{where!r}: a malformed checkpoint: {type(e).__name__}: {e}") from None
-
+    if saved_world != ctx.world:
+        raise CheckpointError(
+            f"{where!r} was written by a run on {saved_world} process(es) and this run has {ctx.world}: the data order "
+            f"and the global batch (batch_size · grad_accum · processes) depend on it, so resume with "
+            f"--nproc_per_node/--nnodes giving {saved_world} processes (or start a new run)"
+        )
     changed = [
         f"{field} ({getattr(saved_config, field)!r} → {getattr(config, field)!r})"
         for field in (f.name for f in dataclasses.fields(TrainConfig))
@@ -237,6 +274,21 @@ def load_checkpoint(
     if saved_examples != num_examples:
         raise CheckpointError(
             f"{where!r} was written training on {saved_examples} examples; train_data has {num_examples}"
+        )
+    # The position is checked against this run, not trusted: a step past the end would silently train nothing.
+    step = _count(state, "step", 0, total_steps, where)
+    epoch = _count(state, "epoch", 0, step, where)
+    offset = _count(state, "offset", 0, num_examples, where)
+    if _count(state, "total_steps", 1, None, where) != total_steps:
+        raise CheckpointError(
+            f"{where!r} belongs to a run of {state['total_steps']} steps; this config and data give {total_steps}"
+        )
+    lengths = {k: len(getattr(history, k)) for k in ("losses", "learning_rates", "grad_norms")}
+    if any(n != step for n in lengths.values()):
+        raise CheckpointError(f"{where!r}: the history has {lengths} entries for {step} steps; it is corrupt")
+    if scheduler_state.get("last_epoch") != step:
+        raise CheckpointError(
+            f"{where!r}: the scheduler has taken {scheduler_state.get('last_epoch')!r} steps, the run {step}"
         )
 
     params = tensors[MODEL_FILE]
@@ -256,11 +308,11 @@ def load_checkpoint(
             )
 
     optimizer_state = _optimizer_state_dict(
-        where, optimizer_json, tensors[OPTIMIZER_FILE], _group_names(optimizer, named)
+        where, optimizer_json, tensors[OPTIMIZER_FILE], _group_names(optimizer, named), dict(named)
     )
     with torch.no_grad():
         for n, p in named:
-            p.copy_(params[n])
+            p.copy_(shard_like(params[n], p))
     try:
         optimizer.load_state_dict(optimizer_state)
         scheduler.load_state_dict(scheduler_state)
@@ -268,13 +320,16 @@ def load_checkpoint(
         raise CheckpointError(f"{where!r}: optimizer or scheduler state does not fit: {e}") from None
 
     rng = tensors[RNG_FILE]
+    own = f"rng/rank/{ctx.rank}/"
     try:
-        torch.set_rng_state(rng["rng/torch_cpu"])
+        torch.set_rng_state(rng[own + "torch_cpu"] if ctx.rank > 0 else rng["rng/torch_cpu"])
         order_generator.set_state(rng["rng/data_order"])
+        if ctx.rank > 0 and own + "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng[own + "cuda"])
     except (KeyError, RuntimeError) as e:
         raise CheckpointError(f"{where!r}: bad RNG state: {type(e).__name__}: {e}") from None
     cuda_states = sorted((k for k in rng if k.startswith("rng/cuda/")), key=lambda k: int(k.rsplit("/", 1)[1]))
-    if cuda_states:
+    if cuda_states and ctx.rank == 0:
         if torch.cuda.is_available() and torch.cuda.device_count() >= len(cuda_states):
             torch.cuda.set_rng_state_all([rng[k] for k in cuda_states])
         else:
@@ -284,13 +339,41 @@ def load_checkpoint(
                 stacklevel=3,
             )
     order = rng.get("rng/epoch_order")
-    if order is not None and (order.dtype != torch.int64 or tuple(order.shape) != (num_examples,)):
-        raise CheckpointError(f"{where!r}: the saved data order does not fit {num_examples} examples")
+    if order is not None and (
+        order.dtype != torch.int64
+        or tuple(order.shape) != (num_examples,)
+        or not torch.equal(order.sort().values, torch.arange(num_examples))
+    ):
+        raise CheckpointError(f"{where!r}: the saved data order is not an order of {num_examples} examples")
+    if order is not None and offset >= num_examples:
+        raise CheckpointError(f"{where!r}: offset {offset} lies past the end of the epoch's {num_examples} examples")
     return Position(step=step, epoch=epoch, offset=offset, order=order), history
 
 
+def _count(state: Mapping[str, Any], key: str, lowest: int, highest: Optional[int], where: str) -> int:
+    # JSON gives ints, floats, bools and strings alike; only a true int in range is a count (bool is an int to Python).
+    value = state.get(key)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise CheckpointError(f"{where!r}: {STATE_FILE} field {key!r} must be an integer, not {value!r}")
+    if value < lowest or (highest is not None and value > highest):
+        bound = f"from {lowest} to {highest}" if highest is not None else f"at least {lowest}"
+        raise CheckpointError(f"{where!r}: {STATE_FILE} field {key!r} is {value}; for this run it must be {bound}")
+    return value
+
+
+def _numbers(history: Mapping[str, Any], key: str, where: str) -> List[float]:
+    values = history[key]
+    if not isinstance(values, list) or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in values):
+        raise CheckpointError(f"{where!r}: {STATE_FILE} history.{key} must be a list of numbers")
+    return [float(v) for v in values]
+
+
 def _optimizer_state_dict(
-    where: str, saved: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], groups_here: Sequence[Sequence[str]]
+    where: str,
+    saved: Mapping[str, Any],
+    tensors: Mapping[str, torch.Tensor],
+    groups_here: Sequence[Sequence[str]],
+    params: Optional[Mapping[str, torch.Tensor]] = None,
 ) -> Dict[str, Any]:
     try:
         groups_json = list(saved["param_groups"])
@@ -311,6 +394,10 @@ def _optimizer_state_dict(
         name, _, state_key = rest.rpartition("/")
         if prefix != "optimizer" or name not in index or not state_key:
             raise CheckpointError(f"{where!r}: unexpected optimizer tensor {key!r}")
+        live = params.get(name) if params is not None else None
+        if live is not None and tuple(value.shape) == tuple(live.shape):
+            # Moments shaped like their parameter are sharded like it under FSDP2.
+            value = shard_like(value, live)
         state.setdefault(index[name], {})[state_key] = value
     for name, entries in scalars.items():
         if name not in index or not isinstance(entries, dict):

@@ -11,14 +11,19 @@ from typing import Optional, Sequence, Tuple, Union
 from ..config import JsonConfig, float_field, int_field, positive_float
 from ..errors import ConfigError, InvalidArgumentError
 
-__all__ = ["RESUMABLE_CHANGES", "TrainConfig", "lr_factor"]
+__all__ = ["DISTRIBUTED_MODES", "RESUMABLE_CHANGES", "TrainConfig", "lr_factor"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
 
 # Fields that only say when to evaluate or save, or how to run, not what the run computes; a resumed run may change
 # them. bf16 is among them so that a run can move between machines, at the price of exactness.
-RESUMABLE_CHANGES = frozenset({"eval_every", "eval_batch_size", "checkpoint_dir", "checkpoint_every", "bf16"})
+RESUMABLE_CHANGES = frozenset(
+    {"eval_every", "eval_batch_size", "checkpoint_dir", "checkpoint_every", "bf16", "distributed"}
+)
+
+# How a run on several processes wraps the model (``None``: DDP when there is more than one process).
+DISTRIBUTED_MODES = (None, "ddp", "fsdp")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +47,9 @@ class TrainConfig(JsonConfig):
     - ``eval_every``: evaluate every so many steps, and always at the end, when ``eval_data`` is given.
     - ``eval_batch_size``: defaults to ``batch_size``.
     - ``checkpoint_dir``: write checkpoints there, every ``checkpoint_every`` steps and at the end.
+    - ``distributed``: under ``torchrun`` (or an initialised process group), ``"ddp"`` or ``"fsdp"`` (FSDP2's
+      ``fully_shard`` per transformer block); ``None`` means DDP. Ignored in a single process. ``batch_size`` is per
+      process, so the global batch is ``batch_size · grad_accum · world_size`` (see ``docs/distributed.md``).
     """
 
     lr: float = 2e-4
@@ -63,6 +71,7 @@ class TrainConfig(JsonConfig):
     eval_batch_size: Optional[int] = None
     checkpoint_dir: Optional[str] = None
     checkpoint_every: Optional[int] = None
+    distributed: Optional[str] = None
 
     def __post_init__(self) -> None:
         self._set("lr", positive_float(self.lr, "lr"))
@@ -118,19 +127,22 @@ class TrainConfig(JsonConfig):
             self._set("checkpoint_every", int_field(self.checkpoint_every, "checkpoint_every", minimum=1))
             if self.checkpoint_dir is None:
                 raise ConfigError("checkpoint_every needs checkpoint_dir, the directory to write checkpoints to")
+        if self.distributed not in DISTRIBUTED_MODES:
+            raise ConfigError(f"distributed must be one of {list(DISTRIBUTED_MODES)}, not {self.distributed!r}")
 
     # -- the schedule -----------------------------------------------------------------------------------------------
 
-    def steps_per_epoch(self, num_examples: int) -> int:
-        """Optimizer steps in one pass over ``num_examples`` examples."""
+    def steps_per_epoch(self, num_examples: int, world_size: int = 1) -> int:
+        """Optimizer steps in one pass over ``num_examples`` examples, with ``world_size`` processes each taking
+        ``grad_accum`` micro-batches per step."""
         micro_batches = math.ceil(num_examples / self.batch_size)
-        return math.ceil(micro_batches / self.grad_accum)
+        return math.ceil(micro_batches / (self.grad_accum * world_size))
 
-    def total_steps(self, num_examples: int) -> int:
+    def total_steps(self, num_examples: int, world_size: int = 1) -> int:
         """``T``: ``max_steps``, or ``epochs`` (default 1) times :meth:`steps_per_epoch`."""
         if self.max_steps is not None:
             return self.max_steps
-        return (self.epochs or 1) * self.steps_per_epoch(num_examples)
+        return (self.epochs or 1) * self.steps_per_epoch(num_examples, world_size)
 
     def warmup_for(self, total_steps: int) -> int:
         """``W``: ``warmup_steps``, or ``ceil(warmup_ratio · T)``."""

@@ -47,6 +47,13 @@ learning rates of their own, scheduled like ``lr`` (every other trainable parame
 ``regularizer()`` is a term added to each micro-batch's loss (so once per optimizer step, and included in the
 recorded losses); ``model_inputs(batch)`` is what of a batch goes to ``model(**...)`` and ``context(batch)`` a context
 manager around each forward and backward. Groups are saved in checkpoints by parameter name, like the rest.
+
+**Several processes.** Under ``torchrun`` (or with a process group already initialised) the loop runs on every
+process: each takes its share of every step's micro-batches (:mod:`lowrank_rs.training.distributed`), the model is
+wrapped in DDP or FSDP2 (``TrainConfig.distributed``), gradients are reduced once per step, and losses, token counts
+and evaluations are summed over the processes, so what is printed and returned is the global figure on every rank.
+``batch_size`` is per process: ``W`` processes with ``grad_accum = k`` take the micro-batches one process takes with
+``grad_accum = k·W``. Rank 0 prints and writes checkpoints; a checkpoint resumes on the same number of processes.
 """
 
 from __future__ import annotations
@@ -67,6 +74,7 @@ from ..errors import EmptyInputError, InvalidArgumentError
 from .checkpoint import History, Position, checkpoint_path, load_checkpoint, save_checkpoint
 from .collate import IGNORE_INDEX, collate_named
 from .config import TrainConfig, lr_factor
+from .distributed import Distributed, Wrapped, agree, all_reduce_sum, detect, round_robin, wrap
 from .results import EvalResult, TrainResult
 
 __all__ = ["evaluate", "train"]
@@ -172,7 +180,26 @@ def train(
     eval_set = _Examples(eval_data, "eval_data", hooks.convert_example) if eval_data is not None else None
     pad_token_id = _pad_token_id(model)
     device = named[0][1].device
-    total_steps = config.total_steps(train_set.size)
+    ctx = detect(device)
+    agree(
+        "the run (config, data sizes, trainable parameters)",
+        [config.to_dict(), train_set.size, eval_set.size if eval_set else None, [(n, list(p.shape)) for n, p in named]],
+        ctx,
+        InvalidArgumentError,
+    )
+    total_steps = config.total_steps(train_set.size, ctx.world)
+    if ctx.active and config.distributed == "fsdp" and hooks.regularizer() is not None:
+        # A regulariser reads parameters outside the forward pass, where FSDP2 holds only this rank's shard; its
+        # gradient would bypass FSDP2's reduction. Refused on every rank alike, before any collective.
+        raise InvalidArgumentError(
+            "this adapter adds a regularisation term to the loss, which FSDP2 cannot reduce (it reads parameters "
+            "outside the forward pass, where each rank holds only a shard); train it with distributed='ddp', or set "
+            "the regulariser's weight to 0"
+        )
+    method = method_or_none(model)
+    runner = wrap(model, config.distributed, ctx, device, multitask=method is not None and method.multitask)
+    # FSDP2 swaps every parameter for a sharded one: the optimizer and checkpoints must see the new objects.
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
 
     optimizer = _adamw(named, config, hooks.param_groups([n for n, _ in named]))
     warmup = config.warmup_for(total_steps)
@@ -194,21 +221,25 @@ def train(
     if resume_from is not None:
         last_checkpoint = checkpoint_path(resume_from)
         position, history = load_checkpoint(
-            last_checkpoint, model, named, optimizer, scheduler, order_generator, config, train_set.size
-        )
+            last_checkpoint, model, named, optimizer, scheduler, order_generator, config, train_set.size,
+            total_steps, ctx,
+        )  # fmt: skip
         resumed_from = saved_step = position.step
     else:
-        torch.manual_seed(config.seed)
+        # Dropout differs between ranks, as it would between the examples of one process; the data order must not.
+        torch.manual_seed(config.seed + ctx.rank)
         order_generator.manual_seed(config.seed)
 
     use_bf16 = config.bf16 if config.bf16 is not None else device.type == "cuda"
-    forward = _Forward(model, loss_fn, device, use_bf16, hooks)
+    forward = _Forward(model, loss_fn, device, use_bf16, hooks, runner)
     tokens = 0
     train_seconds = 0.0
     from tqdm.auto import tqdm
 
     was_training = model.training
-    bar = tqdm(total=total_steps, initial=position.step, unit="step", desc="training", disable=not progress)
+    bar = tqdm(
+        total=total_steps, initial=position.step, unit="step", desc="training", disable=not progress or ctx.rank != 0
+    )
     try:
         model.train()
         while position.step < total_steps:
@@ -220,21 +251,30 @@ def train(
                     else torch.arange(train_set.size)
                 )
                 position.offset = 0
-            step_indices = position.order[position.offset : position.offset + config.batch_size * config.grad_accum]
+            step_size = config.batch_size * config.grad_accum * ctx.world
+            step_indices = position.order[position.offset : position.offset + step_size]
             rows = len(step_indices)
+            mine, passes = round_robin(step_indices, config.batch_size, ctx)
             step_loss = torch.zeros((), dtype=torch.float64)
-            for micro in torch.split(step_indices, config.batch_size):
+            step_tokens = 0
+            for index in range(passes):
+                # A rank out of micro-batches (end of an epoch) still runs the pass its peers' collectives wait for.
+                micro = mine[index] if index < len(mine) else step_indices[:1]
+                share = len(micro) / rows if index < len(mine) else 0.0
                 batch = train_set.batch(micro.tolist(), pad_token_id)
-                tokens += _tokens(batch)
+                if share:
+                    step_tokens += _tokens(batch)
                 # Backward inside the method's context too: gradient checkpointing recomputes the forward there.
-                with hooks.context(batch):
+                with runner.accumulating(sync=index == passes - 1), hooks.context(batch):
                     loss = forward.loss(batch, f"step {position.step + 1}")
                     penalty = hooks.regularizer()
                     if penalty is not None:
                         loss = loss + penalty.to(loss.device, loss.dtype)
-                    weight = len(micro) / rows
-                    (loss * weight).backward()
-                step_loss += loss.detach().double().cpu() * weight
+                    # DDP and FSDP2 average gradients over the ranks; scaling by W makes that the sum over the step.
+                    (loss * (share * ctx.world)).backward()
+                step_loss += loss.detach().double().cpu() * share
+            step_loss_sum, step_tokens_sum = all_reduce_sum([float(step_loss), step_tokens], ctx)
+            tokens += int(step_tokens_sum)
             # What the schedule gives TrainConfig.lr (LambdaLR's own product); method groups scale by the same factor.
             learning_rate = config.lr * factor(position.step)
             grad_norm = _clip(named, config.max_grad_norm)
@@ -246,7 +286,7 @@ def train(
             if position.offset >= train_set.size:
                 position.epoch += 1
                 position.order = None
-            history.losses.append(float(step_loss))
+            history.losses.append(step_loss_sum)
             history.learning_rates.append(learning_rate)
             history.grad_norms.append(grad_norm)
             train_seconds += time.perf_counter() - tick
@@ -257,19 +297,20 @@ def train(
                 **({"tok/s": f"{tokens / train_seconds:.0f}"} if tokens else {}),
             )
             if eval_set is not None and config.eval_every and position.step % config.eval_every == 0:
-                history.evals.append(_run_eval(forward, eval_set, config, pad_token_id, position.step))
+                history.evals.append(_run_eval(forward, eval_set, config, pad_token_id, position.step, ctx))
             if config.checkpoint_every and position.step % config.checkpoint_every == 0:
                 last_checkpoint = save_checkpoint(
                     config, position, history, named, optimizer, scheduler, order_generator, train_set.size,
-                    total_steps,
+                    total_steps, ctx,
                 )  # fmt: skip
                 saved_step = position.step
         if eval_set is not None and not (history.evals and history.evals[-1].step == position.step):
-            history.evals.append(_run_eval(forward, eval_set, config, pad_token_id, position.step))
+            history.evals.append(_run_eval(forward, eval_set, config, pad_token_id, position.step, ctx))
         if config.checkpoint_dir is not None and saved_step != position.step:
             last_checkpoint = save_checkpoint(
-                config, position, history, named, optimizer, scheduler, order_generator, train_set.size, total_steps
-            )
+                config, position, history, named, optimizer, scheduler, order_generator, train_set.size, total_steps,
+                ctx,
+            )  # fmt: skip
     finally:
         bar.close()
         model.train(was_training)
@@ -319,9 +360,17 @@ class _Forward:
     """The model's forward pass under the run's autocast, and the loss taken from its outputs."""
 
     def __init__(
-        self, model: nn.Module, loss_fn: Optional[LossFn], device: torch.device, bf16: bool, hooks: Any
+        self,
+        model: nn.Module,
+        loss_fn: Optional[LossFn],
+        device: torch.device,
+        bf16: bool,
+        hooks: Any,
+        runner: Optional[Wrapped] = None,
     ) -> None:
         self.model = model
+        # What forward is called on: the DDP wrapper when there is one (FSDP2 shards the model in place).
+        self.runner = runner.module if runner is not None else model
         self.loss_fn = loss_fn
         self.device = device
         self.bf16 = bf16
@@ -330,7 +379,7 @@ class _Forward:
     def outputs(self, batch: Dict[str, torch.Tensor]) -> Any:
         with self.hooks.context(batch):
             with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                return self.model(**self.hooks.model_inputs(batch))
+                return self.runner(**self.hooks.model_inputs(batch))
 
     def loss(self, batch: Dict[str, torch.Tensor], where: str) -> torch.Tensor:
         batch = {k: v.to(self.device) for k, v in batch.items()}
@@ -348,29 +397,47 @@ class _Forward:
         )
 
 
-def _run_eval(forward: _Forward, data: _Examples, config: TrainConfig, pad_token_id: int, step: int) -> EvalResult:
+def _run_eval(
+    forward: _Forward,
+    data: _Examples,
+    config: TrainConfig,
+    pad_token_id: int,
+    step: int,
+    ctx: Optional[Distributed] = None,
+) -> EvalResult:
+    ctx = ctx or Distributed()
     size = config.eval_batch_size or config.batch_size
     total_loss = 0.0
     correct = 0
     counted = 0
-    classified = True
+    unclassified = 0
+    # Batches are dealt round-robin like training micro-batches, with weight-0 passes where a rank runs out.
+    mine, passes = round_robin(torch.arange(data.size), size, ctx)
     forward.model.eval()
     try:
         with torch.no_grad():
-            for start in range(0, data.size, size):
-                indices = list(range(start, min(start + size, data.size)))
+            for index in range(passes):
+                real = index < len(mine)
+                indices = (mine[index] if real else torch.arange(1)).tolist()
                 batch = {k: v.to(forward.device) for k, v in data.batch(indices, pad_token_id).items()}
                 outputs = forward.outputs(batch)
                 loss = forward.loss_of(outputs, batch, f"evaluation after step {step}")
+                if not real:
+                    continue
                 total_loss += float(loss.double()) * len(indices)
                 hits = _hits(outputs, batch.get("labels"), len(indices))
                 if hits is None:
-                    classified = False
+                    unclassified += 1
                 else:
                     correct += hits[0]
                     counted += hits[1]
     finally:
         forward.model.train()
+    total_loss, correct_sum, counted_sum, unclassified_sum = all_reduce_sum(
+        [total_loss, correct, counted, unclassified], ctx
+    )
+    correct, counted = int(correct_sum), int(counted_sum)
+    classified = unclassified_sum == 0
     accuracy = correct / counted if classified and counted else None
     return EvalResult(step=step, loss=total_loss / data.size, accuracy=accuracy, examples=data.size)
 
@@ -418,6 +485,11 @@ def _clip(named: Sequence[Tuple[str, nn.Parameter]], max_norm: Optional[float]) 
     grads = [p for _, p in named if p.grad is not None]
     if not grads:
         return 0.0
+    if any(hasattr(p.grad, "full_tensor") for p in grads):
+        # FSDP2's sharded gradients: torch computes the global norm across shards; scaling by min(1, inf) is exact.
+        norm = torch.nn.utils.clip_grad_norm_(grads, max_norm if max_norm is not None else float("inf"))
+        full = getattr(norm, "full_tensor", None)
+        return float(full() if callable(full) else norm)
     if max_norm is None:
         return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in grads])))
     return float(torch.nn.utils.clip_grad_norm_(grads, max_norm))

@@ -26,7 +26,7 @@ import queue
 import re
 import threading
 import warnings
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import AbstractSet, Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -48,6 +48,7 @@ from ...errors import (
 )
 from ...linalg import CovarianceAccumulator, allocate_alphas, allocate_ranks, task_aware_basis
 from ...package import read_adapter, write_adapter
+from ...training.distributed import detect
 from .config import TLoraConfig
 
 __all__ = [
@@ -977,7 +978,12 @@ def _module_from_json(entry: Mapping[str, Any], tensors: Mapping[str, np.ndarray
 
 
 def build_plan(
-    model: nn.Module, statistics: CalibrationStatistics, config: TLoraConfig, *, progress: bool = True
+    model: nn.Module,
+    statistics: CalibrationStatistics,
+    config: TLoraConfig,
+    *,
+    progress: bool = True,
+    owned: Optional[AbstractSet[str]] = None,
 ) -> CalibrationPlan:
     """Ranks, scales and bases from ``statistics`` measured on ``model``'s targets (METHODS.md §2).
 
@@ -991,6 +997,8 @@ def build_plan(
       (64 probes; the top part being exact is what keeps the estimate tight, as in Hutch++).
 
     Reusing one ``statistics`` with several configs (other budgets or scalings) skips the model runs.
+    ``owned`` (sharded calibration): compute the bases of these modules only; the others get an empty placeholder
+    that :mod:`~lowrank_rs.methods.tlora.sharded` replaces with their owner's.
     """
     from tqdm.auto import tqdm
 
@@ -1034,7 +1042,7 @@ def build_plan(
                 scale = alpha / denominator(config.r)
             else:
                 scale = alpha / denominator(rank) if rank > 0 else 0.0
-            if rank == 0:
+            if rank == 0 or (owned is not None and name not in owned):
                 a = np.zeros((0, d_in), dtype=np.float32)
                 singular = np.zeros(0, dtype=np.float32)
                 energy, exact = 0.0, True
@@ -1119,5 +1127,12 @@ def calibrate(
     (weighted by its rows); each module's gradient is formed from its output gradient and input and reduced on the
     spot, so at most one weight-sized gradient exists at a time. Then :func:`build_plan`.
     """
+    first = next(iter(model.parameters()), None)
+    ctx = detect(first.device if first is not None else None)
+    if ctx.active:
+        # Under torchrun: each process measures its share and the statistics are reduced (methods/tlora/sharded.py).
+        from .sharded import calibrate_sharded
+
+        return calibrate_sharded(model, batches, config, ctx, loss_fn=loss_fn, progress=progress, build=build_plan)
     statistics = collect_statistics(model, batches, config, loss_fn=loss_fn, progress=progress)
     return build_plan(model, statistics, config, progress=progress)
