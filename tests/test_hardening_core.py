@@ -5,7 +5,6 @@ Crash-prone cases run in a child interpreter, so that a regression fails the tes
 """
 
 import os
-import signal
 import stat
 import subprocess
 import sys
