@@ -315,3 +315,17 @@ def test_new_fields_validate_round_trip_and_old_plans_load(tmp_path):
     old = CalibrationPlan.load(tmp_path / "old")
     assert old.covariance_bytes is None and old.ranks == plan.ranks
     assert "covariance memory" not in old.table()
+
+
+def test_gradient_checkpointing_gives_the_same_statistics():
+    model = tiny("llama", dtype=torch.float64)
+    batches = [pad(examples("llama", n=5, seed=13), "llama")]
+    plain = collect_statistics(model, batches, config("llama"), progress=False)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # transformers' deprecation of the name
+        checkpointed = collect_statistics(model, batches, config("llama"), progress=False)
+    assert not model.training  # the blocks' training flag, set so transformers checkpoints, is restored
+    assert checkpointed.scores == pytest.approx(plain.scores, rel=1e-9)
+    for name in plain.modules:
+        np.testing.assert_allclose(checkpointed.covariance(name), plain.covariance(name), rtol=0, atol=1e-12)

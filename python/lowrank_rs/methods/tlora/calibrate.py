@@ -216,6 +216,10 @@ class _Session:
             # Dropout off; and no parameter requires grad, so backward never allocates a weight gradient: each
             # module's gradient is formed from its own Gᵀ X and reduced at once (the memory rule of METHODS.md §2).
             self.model.eval()
+            for m in self.model.modules():
+                if getattr(m, "gradient_checkpointing", False) is True:
+                    # transformers checkpoints only in training mode; dropout modules stay in eval.
+                    m.training = True
             for p in self.flags:
                 p.requires_grad_(False)
             for module in self.targets.values():
@@ -422,7 +426,9 @@ class _Session:
 
     def _post_hook(self, module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any], output: Any) -> None:
         forward = self.forward
-        if forward is None:
+        if forward is None or torch._C._current_graph_task_id() != -1:
+            # Not a forward of ours, or gradient checkpointing recomputing this module inside the backward pass:
+            # its input was read, and its output hooked, the first time.
             return
         name = self.names[id(module)]
         x, _ = _linear_input(args, kwargs)
