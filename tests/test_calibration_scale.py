@@ -329,3 +329,13 @@ def test_gradient_checkpointing_gives_the_same_statistics():
     assert checkpointed.scores == pytest.approx(plain.scores, rel=1e-9)
     for name in plain.modules:
         np.testing.assert_allclose(checkpointed.covariance(name), plain.covariance(name), rtol=0, atol=1e-12)
+
+
+def test_bases_in_parallel_give_the_same_plan():
+    model = tiny("llama")
+    cfg = config("llama", budget=60)
+    stats = collect_statistics(model, [pad(examples("llama", n=4, seed=14), "llama")], cfg, progress=False)
+    serial = build_plan(model, stats, cfg, progress=False, basis_workers=1)
+    assert build_plan(model, stats, cfg, progress=True, basis_workers=3) == serial
+    with pytest.raises(InvalidArgumentError, match="basis_workers"):
+        build_plan(model, stats, cfg, progress=False, basis_workers=0)

@@ -18,6 +18,7 @@ not): the scores read that input again during the backward pass.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import inspect
 import math
@@ -1161,7 +1162,12 @@ def _module_from_json(entry: Mapping[str, Any], tensors: Mapping[str, np.ndarray
 
 
 def build_plan(
-    model: nn.Module, statistics: CalibrationStatistics, config: TLoraConfig, *, progress: bool = True
+    model: nn.Module,
+    statistics: CalibrationStatistics,
+    config: TLoraConfig,
+    *,
+    progress: bool = True,
+    basis_workers: Optional[int] = None,
 ) -> CalibrationPlan:
     """Ranks, scales and bases from ``statistics`` measured on ``model``'s targets (METHODS.md §2).
 
@@ -1174,7 +1180,9 @@ def build_plan(
       otherwise it is ``‖W C Aᵀ‖²_F`` plus an unbiased Gaussian-probe estimate of the rest ``‖W C (I − AᵀA)‖²_F``
       (64 probes; the top part being exact is what keeps the estimate tight, as in Hutch++).
 
-    Reusing one ``statistics`` with several configs (other budgets or scalings) skips the model runs.
+    The bases of several modules are computed at once on ``basis_workers`` threads (default: up to 4), widest
+    inputs first; the plan does not depend on how many. Reusing one ``statistics`` with several configs (other
+    budgets or scalings) skips the model runs.
     """
     from tqdm.auto import tqdm
 
@@ -1207,35 +1215,46 @@ def build_plan(
         return math.sqrt(r) if config.use_rslora else float(r)
 
     seed = config.init_seed if config.init_seed is not None else 0
-    plans: List[ModulePlan] = []
+    for name, rank in zip(names, ranks):
+        if rank > 0:
+            statistics.accumulator(name)  # merges split statistics here, not concurrently in the workers
+
+    def basis(name: str, rank: int) -> Tuple[np.ndarray, np.ndarray, float, bool]:
+        d_in = statistics.shapes[name][1]
+        if rank == 0:
+            return np.zeros((0, d_in), dtype=np.float32), np.zeros(0, dtype=np.float32), 0.0, True
+        weight = modules[name].weight.detach().to(device="cpu", dtype=torch.float32).numpy()
+        covariance = statistics.covariance(name)
+        a, singular = task_aware_basis(
+            weight, covariance, rank, oversample=config.oversample, power_iters=config.power_iters, seed=seed
+        )
+        a = np.ascontiguousarray(a, dtype=np.float32)
+        energy, exact = _captured_energy(weight, covariance, a, seed)
+        return a, np.asarray(singular, dtype=np.float32), energy, exact
+
+    workers = _basis_workers(basis_workers, sum(1 for r in ranks if r > 0))
     bar = tqdm(
         total=sum(1 for r in ranks if r > 0), unit="module", desc="TLoRA basis", disable=not progress, leave=False
     )
-    with bar:
-        for name, rank, alpha, score in zip(names, ranks, alphas, scores):
-            d_out, d_in = statistics.shapes[name]
+    with bar, concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lowrank-rs-basis") as pool:
+        # The core and numpy release the GIL, so modules' bases overlap (the biggest first, so the tail is short);
+        # each worker holds one covariance at a time.
+        adapted = sorted((i for i, r in enumerate(ranks) if r > 0), key=lambda i: -statistics.shapes[names[i]][1])
+        futures = {i: pool.submit(basis, names[i], ranks[i]) for i in adapted}
+        for future in concurrent.futures.as_completed(futures.values()):
+            future.result()
+            bar.update(1)
+        plans: List[ModulePlan] = []
+        for i, (name, rank, alpha, score) in enumerate(zip(names, ranks, alphas, scores)):
             if config.scaling == "reference":
                 scale = alpha / denominator(config.r)
             else:
                 scale = alpha / denominator(rank) if rank > 0 else 0.0
-            if rank == 0:
-                a = np.zeros((0, d_in), dtype=np.float32)
-                singular = np.zeros(0, dtype=np.float32)
-                energy, exact = 0.0, True
-            else:
-                weight = modules[name].weight.detach().to(device="cpu", dtype=torch.float32).numpy()
-                covariance = statistics.covariance(name)
-                a, singular = task_aware_basis(
-                    weight, covariance, rank, oversample=config.oversample, power_iters=config.power_iters, seed=seed
-                )
-                a = np.ascontiguousarray(a, dtype=np.float32)
-                singular = np.asarray(singular, dtype=np.float32)
-                energy, exact = _captured_energy(weight, covariance, a, seed)
-                bar.update(1)
+            a, singular, energy, exact = futures[i].result() if i in futures else basis(name, 0)
             plans.append(
                 ModulePlan(
                     name=name,
-                    shape=(d_out, d_in),
+                    shape=statistics.shapes[name],
                     rank=int(rank),
                     scale=float(scale),
                     alpha=float(alpha),
@@ -1247,6 +1266,15 @@ def build_plan(
                 )
             )
     return CalibrationPlan(config, plans, statistics.num_examples, statistics.num_tokens, statistics.covariance_bytes)
+
+
+def _basis_workers(requested: Optional[int], modules: int) -> int:
+    if requested is None:
+        # Beyond a few, concurrent bases only compete for the same cores and multiply the covariances held.
+        requested = min(4, os.cpu_count() or 1)
+    if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
+        raise InvalidArgumentError(f"basis_workers must be a positive integer, not {requested!r}")
+    return max(1, min(requested, modules))
 
 
 def _captured_energy(weight: np.ndarray, covariance: np.ndarray, a: np.ndarray, seed: int) -> Tuple[float, bool]:
