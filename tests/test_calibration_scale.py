@@ -296,6 +296,7 @@ def test_plan_memory_matches_what_calibration_holds_and_the_cap_refuses(backend,
 def test_new_fields_validate_round_trip_and_old_plans_load(tmp_path):
     cfg = TLoraConfig(["q"], calibration_batch_size=3, statistics_backend="torch", max_covariance_bytes=10**9)
     assert TLoraConfig.from_json(cfg.to_json()) == cfg
+    assert TLoraConfig(["q"]).calibration_batch_size is None
     for bad in (dict(calibration_batch_size=0), dict(max_covariance_bytes=0), dict(statistics_backend=1)):
         with pytest.raises(ConfigError):
             TLoraConfig(["q"], **bad)
@@ -320,11 +321,12 @@ def test_new_fields_validate_round_trip_and_old_plans_load(tmp_path):
 def test_gradient_checkpointing_gives_the_same_statistics():
     model = tiny("llama", dtype=torch.float64)
     batches = [pad(examples("llama", n=5, seed=13), "llama")]
-    plain = collect_statistics(model, batches, config("llama"), progress=False)
+    cfg = config("llama", calibration_batch_size=4)
+    plain = collect_statistics(model, batches, cfg, progress=False)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # transformers' deprecation of the name
-        checkpointed = collect_statistics(model, batches, config("llama"), progress=False)
+        checkpointed = collect_statistics(model, batches, cfg, progress=False)
     assert not model.training  # the blocks' training flag, set so transformers checkpoints, is restored
     assert checkpointed.scores == pytest.approx(plain.scores, rel=1e-9)
     for name in plain.modules:

@@ -201,7 +201,7 @@ class _Session:
         self.backend = resolve_backend(config.statistics_backend, self.device)
         # Examples per forward when scoring per example; lowered for good when an example cannot be split off a batch
         # (split_reason) or the device runs out of memory.
-        self.batch_size = config.calibration_batch_size
+        self.batch_size = config.calibration_batch_size or (1 if self.device.type == "cpu" else 8)
         self.split_reason = ""
         try:
             takes_cache = "use_cache" in inspect.signature(model.forward).parameters
