@@ -114,8 +114,9 @@ def memory_child(batch_size: int, backend: str) -> None:
     }))  # fmt: skip
 
 
-def memory() -> None:
-    for batch_size, backend in ((1, "core"), (8, "core"), (8, "torch")):
+def memory(only: str = "") -> None:
+    runs = ((1, "core"), (8, "core"), (8, "torch"))
+    for batch_size, backend in runs if not only else [(int(only.split(",")[0]), only.split(",")[1])]:
         out = subprocess.run(
             [sys.executable, __file__, "--memory-child", str(batch_size), backend],
             capture_output=True, text=True, check=True,
@@ -157,6 +158,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2, help="torch and core threads (default 2)")
     ap.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
+    ap.add_argument("--only", default="", help="memory: one run, e.g. 1,core")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     lowrank_rs.set_num_threads(args.threads)
@@ -165,7 +167,7 @@ def main() -> None:
     elif args.what == "batch":
         batch_sizes(args.repeats)
     elif args.what == "memory":
-        memory()
+        memory(args.only)
     else:
         bases(args.repeats, args.workers)
 

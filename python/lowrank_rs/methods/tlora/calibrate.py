@@ -347,6 +347,8 @@ class _Session:
             self._commit(updates, mask if covariance else None, forward.scores)
         finally:
             self.forward = None
+            if self.device.type == "cpu":
+                _trim_host_heap()
 
     def _commit(self, updates: List[Any], mask: Optional[np.ndarray], scores: Mapping[str, torch.Tensor]) -> None:
         if mask is not None:
@@ -554,6 +556,34 @@ def _abs_weighted_sum(weight: torch.Tensor, pairs: Sequence[Tuple[torch.Tensor, 
     return product.abs_().sum(dtype=dtype)
 
 
+def _trim_host_heap() -> None:
+    """Give the heap's free pages back to the OS (glibc only; elsewhere a no-op).
+
+    Measured on all-MiniLM-L6-v2 (32 examples, one per pass, fresh process): the pass's peak resident memory above
+    the loaded model was 1.1 GiB without this and 0.21 GiB with it (a 4 MiB fixed mmap threshold instead: 0.59
+    GiB). The cause is glibc's: each freed activation buffer raises its mmap threshold, so later ones come from
+    per-thread arenas (torch's, the core's) and stay resident once freed, a pass's worth per arena.
+    """
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        _MALLOC_TRIM = False
+        try:
+            import ctypes
+            import ctypes.util
+
+            name = ctypes.util.find_library("c")
+            libc = ctypes.CDLL(name) if name else None
+            if libc is not None and hasattr(libc, "malloc_trim") and hasattr(libc, "gnu_get_libc_version"):
+                _MALLOC_TRIM = libc.malloc_trim
+        except OSError:
+            pass
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM: Any = None
+
+
 def _release_cached_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -596,9 +626,10 @@ class _Forward:
         key = _tensor_key(x)
         read = self.reads.get(key)
         if read is None:
-            # The core runs on the host, so its input is copied now (the model may reuse the memory afterwards); the
-            # torch backend reads the tensor where it is, after the backward pass, which does not modify it.
-            data = x.detach().to("cpu", copy=True) if self.backend == "core" else x.detach()
+            # Read where it is, after the backward pass (which does not modify it), by the torch backend or by the
+            # core when it is already on the host: holding the tensor keeps its memory from reuse. Only device tensors
+            # bound for the core are copied to the host.
+            data = x.detach().to("cpu", copy=True) if self.backend == "core" and x.device.type != "cpu" else x.detach()
             mask = self.mask if data.dim() == 3 else None
             read = self.reads[key] = _Read(x, data, mask, center, {})
         read.readers[name] = None
