@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any, Iterator, Optional, Protocol, Union
+from typing import Any, Iterator, Optional, Protocol
 
 import numpy as np
 
@@ -369,6 +369,3 @@ def _full_precision() -> Iterator[None]:
     finally:
         torch.backends.cuda.matmul.allow_tf32 = cuda_tf32
         torch.set_float32_matmul_precision(precision)
-
-
-AnyAccumulator = Union[CovarianceAccumulator, TorchCovarianceAccumulator]

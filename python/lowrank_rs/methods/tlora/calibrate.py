@@ -1353,14 +1353,18 @@ def calibrate(
       ``config.num_examples`` examples (rows), cutting the last batch if needed. Padding never enters a covariance;
       with ``count_prompt_tokens=False`` tokens labelled -100 do not either.
     - ``loss_fn(outputs, batch)``: the loss to score with; by default the model's ``outputs.loss`` (so the batches
-      need ``labels``).
-    - ``progress``: tqdm bars over the calibration examples and over the bases.
+      need ``labels``). To score several examples per pass it returns one loss per example (shape ``[batch]``); a
+      scalar is accepted and scores one example per pass.
+    - ``progress``: tqdm bars over the calibration examples and over the bases, and the covariance memory estimate
+      (:func:`~lowrank_rs.methods.tlora.plan_memory`) printed to stderr before the pass.
 
-    Covariance: each target's input tokens (``config.center`` centring), fed to the Rust core on a background thread;
-    modules reading one tensor (q/k/v, gate/up) share one accumulator. Sensitivity: ``mean over examples of
-    Σ|W ⊙ ∂L/∂W| / |W|``, one example per backward pass (``per_example_scores``, the reference's way) or one batch
-    (weighted by its rows); each module's gradient is formed from its output gradient and input and reduced on the
-    spot, so at most one weight-sized gradient exists at a time. Then :func:`build_plan`.
+    Covariance: each target's input tokens (``config.center`` centring), accumulated by the Rust core on a background
+    thread for a CPU model, by torch on the model's device otherwise (``config.statistics_backend``); modules reading
+    one tensor (q/k/v, gate/up) share one accumulator. Sensitivity: ``mean over examples of Σ|W ⊙ ∂L/∂W| / |W|``, per
+    example (``per_example_scores``, the reference's way) with ``calibration_batch_size`` examples per forward and
+    backward and per-example losses summed, so each example's gradient ``Gₙᵀ Xₙ`` is formed from its own tokens; or
+    one batch (weighted by its rows). Each gradient is reduced on the spot, so at most one weight-sized gradient
+    exists at a time. Then :func:`build_plan`.
     """
     statistics = collect_statistics(model, batches, config, loss_fn=loss_fn, progress=progress)
     return build_plan(model, statistics, config, progress=progress)

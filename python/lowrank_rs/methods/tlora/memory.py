@@ -7,7 +7,7 @@ refuses to start when it exceeds ``config.max_covariance_bytes``.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Tuple, Union
 
 from torch import nn
 
@@ -162,10 +162,3 @@ def _device(model_or_shapes: Any) -> Any:
         for p in model_or_shapes.parameters():
             return p.device
     return torch.device("cpu")
-
-
-def estimate(model: nn.Module, config: TLoraConfig, basis_workers: int = 1) -> Optional[MemoryPlan]:
-    """:func:`plan_memory` for a model, checked against the cap."""
-    plan = plan_memory(model, config, basis_workers=basis_workers)
-    check_memory(plan, config)
-    return plan
