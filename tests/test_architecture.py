@@ -8,7 +8,17 @@ import lowrank_rs as lr
 from lowrank_rs.adapters import Method, method_for, method_named, methods
 
 PACKAGE = pathlib.Path(lr.__file__).parent
-GENERIC = ["adapters", "training", "export", "workflows", "cli.py", "config.py", "linalg.py", "package.py"]
+GENERIC = [
+    "adapters",
+    "training",
+    "export",
+    "workflows",
+    "cli.py",
+    "config.py",
+    "linalg.py",
+    "package.py",
+    "statistics.py",
+]
 
 
 def _python_files(*parts):

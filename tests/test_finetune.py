@@ -374,3 +374,18 @@ def test_cli_finetune_method_means_method_against_lora(workdir, tmp_path, capsys
     printed = capsys.readouterr().out
     assert "| LoRATRF |" in printed and "| LoRA |" in printed
     assert (out / "loratrf-adapter").is_dir() and (out / "lora-adapter").is_dir()
+
+
+def test_cli_calibrate_dtype_and_gradient_checkpointing_print_the_memory_estimate(workdir, tmp_path, capsys):
+    common = ["--model", str(workdir / "llama"), "--data", str(workdir / "sft.jsonl")]
+    plain, low = tmp_path / "plain", tmp_path / "low"
+    args = ["calibrate", *common, "--calibration-examples", "8", "--rank", "4"]
+    assert cli.main([*args, "--out", str(plain), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert cli.main([*args, "--out", str(low), "--dtype", "bf16", "--gradient-checkpointing"]) == 0
+    assert "TLoRA covariance memory" in capsys.readouterr().err
+    # bf16 activations shift the scores a little; the plan's modules and budget are the same.
+    a, b = lr.CalibrationPlan.load(plain), lr.CalibrationPlan.load(low)
+    assert a.budget == b.budget and list(a.modules) == list(b.modules)
+    with pytest.raises(SystemExit):
+        cli.main([*args, "--out", str(low), "--dtype", "int8"])

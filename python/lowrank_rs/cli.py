@@ -101,6 +101,7 @@ def _parser() -> argparse.ArgumentParser:
 
     finetune = _command(sub, "finetune", "the whole job: calibrate, train, compare with LoRA, save, plot", _finetune)
     _data_arguments(finetune)
+    _model_arguments(finetune)
     _adapter_arguments(finetune)
     _train_arguments(finetune)
     finetune.add_argument(
@@ -118,6 +119,7 @@ def _parser() -> argparse.ArgumentParser:
 
     cal = _command(sub, "calibrate", "TLoRA calibration → a plan directory (ranks, scales, frozen A)", _calibrate)
     _data_arguments(cal)
+    _model_arguments(cal)
     _adapter_arguments(cal)
     cal.add_argument(
         "--method", default=calibrating[0], choices=calibrating, help="calibrating method (default %(default)s)"
@@ -131,6 +133,7 @@ def _parser() -> argparse.ArgumentParser:
 
     tr = _command(sub, "train", "train one adapter and save it", _train)
     _data_arguments(tr)
+    _model_arguments(tr)
     _adapter_arguments(tr)
     _train_arguments(tr)
     tr.add_argument(
@@ -185,6 +188,18 @@ def _data_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _model_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model memory (LLM-sized models)")
+    g.add_argument(
+        "--dtype", choices=("bf16", "fp16", "fp32"), help="load the model in this dtype (default: the checkpoint's)"
+    )
+    g.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute activations in the backward pass: less memory, about one more forward of time",
+    )
 
 
 def _adapter_arguments(p: argparse.ArgumentParser) -> None:
@@ -272,6 +287,8 @@ def _finetune(args: argparse.Namespace) -> None:
         max_train_examples=args.max_train_examples,
         max_eval_examples=args.max_eval_examples,
         plots=not args.no_plots,
+        dtype=args.dtype,
+        gradient_checkpointing=args.gradient_checkpointing,
     )
 
 
@@ -285,7 +302,9 @@ def _calibrate(args: argparse.Namespace) -> None:
     task = _load(args)
     settings = _settings(args)
     torch.manual_seed(args.seed)
-    model, tokenizer = load_model(task, device=args.device)
+    model, tokenizer = load_model(
+        task, device=args.device, dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing
+    )
     examples = tokenize(task.train, tokenizer, args.max_length)
     limits = {"budget": args.budget, "min_rank": args.min_rank, "max_rank": args.max_rank}
     plan = method_named(args.method).calibrate(model, examples, settings, tokenizer.pad_token_id, **limits)
@@ -321,7 +340,9 @@ def _train(args: argparse.Namespace) -> None:
     task = _load(args)
     settings = dataclasses.replace(_settings(args), tasks=task.train.tasks or ("default",))
     torch.manual_seed(args.seed)
-    model, tokenizer = load_model(task, device=args.device)
+    model, tokenizer = load_model(
+        task, device=args.device, dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing
+    )
     train_examples = tokenize(task.train, tokenizer, args.max_length)
     test_examples = tokenize(task.test, tokenizer, args.max_length)
     if method.multitask:

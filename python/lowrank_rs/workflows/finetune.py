@@ -133,13 +133,20 @@ def load_task(
 
 
 def load_model(
-    task: Task, *, dtype: Optional[torch.dtype] = None, device: Optional[str] = None
+    task: Task,
+    *,
+    dtype: Union[None, str, torch.dtype] = None,
+    device: Optional[str] = None,
+    gradient_checkpointing: bool = False,
 ) -> Tuple[nn.Module, Any]:
     """A fresh copy of the task's model (offline, from its directory) and its tokenizer.
 
     Classification loads ``AutoModelForSequenceClassification`` with a new head of ``len(task.labels)`` classes
-    (seeded by the caller's torch seed); SFT loads ``AutoModelForCausalLM``.
+    (seeded by the caller's torch seed); SFT loads ``AutoModelForCausalLM``. ``dtype``: a torch dtype or
+    ``"bf16"``/``"fp16"``/``"fp32"`` (default: the checkpoint's). ``gradient_checkpointing``: recompute the
+    blocks' activations in the backward pass (non-reentrant, so frozen inputs still get gradients).
     """
+    dtype = model_dtype(dtype)
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -176,7 +183,29 @@ def load_model(
         model.config.pad_token_id = tokenizer.pad_token_id
     if device is not None:
         model.to(device)
+    if gradient_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise InvalidArgumentError(f"{type(model).__name__} does not support gradient checkpointing")
+        # Non-reentrant: the reentrant form gives no gradient to blocks whose inputs do not require one (frozen
+        # embeddings under adapters, calibration's leaves). transformers 5 renamed the call.
+        options = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
     return model, tokenizer
+
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def model_dtype(dtype: Union[None, str, torch.dtype]) -> Optional[torch.dtype]:
+    """``"bf16"``, ``"fp16"``, ``"fp32"`` (or a torch dtype, or None) as a torch dtype."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise InvalidArgumentError(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
+    return DTYPES[dtype]
 
 
 # -- methods -----------------------------------------------------------------------------------------------------------
@@ -280,6 +309,8 @@ def finetune(
     max_train_examples: Optional[int] = None,
     max_eval_examples: Optional[int] = None,
     plots: bool = True,
+    dtype: Union[None, str, torch.dtype] = None,
+    gradient_checkpointing: bool = False,
     log: Callable[[str], None] = print,
 ) -> FinetuneResult:
     """Run the job: for each method a fresh model, adapters attached (TLoRA calibrated first), trained, evaluated
@@ -300,7 +331,7 @@ def finetune(
     log(f"model: {task.model_path} on {device}")
 
     torch.manual_seed(settings.seed)
-    base, tokenizer = load_model(task, device=device)
+    base, tokenizer = load_model(task, device=device, dtype=dtype)
     train_examples = tokenize(task.train, tokenizer, settings.max_length)
     test_examples = tokenize(task.test, tokenizer, settings.max_length)
     pad = tokenizer.pad_token_id
@@ -318,7 +349,7 @@ def finetune(
         log(f"\n== {name} ==")
         # Same seed before each load, so every method starts from the same classifier head.
         torch.manual_seed(settings.seed)
-        model_, _ = load_model(task, device=device)
+        model_, _ = load_model(task, device=device, dtype=dtype, gradient_checkpointing=gradient_checkpointing)
         prepared = handler.prepare(model_, train_examples, settings, pad)
         train_rows, test_rows = train_examples, test_examples
         if handler.multitask:

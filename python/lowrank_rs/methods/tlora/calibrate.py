@@ -18,12 +18,14 @@ not): the scores read that input again during the backward pass.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import inspect
 import math
 import os
 import queue
 import re
+import sys
 import threading
 import warnings
 from typing import AbstractSet, Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
@@ -33,7 +35,7 @@ import torch
 from torch import nn
 
 from ..._core import __version__
-from ..._loss import describe, model_loss
+from ..._loss import describe, model_loss, per_example_losses
 from ...adapters.registry import has_adapter
 from ...adapters.targets import nearest, resolve_modules_to_save, resolve_targets
 from ...errors import (
@@ -44,19 +46,21 @@ from ...errors import (
     InfeasibleError,
     InvalidArgumentError,
     MissingDependencyError,
+    NonFiniteError,
+    OutOfMemoryError,
     ShapeError,
 )
-from ...linalg import CovarianceAccumulator, allocate_alphas, allocate_ranks, task_aware_basis
+from ...linalg import allocate_alphas, allocate_ranks, task_aware_basis
 from ...package import read_adapter, write_adapter
-from ...training.distributed import detect
+from ...statistics import StatisticsAccumulator, empty_like, make_accumulator, merge_into, resolve_backend
 from .config import TLoraConfig
+from .memory import check_memory, format_bytes, plan_memory
 
 __all__ = [
     "CalibrationPlan",
     "CalibrationStatistics",
     "ModulePlan",
     "build_plan",
-    "calibrate",
     "collect_statistics",
 ]
 
@@ -89,7 +93,7 @@ class CalibrationStatistics:
         self,
         modules: Sequence[str],
         shapes: Mapping[str, Tuple[int, int]],
-        accumulators: Sequence[Tuple[Tuple[str, ...], CovarianceAccumulator]],
+        accumulators: Sequence[Tuple[Tuple[str, ...], StatisticsAccumulator]],
         scores: Mapping[str, float],
         num_examples: int,
         num_tokens: int,
@@ -100,14 +104,23 @@ class CalibrationStatistics:
         self.num_examples = num_examples
         self.num_tokens = num_tokens
         self._accumulators = list(accumulators)
-        self._merged: Dict[str, CovarianceAccumulator] = {}
+        self._merged: Dict[str, StatisticsAccumulator] = {}
+
+    @property
+    def covariance_bytes(self) -> int:
+        """Memory the accumulators' sums hold (the core's packed triangles, or the torch backend's full squares)."""
+        total = 0
+        for _, acc in self._accumulators:
+            d = acc.dim
+            total += int(getattr(acc, "nbytes", 8 * (d * (d + 1) // 2 + d)))
+        return total
 
     @property
     def shared(self) -> List[Tuple[str, ...]]:
         """The groups of modules (two or more) whose covariance came from one shared accumulator."""
         return [readers for readers, _ in self._accumulators if len(readers) > 1]
 
-    def accumulator(self, name: str) -> CovarianceAccumulator:
+    def accumulator(self, name: str) -> StatisticsAccumulator:
         """The accumulator holding ``name``'s input statistics (shared with the modules that read the same tensor)."""
         if name not in self.shapes:
             raise InvalidArgumentError(f"no statistics for module {name!r}; nearest: {nearest(name, self.modules)}")
@@ -117,9 +130,9 @@ class CalibrationStatistics:
         # A module that read tensors together with different modules in different forwards, or several token tensors
         # per forward, has its statistics spread over several accumulators; merging them is exact.
         if name not in self._merged:
-            merged = CovarianceAccumulator(mine[0].dim, mine[0].center)
+            merged = empty_like(mine[0])
             for acc in mine:
-                merged.merge(acc)
+                merge_into(merged, acc)
             self._merged[name] = merged
         return self._merged[name]
 
@@ -154,6 +167,10 @@ def collect_statistics(
     if loss_fn is not None and not callable(loss_fn):
         raise InvalidArgumentError(f"loss_fn must be callable as loss_fn(outputs, batch), not {type(loss_fn).__name__}")
     targets = _targets(model, config)
+    memory = plan_memory(model, config)
+    check_memory(memory, config)
+    if progress:
+        print(memory, file=sys.stderr)
     with _Session(model, targets, config, loss_fn) as session:
         session.run(batches, progress)
         return session.statistics()
@@ -170,7 +187,7 @@ class _Session:
         self.names = {id(m): n for n, m in self.targets.items()}
         self.config = config
         self.loss_fn = loss_fn
-        self.accumulators: Dict[Tuple[Tuple[str, ...], str], CovarianceAccumulator] = {}
+        self.accumulators: Dict[Tuple[Tuple[str, ...], str], StatisticsAccumulator] = {}
         self.score_parts: Dict[str, List[torch.Tensor]] = {n: [] for n in self.targets}
         self.seen: Dict[str, bool] = dict.fromkeys(self.targets, False)
         self.warned: Dict[str, bool] = {}
@@ -180,6 +197,11 @@ class _Session:
         self.worker = _CovarianceWorker()
         self.handles: List[Any] = []
         self.device = _device(model)
+        self.backend = resolve_backend(config.statistics_backend, self.device)
+        # Examples per forward when scoring per example; lowered for good when an example cannot be split off a batch
+        # (split_reason) or the device runs out of memory.
+        self.batch_size = config.calibration_batch_size or (1 if self.device.type == "cpu" else 8)
+        self.split_reason = ""
         try:
             takes_cache = "use_cache" in inspect.signature(model.forward).parameters
         except (TypeError, ValueError):
@@ -194,12 +216,17 @@ class _Session:
             # Dropout off; and no parameter requires grad, so backward never allocates a weight gradient: each
             # module's gradient is formed from its own Gᵀ X and reduced at once (the memory rule of METHODS.md §2).
             self.model.eval()
+            for m in self.model.modules():
+                if getattr(m, "gradient_checkpointing", False) is True:
+                    # transformers checkpoints only in training mode; dropout modules stay in eval.
+                    m.training = True
             for p in self.flags:
                 p.requires_grad_(False)
             for module in self.targets.values():
                 self.handles.append(module.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
                 self.handles.append(module.register_forward_hook(self._post_hook, with_kwargs=True))
-            self.worker.start()
+            if self.backend == "core":
+                self.worker.start()
         except BaseException:
             self._restore(failed=True)
             raise
@@ -231,10 +258,9 @@ class _Session:
         with bar, torch.inference_mode(False), torch.enable_grad():
             for batch in _take_examples(batches, limit):
                 if self.config.per_example_scores:
-                    for i in range(batch.rows):
-                        self._step(batch.select(i, i + 1), weight=1.0)
+                    self._run_examples(batch)
                 else:
-                    self._step(batch, weight=float(batch.rows))
+                    self._step(batch, per_example=False)
                 self.num_examples += batch.rows
                 bar.update(batch.rows)
         if self.num_examples == 0:
@@ -247,43 +273,140 @@ class _Session:
                 "they have no input statistics; leave them out of target_modules"
             )
 
-    def _step(self, batch: _Batch, weight: float) -> None:
+    def _run_examples(self, batch: _Batch) -> None:
+        """Score every row of ``batch`` as its own example, ``batch_size`` rows per forward and backward."""
+        start = 0
+        while start < batch.rows:
+            size = min(self.batch_size, batch.rows - start)
+            failed = False
+            try:
+                self._step(batch.select(start, start + size), per_example=True)
+            except torch.OutOfMemoryError:
+                failed = True
+            if not failed:
+                start += size
+                continue
+            # Handled outside the except block, whose traceback would keep the failed pass's tensors alive.
+            self.forward = None
+            _release_cached_memory(self.device)
+            if size == 1:
+                raise OutOfMemoryError(
+                    "calibration ran out of device memory on a single example; use shorter calibration examples, "
+                    "a smaller dtype (bf16) or gradient checkpointing"
+                )
+            self.batch_size = max(1, size // 2)
+            warnings.warn(
+                f"calibration ran out of device memory at {size} examples per pass; retrying with {self.batch_size}",
+                stacklevel=3,
+            )
+
+    def _step(self, batch: _Batch, per_example: bool, covariance: bool = True) -> None:
+        """One forward and backward: covariance of ``batch``'s tokens and its examples' scores.
+
+        Nothing is added to the statistics unless the pass completes, so a pass that runs out of memory can be
+        retried. With ``per_example`` each row is scored as its own example (the per-example losses are summed, so
+        each row's output gradient is its own); otherwise the batch is scored as one, weighted by its rows.
+        """
         batch = batch.trimmed()
         mask = batch.token_mask(self.config.count_prompt_tokens)
-        self.num_tokens += int(mask.sum())
         inputs = {k: v.detach().to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.data.items()}
-        self.forward = _Forward(batch.rows, batch.seq_len, mask)
+        split = per_example and batch.rows > 1
+        valid = batch.attention().to(self.device) if split else None
+        forward = self.forward = _Forward(batch.rows, batch.seq_len, mask, self.backend, valid)
         try:
             outputs = self.model(**{**self.extra_kwargs, **inputs})
-            loss = self._loss(outputs, inputs)
-            self.worker.submit(self.forward.covariance_updates(self._accumulator))
-            self.forward.drop_reads()
+            loss: Optional[torch.Tensor] = None
+            if not split:
+                loss = self._loss(outputs, inputs, batch.rows)
+            else:
+                losses, why = self._example_losses(outputs, inputs)
+                if losses is not None and not forward.unsplittable:
+                    loss = losses.sum()
+                else:
+                    self._give_up_splitting(forward.unsplittable or why)
+                del losses
+            del outputs
+            updates = forward.covariance_updates(self._accumulator) if covariance else []
+            forward.drop_reads()
+            if loss is None:
+                # This pass's activations are good for the covariance; its examples are scored one at a time.
+                self.forward = forward = None  # type: ignore[assignment]
+                self._commit(updates, mask, {})
+                for i in range(batch.rows):
+                    self._step(batch.select(i, i + 1), per_example=True, covariance=False)
+                return
             if not loss.requires_grad:
                 raise InvalidArgumentError(
                     "the loss does not depend on any target module's output, so no sensitivity score can be computed"
                 )
-            self.forward.weight = weight
+            forward.weight = 1.0 if per_example else float(batch.rows)
             loss.backward()
-            for name in list(self.forward.inputs):
+            for name in list(forward.inputs):
                 self._reduce(name)
+            self._commit(updates, mask if covariance else None, forward.scores)
         finally:
             self.forward = None
+            if self.device.type == "cpu":
+                _trim_host_heap()
 
-    def _loss(self, outputs: Any, batch: Mapping[str, Any]) -> torch.Tensor:
-        return model_loss(
-            self.model,
-            outputs,
-            batch,
-            self.loss_fn,
-            caller="calibrate",
-            no_labels_hint="put labels in the calibration batches",
-            non_finite_hint="on a calibration example; scores need a finite loss",
-        )
+    def _commit(self, updates: List[Any], mask: Optional[np.ndarray], scores: Mapping[str, torch.Tensor]) -> None:
+        if mask is not None:
+            self.num_tokens += int(mask.sum())
+        if self.backend == "core":
+            self.worker.submit(updates)
+        else:
+            for acc, x, m in updates:
+                acc.update(x, m)
+        for name, score in scores.items():
+            self.score_parts[name].append(score)
 
-    def _accumulator(self, readers: Tuple[str, ...], center: str, dim: int) -> CovarianceAccumulator:
+    def _give_up_splitting(self, why: str) -> None:
+        self.batch_size = 1
+        if not self.split_reason:
+            self.split_reason = why
+            warnings.warn(
+                f"calibration scores one example per forward and backward: {why}. With loss_fn, return one loss per "
+                "example (shape [batch]) to let examples share a pass",
+                stacklevel=4,
+            )
+
+    def _example_losses(self, outputs: Any, batch: Mapping[str, Any]) -> Tuple[Optional[torch.Tensor], str]:
+        rows = self.forward.rows if self.forward is not None else 0
+        if self.loss_fn is None:
+            model_loss(self.model, outputs, batch, None, caller="calibrate", **_LOSS_HINTS)  # the missing-loss error
+            losses, why = per_example_losses(self.model, outputs, batch)
+        else:
+            value = self.loss_fn(outputs, batch)
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and tuple(value.shape) == (rows,):
+                losses, why = value, ""
+            else:
+                model_loss(self.model, outputs, batch, lambda *_: value, caller="calibrate", **_LOSS_HINTS)
+                return None, f"loss_fn returned {describe(value)}, not one loss per example ([{rows}])"
+        if losses is not None and not torch.isfinite(losses.detach()).all():
+            bad = int((~torch.isfinite(losses.detach())).nonzero()[0, 0])
+            raise NonFiniteError(
+                f"the loss is {float(losses[bad])} on a calibration example; scores need a finite loss"
+            )
+        return losses, why
+
+    def _loss(self, outputs: Any, batch: Mapping[str, Any], rows: int) -> torch.Tensor:
+        loss_fn = self.loss_fn
+        if loss_fn is not None:
+            user = loss_fn
+
+            def loss_fn(outputs: Any, batch: Mapping[str, Any]) -> torch.Tensor:
+                value = user(outputs, batch)
+                # One loss per example is the batch's mean loss when scoring per batch.
+                if isinstance(value, torch.Tensor) and value.dim() == 1 and value.shape[0] == rows and rows > 1:
+                    return value.mean()
+                return value
+
+        return model_loss(self.model, outputs, batch, loss_fn, caller="calibrate", **_LOSS_HINTS)
+
+    def _accumulator(self, readers: Tuple[str, ...], center: str, dim: int, device: Any) -> StatisticsAccumulator:
         key = (readers, center)
         if key not in self.accumulators:
-            self.accumulators[key] = CovarianceAccumulator(dim, center)
+            self.accumulators[key] = make_accumulator(dim, center, device=device, backend=self.backend)
         return self.accumulators[key]
 
     # -- hooks ------------------------------------------------------------------------------------------------------
@@ -305,7 +428,9 @@ class _Session:
 
     def _post_hook(self, module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any], output: Any) -> None:
         forward = self.forward
-        if forward is None:
+        if forward is None or torch._C._current_graph_task_id() != -1:
+            # Not a forward of ours, or gradient checkpointing recomputing this module inside the backward pass:
+            # its input was read, and its output hooked, the first time.
             return
         name = self.names[id(module)]
         x, _ = _linear_input(args, kwargs)
@@ -315,6 +440,11 @@ class _Session:
         if not forward.read(name, x, self._center_for(x, forward)):
             self._warn_not_tokens(name, x, forward)
         if isinstance(output, torch.Tensor) and output.requires_grad:
+            if forward.valid is not None and (x.dim() < 2 or x.shape[0] != forward.rows) and not forward.unsplittable:
+                # Its gradient is summed over the batch's examples before it reaches this module.
+                forward.unsplittable = (
+                    f"{name!r} reads a tensor of shape {tuple(x.shape)} shared by the batch's examples"
+                )
             call = len(forward.inputs.setdefault(name, []))
             forward.inputs[name].append(x)
             output.register_hook(lambda g, name=name, call=call: self._on_grad(name, call, g))
@@ -352,26 +482,37 @@ class _Session:
             self._reduce(name)
 
     def _reduce(self, name: str) -> None:
-        """Add this example's ``Σ|W ⊙ ∂L/∂W|`` to the module's score; the ``[d_out, d_in]`` gradient lives only here."""
+        """Add ``Σ|W ⊙ ∂L/∂W|`` of this pass's examples to the module's score; each ``[d_out, d_in]`` gradient lives
+        only here, one at a time."""
         forward = self.forward
         assert forward is not None
         inputs = forward.inputs.pop(name, [])
         grads = forward.grads.pop(name, {})
         if not grads:
-            return  # this module's output did not reach the loss on this example: it adds zero
-        weight = self.targets[name].weight
+            return  # this module's output did not reach the loss on this pass: it adds zero
+        weight = self.targets[name].weight.detach()
         d_out, d_in = weight.shape
-        # ∂L/∂W = Σ_calls Gᵀ X; concatenating the calls' tokens makes it one product, one [d_out, d_in] buffer.
-        xs = torch.cat([inputs[c].detach().reshape(-1, d_in).float() for c in sorted(grads)])
-        gs = torch.cat([grads[c].reshape(-1, d_out).float() for c in sorted(grads)])
-        product = gs.T @ xs
-        del xs, gs
-        product.mul_(weight.detach())
+        calls = sorted(grads)
         # float64 sums where the device has them (MPS does not).
         total_dtype = torch.float32 if weight.device.type == "mps" else torch.float64
-        score = product.abs_().sum(dtype=total_dtype)
-        del product
-        self.score_parts[name].append(score * forward.weight)
+        if forward.valid is None:
+            # ∂L/∂W = Σ_calls Gᵀ X; concatenating the calls' tokens makes it one product, one [d_out, d_in] buffer.
+            pairs = [(inputs[c].detach().reshape(-1, d_in), grads[c].reshape(-1, d_out)) for c in calls]
+            score = _abs_weighted_sum(weight, pairs, total_dtype) * forward.weight
+        else:
+            # Example n's gradient is Σ_calls G[n]ᵀ X[n] over its own tokens (padding zeroed: its values are not
+            # the example's), reduced before the next example's is formed.
+            score = torch.zeros((), dtype=total_dtype, device=weight.device)
+            for n in range(forward.rows):
+                pairs = []
+                for c in calls:
+                    x, g = inputs[c].detach()[n], grads[c][n]
+                    if x.dim() == 2 and x.shape[0] == forward.seq_len:
+                        keep = forward.valid[n].unsqueeze(1)
+                        x, g = torch.where(keep, x, 0), torch.where(keep, g, 0)
+                    pairs.append((x.reshape(-1, d_in), g.reshape(-1, d_out)))
+                score += _abs_weighted_sum(weight, pairs, total_dtype)
+        forward.scores[name] = forward.scores.get(name, 0) + score
 
     def statistics(self) -> CalibrationStatistics:
         shapes = {n: (m.out_features, m.in_features) for n, m in self.targets.items()}
@@ -398,12 +539,61 @@ class _Session:
         )
 
 
+_LOSS_HINTS = dict(
+    no_labels_hint="put labels in the calibration batches",
+    non_finite_hint="on a calibration example; scores need a finite loss",
+)
+
+
+def _abs_weighted_sum(weight: torch.Tensor, pairs: Sequence[Tuple[torch.Tensor, torch.Tensor]], dtype: Any) -> Any:
+    """``Σ|W ⊙ Σ_pairs Gᵀ X|`` through one ``[d_out, d_in]`` buffer."""
+    xs = torch.cat([x.float() for x, _ in pairs]) if len(pairs) > 1 else pairs[0][0].float()
+    gs = torch.cat([g.float() for _, g in pairs]) if len(pairs) > 1 else pairs[0][1].float()
+    product = gs.T @ xs
+    del xs, gs
+    product.mul_(weight)
+    return product.abs_().sum(dtype=dtype)
+
+
+def _trim_host_heap() -> None:
+    """Give the heap's free pages back to the OS (glibc only; elsewhere a no-op).
+
+    Measured on all-MiniLM-L6-v2 (32 examples, one per pass, fresh process): the pass's peak resident memory above
+    the loaded model was 1.1 GiB without this and 0.21 GiB with it (a 4 MiB fixed mmap threshold instead: 0.59
+    GiB). The cause is glibc's: each freed activation buffer raises its mmap threshold, so later ones come from
+    per-thread arenas (torch's, the core's) and stay resident once freed, a pass's worth per arena.
+    """
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        _MALLOC_TRIM = False
+        try:
+            import ctypes
+            import ctypes.util
+
+            name = ctypes.util.find_library("c")
+            libc = ctypes.CDLL(name) if name else None
+            if libc is not None and hasattr(libc, "malloc_trim") and hasattr(libc, "gnu_get_libc_version"):
+                _MALLOC_TRIM = libc.malloc_trim
+        except OSError:
+            pass
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM: Any = None
+
+
+def _release_cached_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 @dataclasses.dataclass
 class _Read:
     """A tensor some targets read during one forward, and the modules that read it."""
 
     source: torch.Tensor  # held so its memory is not reused within the forward: identity is its address
-    host: torch.Tensor
+    data: torch.Tensor  # what the accumulator reads: a host copy for the core, the tensor itself for torch
     mask: Optional[np.ndarray]
     center: str
     readers: Dict[str, None]
@@ -412,15 +602,22 @@ class _Read:
 class _Forward:
     """Per-forward bookkeeping of the hooks."""
 
-    def __init__(self, rows: int, seq_len: int, mask: np.ndarray) -> None:
+    def __init__(
+        self, rows: int, seq_len: int, mask: np.ndarray, backend: str, valid: Optional[torch.Tensor] = None
+    ) -> None:
         self.rows = rows
         self.seq_len = seq_len
         self.mask = mask
+        self.backend = backend
+        # Scoring each row as its own example: the [rows, seq] attention mask on the device, else None.
+        self.valid = valid
+        self.unsplittable = ""
         self.weight = 1.0
         self.reads: Dict[Tuple[Any, ...], _Read] = {}
         self.leaves: Dict[Tuple[Any, ...], torch.Tensor] = {}
         self.inputs: Dict[str, List[torch.Tensor]] = {}
         self.grads: Dict[str, Dict[int, torch.Tensor]] = {}
+        self.scores: Dict[str, torch.Tensor] = {}
 
     def read(self, name: str, x: torch.Tensor, center: Optional[str]) -> bool:
         if center is None:
@@ -428,19 +625,22 @@ class _Forward:
         key = _tensor_key(x)
         read = self.reads.get(key)
         if read is None:
-            # Copied now (to the host, where the core runs): the model may free or reuse the memory afterwards.
-            host = x.detach().to("cpu", copy=True)
-            mask = self.mask if host.dim() == 3 else None
-            read = self.reads[key] = _Read(x, host, mask, center, {})
+            # Read where it is, after the backward pass (which does not modify it), by the torch backend or by the
+            # core when it is already on the host: holding the tensor keeps its memory from reuse. Only device tensors
+            # bound for the core are copied to the host.
+            data = x.detach().to("cpu", copy=True) if self.backend == "core" and x.device.type != "cpu" else x.detach()
+            mask = self.mask if data.dim() == 3 else None
+            read = self.reads[key] = _Read(x, data, mask, center, {})
         read.readers[name] = None
         return True
 
     def covariance_updates(
-        self, accumulator: Callable[[Tuple[str, ...], str, int], CovarianceAccumulator]
-    ) -> List[Tuple[CovarianceAccumulator, torch.Tensor, Optional[np.ndarray]]]:
+        self, accumulator: Callable[[Tuple[str, ...], str, int, Any], StatisticsAccumulator]
+    ) -> List[Tuple[StatisticsAccumulator, torch.Tensor, Optional[np.ndarray]]]:
         # Known only now that the forward is over: which modules read each tensor, hence which accumulator it feeds.
         return [
-            (accumulator(tuple(r.readers), r.center, r.host.shape[-1]), r.host, r.mask) for r in self.reads.values()
+            (accumulator(tuple(r.readers), r.center, r.data.shape[-1], r.data.device), r.data, r.mask)
+            for r in self.reads.values()
         ]
 
     def drop_reads(self) -> None:
@@ -703,8 +903,17 @@ class CalibrationPlan:
     ``plan.table()`` (also ``str(plan)``) prints it and ``plan.plot(path)`` draws it.
     """
 
-    def __init__(self, config: TLoraConfig, modules: Sequence[ModulePlan], num_examples: int, num_tokens: int) -> None:
+    def __init__(
+        self,
+        config: TLoraConfig,
+        modules: Sequence[ModulePlan],
+        num_examples: int,
+        num_tokens: int,
+        covariance_bytes: Optional[int] = None,
+    ) -> None:
         _check_config(config)
+        # Memory the covariance sums held during calibration (unknown for plans saved before it was recorded).
+        self.covariance_bytes = None if covariance_bytes is None else int(covariance_bytes)
         self.config = config
         self.modules: Dict[str, ModulePlan] = {m.name: m for m in modules}
         if len(self.modules) != len(modules):
@@ -774,6 +983,7 @@ class CalibrationPlan:
             "config": self.config.to_dict(),
             "num_examples": self.num_examples,
             "num_tokens": self.num_tokens,
+            **({} if self.covariance_bytes is None else {"covariance_bytes": self.covariance_bytes}),
             "modules": [
                 {
                     "name": m.name,
@@ -810,12 +1020,14 @@ class CalibrationPlan:
             config = TLoraConfig.from_dict(description["config"])
             modules = [_module_from_json(entry, tensors) for entry in description["modules"]]
             num_examples, num_tokens = int(description["num_examples"]), int(description["num_tokens"])
+            covariance_bytes = description.get("covariance_bytes")
+            covariance_bytes = None if covariance_bytes is None else int(covariance_bytes)
         except (KeyError, TypeError, ValueError, ConfigError) as e:
             raise AdapterFormatError(f"{where!r}: a malformed calibration plan: {type(e).__name__}: {e}") from None
         extra = sorted(set(tensors) - {f"{m.name}.A" for m in modules if m.rank > 0})
         if extra:
             raise AdapterFormatError(f"{where!r}: tensor {extra[0]!r} belongs to no module of the plan")
-        return cls(config, modules, num_examples, num_tokens)
+        return cls(config, modules, num_examples, num_tokens, covariance_bytes)
 
     # -- showing it -------------------------------------------------------------------------------------------------
 
@@ -846,6 +1058,8 @@ class CalibrationPlan:
             f"{self.trainable_parameters:,} trainable parameters; {self.num_examples} examples, "
             f"{self.num_tokens} tokens; scaling {self.config.scaling!r}, centring {self.config.center!r}"
         )
+        if self.covariance_bytes is not None:
+            head += f"; covariance memory {format_bytes(self.covariance_bytes)}"
         rule = "-" * len(line(rows[0]))
         return "\n".join([head, line(rows[0]), rule] + [line(r) for r in rows[1:]])
 
@@ -984,6 +1198,7 @@ def build_plan(
     *,
     progress: bool = True,
     owned: Optional[AbstractSet[str]] = None,
+    basis_workers: Optional[int] = None,
 ) -> CalibrationPlan:
     """Ranks, scales and bases from ``statistics`` measured on ``model``'s targets (METHODS.md §2).
 
@@ -996,7 +1211,9 @@ def build_plan(
       otherwise it is ``‖W C Aᵀ‖²_F`` plus an unbiased Gaussian-probe estimate of the rest ``‖W C (I − AᵀA)‖²_F``
       (64 probes; the top part being exact is what keeps the estimate tight, as in Hutch++).
 
-    Reusing one ``statistics`` with several configs (other budgets or scalings) skips the model runs.
+    The bases of several modules are computed at once on ``basis_workers`` threads (default: up to 4), widest
+    inputs first; the plan does not depend on how many. Reusing one ``statistics`` with several configs (other
+    budgets or scalings) skips the model runs.
     ``owned`` (sharded calibration): compute the bases of these modules only; the others get an empty placeholder
     that :mod:`~lowrank_rs.methods.tlora.sharded` replaces with their owner's.
     """
@@ -1031,35 +1248,51 @@ def build_plan(
         return math.sqrt(r) if config.use_rslora else float(r)
 
     seed = config.init_seed if config.init_seed is not None else 0
-    plans: List[ModulePlan] = []
-    bar = tqdm(
-        total=sum(1 for r in ranks if r > 0), unit="module", desc="TLoRA basis", disable=not progress, leave=False
-    )
-    with bar:
-        for name, rank, alpha, score in zip(names, ranks, alphas, scores):
-            d_out, d_in = statistics.shapes[name]
+
+    def mine(name: str, rank: int) -> bool:
+        return rank > 0 and (owned is None or name in owned)
+
+    for name, rank in zip(names, ranks):
+        if mine(name, rank):
+            statistics.accumulator(name)  # merges split statistics here, not concurrently in the workers
+
+    def basis(name: str, rank: int) -> Tuple[np.ndarray, np.ndarray, float, bool]:
+        d_in = statistics.shapes[name][1]
+        if rank == 0:
+            return np.zeros((0, d_in), dtype=np.float32), np.zeros(0, dtype=np.float32), 0.0, True
+        weight = modules[name].weight.detach().to(device="cpu", dtype=torch.float32).numpy()
+        covariance = statistics.covariance(name)
+        a, singular = task_aware_basis(
+            weight, covariance, rank, oversample=config.oversample, power_iters=config.power_iters, seed=seed
+        )
+        a = np.ascontiguousarray(a, dtype=np.float32)
+        energy, exact = _captured_energy(weight, covariance, a, seed)
+        return a, np.asarray(singular, dtype=np.float32), energy, exact
+
+    todo = sum(1 for n, r in zip(names, ranks) if mine(n, r))
+    workers = _basis_workers(basis_workers, todo)
+    bar = tqdm(total=todo, unit="module", desc="TLoRA basis", disable=not progress, leave=False)
+    with bar, concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lowrank-rs-basis") as pool:
+        # The core and numpy release the GIL, so modules' bases overlap (the biggest first, so the tail is short);
+        # each worker holds one covariance at a time.
+        adapted = sorted(
+            (i for i, r in enumerate(ranks) if mine(names[i], r)), key=lambda i: -statistics.shapes[names[i]][1]
+        )
+        futures = {i: pool.submit(basis, names[i], ranks[i]) for i in adapted}
+        for future in concurrent.futures.as_completed(futures.values()):
+            future.result()
+            bar.update(1)
+        plans: List[ModulePlan] = []
+        for i, (name, rank, alpha, score) in enumerate(zip(names, ranks, alphas, scores)):
             if config.scaling == "reference":
                 scale = alpha / denominator(config.r)
             else:
                 scale = alpha / denominator(rank) if rank > 0 else 0.0
-            if rank == 0 or (owned is not None and name not in owned):
-                a = np.zeros((0, d_in), dtype=np.float32)
-                singular = np.zeros(0, dtype=np.float32)
-                energy, exact = 0.0, True
-            else:
-                weight = modules[name].weight.detach().to(device="cpu", dtype=torch.float32).numpy()
-                covariance = statistics.covariance(name)
-                a, singular = task_aware_basis(
-                    weight, covariance, rank, oversample=config.oversample, power_iters=config.power_iters, seed=seed
-                )
-                a = np.ascontiguousarray(a, dtype=np.float32)
-                singular = np.asarray(singular, dtype=np.float32)
-                energy, exact = _captured_energy(weight, covariance, a, seed)
-                bar.update(1)
+            a, singular, energy, exact = futures[i].result() if i in futures else basis(name, 0)
             plans.append(
                 ModulePlan(
                     name=name,
-                    shape=(d_out, d_in),
+                    shape=statistics.shapes[name],
                     rank=int(rank),
                     scale=float(scale),
                     alpha=float(alpha),
@@ -1070,7 +1303,16 @@ def build_plan(
                     energy_exact=exact,
                 )
             )
-    return CalibrationPlan(config, plans, statistics.num_examples, statistics.num_tokens)
+    return CalibrationPlan(config, plans, statistics.num_examples, statistics.num_tokens, statistics.covariance_bytes)
+
+
+def _basis_workers(requested: Optional[int], modules: int) -> int:
+    if requested is None:
+        # Beyond a few, concurrent bases only compete for the same cores and multiply the covariances held.
+        requested = min(4, os.cpu_count() or 1)
+    if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
+        raise InvalidArgumentError(f"basis_workers must be a positive integer, not {requested!r}")
+    return max(1, min(requested, modules))
 
 
 def _captured_energy(weight: np.ndarray, covariance: np.ndarray, a: np.ndarray, seed: int) -> Tuple[float, bool]:
@@ -1096,43 +1338,3 @@ def _captured_energy(weight: np.ndarray, covariance: np.ndarray, a: np.ndarray, 
 
 def _name_modules(message: str, names: Sequence[str]) -> str:
     return re.sub(r"module (\d+)", lambda m: f"module {m.group(1)} ({names[int(m.group(1))]!r})", message)
-
-
-# --- the one-call API -----------------------------------------------------------------------------------------------
-
-
-def calibrate(
-    model: nn.Module,
-    batches: Iterable[Mapping[str, Any]],
-    config: TLoraConfig,
-    *,
-    loss_fn: Optional[LossFn] = None,
-    progress: bool = True,
-) -> CalibrationPlan:
-    """Calibrate TLoRA on ``model``: per target module a rank, a scale and a task-aware frozen ``A`` (METHODS.md §2).
-
-    - ``model``: a torch model (transformers or any ``nn.Module``) without adapters, on any device and in any float
-      dtype (bf16/fp16 activations reach the core as they are; weights are upcast to float32 for the basis only).
-      Targets are found as :func:`~lowrank_rs.attach` finds them.
-    - ``batches``: an iterable of dicts of tensors as the model takes them; calibration stops after
-      ``config.num_examples`` examples (rows), cutting the last batch if needed. Padding never enters a covariance;
-      with ``count_prompt_tokens=False`` tokens labelled -100 do not either.
-    - ``loss_fn(outputs, batch)``: the loss to score with; by default the model's ``outputs.loss`` (so the batches
-      need ``labels``).
-    - ``progress``: tqdm bars over the calibration examples and over the bases.
-
-    Covariance: each target's input tokens (``config.center`` centring), fed to the Rust core on a background thread;
-    modules reading one tensor (q/k/v, gate/up) share one accumulator. Sensitivity: ``mean over examples of
-    Σ|W ⊙ ∂L/∂W| / |W|``, one example per backward pass (``per_example_scores``, the reference's way) or one batch
-    (weighted by its rows); each module's gradient is formed from its output gradient and input and reduced on the
-    spot, so at most one weight-sized gradient exists at a time. Then :func:`build_plan`.
-    """
-    first = next(iter(model.parameters()), None)
-    ctx = detect(first.device if first is not None else None)
-    if ctx.active:
-        # Under torchrun: each process measures its share and the statistics are reduced (methods/tlora/sharded.py).
-        from .sharded import calibrate_sharded
-
-        return calibrate_sharded(model, batches, config, ctx, loss_fn=loss_fn, progress=progress, build=build_plan)
-    statistics = collect_statistics(model, batches, config, loss_fn=loss_fn, progress=progress)
-    return build_plan(model, statistics, config, progress=progress)

@@ -12,7 +12,8 @@ from ...adapters.recipe import Prepared, Settings
 from ...errors import InvalidArgumentError
 from ...training.collate import calibration_batches
 from ..lora.method import LoraMethod, Overrides
-from .calibrate import PLAN_FORMAT, CalibrationPlan, calibrate
+from .api import calibrate
+from .calibrate import PLAN_FORMAT, CalibrationPlan
 from .config import TLoraConfig
 
 __all__ = ["TLoraMethod", "plan_overrides"]

@@ -1,0 +1,164 @@
+"""What a TLoRA calibration's covariance statistics will cost in memory, known from the targets' shapes alone.
+
+:func:`plan_memory` runs before any forward: :func:`~lowrank_rs.methods.tlora.calibrate` prints its estimate and
+refuses to start when it exceeds ``config.max_covariance_bytes``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, List, Mapping, Tuple, Union
+
+from torch import nn
+
+from ...adapters.targets import resolve_modules_to_save, resolve_targets
+from ...errors import InvalidArgumentError, ShapeError
+from ...statistics import resolve_backend
+from .config import TLoraConfig
+
+__all__ = ["MemoryPlan", "plan_memory", "format_bytes"]
+
+# Sibling modules that read one tensor in the architectures this project knows (LLaMA/Qwen/Mistral attention and
+# MLP, BERT, DeBERTa, Mixtral-style experts, GPT-NeoX-like "q/k/v"); they share one accumulator at run time, where
+# sharing is detected by tensor identity. Any other target is counted alone, so the estimate can only be high.
+SHARED_INPUTS: Tuple[Tuple[str, ...], ...] = (
+    ("q_proj", "k_proj", "v_proj"),
+    ("query", "key", "value"),
+    ("query_proj", "key_proj", "value_proj"),
+    ("gate_proj", "up_proj"),
+    ("w1", "w3"),
+    ("wq", "wk", "wv"),
+    ("q", "k", "v"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryPlan:
+    """The covariance memory of a calibration.
+
+    - ``groups``: the accumulators, each ``(modules, d_in)``;
+    - ``accumulator_bytes``: their f64 sums, held from the first forward until the plan is built (the core keeps the
+      lower triangle, the torch backend the full square on the model's device);
+    - ``transient_bytes``: the largest extra working memory at a time: one update's f32 product on the torch
+      backend, and while bases are computed one ``[d_in, d_in]`` float64 covariance plus its float32 copy per
+      basis worker;
+    - ``backend``: ``"core"`` or ``"torch"``.
+    """
+
+    groups: Tuple[Tuple[Tuple[str, ...], int], ...]
+    accumulator_bytes: int
+    transient_bytes: int
+    backend: str
+    device: str
+
+    @property
+    def total_bytes(self) -> int:
+        return self.accumulator_bytes + self.transient_bytes
+
+    def __str__(self) -> str:
+        shared = sum(1 for names, _ in self.groups if len(names) > 1)
+        modules = sum(len(names) for names, _ in self.groups)
+        return (
+            f"TLoRA covariance memory: {len(self.groups)} accumulators for {modules} modules ({shared} shared), "
+            f"{format_bytes(self.accumulator_bytes)} of f64 sums on {self.device} ({self.backend}) + up to "
+            f"{format_bytes(self.transient_bytes)} working memory = {format_bytes(self.total_bytes)}"
+        )
+
+
+def format_bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
+        value /= 1024
+    return f"{value:.2f} TiB"  # pragma: no cover - the loop returns at GiB
+
+
+def plan_memory(
+    model_or_shapes: Union[nn.Module, Mapping[str, Tuple[int, int]]],
+    config: TLoraConfig,
+    *,
+    device: Any = None,
+    basis_workers: int = 1,
+) -> MemoryPlan:
+    """The covariance memory ``config``'s targets need, from shapes alone (nothing runs).
+
+    ``model_or_shapes``: the model (targets resolved as calibration resolves them) or a mapping
+    ``module name → (d_out, d_in)`` (e.g. LLaMA-7B's without loading it). ``device``: where the activations will
+    live (default: the model's, or the CPU for shapes); with ``config.statistics_backend="auto"`` it picks the
+    backend. ``basis_workers``: bases computed at once (each holds one covariance).
+
+    Modules known to read one tensor (:data:`SHARED_INPUTS`: q/k/v, gate/up under one parent) share an accumulator;
+    others are counted alone, so the estimate is an upper bound when a model shares more.
+    """
+    if not isinstance(config, TLoraConfig):
+        raise InvalidArgumentError(f"plan_memory needs a TLoraConfig, not {type(config).__name__}")
+    shapes = _shapes(model_or_shapes, config)
+    if device is None:
+        device = _device(model_or_shapes)
+    backend = resolve_backend(config.statistics_backend, device)
+    groups: Dict[Tuple[Any, ...], List[str]] = {}
+    dims: Dict[Tuple[Any, ...], int] = {}
+    for name, (_, d_in) in shapes.items():
+        parent, _, leaf = name.rpartition(".")
+        family = next((i for i, group in enumerate(SHARED_INPUTS) if leaf in group), None)
+        key: Tuple[Any, ...] = (parent, family, d_in) if family is not None else (name,)
+        groups.setdefault(key, []).append(name)
+        dims[key] = d_in
+    plan_groups = tuple((tuple(names), dims[key]) for key, names in groups.items())
+    if backend == "core":
+        accumulators = sum(8 * (d * (d + 1) // 2 + d) for _, d in plan_groups)
+        update = 0
+    else:
+        accumulators = sum(8 * (d * d + d) for _, d in plan_groups)
+        update = max((4 * d * d for _, d in plan_groups), default=0)
+    largest = sorted((d for _, d in plan_groups), reverse=True)[: max(1, basis_workers)]
+    basis = sum(12 * d * d for d in largest)
+    return MemoryPlan(plan_groups, accumulators, max(update, basis), backend, str(device))
+
+
+def check_memory(plan: MemoryPlan, config: TLoraConfig) -> None:
+    """Refuse a calibration whose covariance memory exceeds ``config.max_covariance_bytes``."""
+    cap = config.max_covariance_bytes
+    if cap is not None and plan.total_bytes > cap:
+        widest = max(plan.groups, key=lambda g: g[1])
+        raise InvalidArgumentError(
+            f"calibration would need {format_bytes(plan.total_bytes)} for covariances "
+            f"({format_bytes(plan.accumulator_bytes)} of accumulators + {format_bytes(plan.transient_bytes)} working "
+            f"memory), above max_covariance_bytes = {format_bytes(cap)}. The widest input is {widest[1]} "
+            f"({widest[0][0]!r}): leave such modules out of target_modules, calibrate fewer layers, or raise the cap"
+        )
+
+
+def _shapes(model_or_shapes: Any, config: TLoraConfig) -> Dict[str, Tuple[int, int]]:
+    if isinstance(model_or_shapes, nn.Module):
+        modules = dict(model_or_shapes.named_modules())
+        keep = resolve_modules_to_save(modules, config.modules_to_save)
+        names = resolve_targets(modules, config.target_modules, keep, type(model_or_shapes).__name__)
+        return {n: (modules[n].out_features, modules[n].in_features) for n in names}
+    if not isinstance(model_or_shapes, Mapping):
+        raise InvalidArgumentError(
+            f"plan_memory needs a model or a mapping of module names to (d_out, d_in), not "
+            f"{type(model_or_shapes).__name__}"
+        )
+    shapes: Dict[str, Tuple[int, int]] = {}
+    for name, shape in model_or_shapes.items():
+        try:
+            d_out, d_in = (int(v) for v in shape)
+        except (TypeError, ValueError):
+            raise ShapeError(f"module {name!r}: shape must be (d_out, d_in), got {shape!r}") from None
+        if d_out <= 0 or d_in <= 0:
+            raise ShapeError(f"module {name!r}: shape must be positive, got {shape!r}")
+        shapes[str(name)] = (d_out, d_in)
+    if not shapes:
+        raise InvalidArgumentError("plan_memory got no modules")
+    return shapes
+
+
+def _device(model_or_shapes: Any) -> Any:
+    import torch
+
+    if isinstance(model_or_shapes, nn.Module):
+        for p in model_or_shapes.parameters():
+            return p.device
+    return torch.device("cpu")
