@@ -13,6 +13,7 @@ pytest.importorskip("transformers")
 
 from test_calibrate import TARGETS, config, examples, pad, tiny  # noqa: E402
 
+import lowrank_rs as lr  # noqa: E402
 from lowrank_rs import ConfigError, InvalidArgumentError, TLoraConfig  # noqa: E402
 from lowrank_rs.linalg import CovarianceAccumulator  # noqa: E402
 from lowrank_rs.methods.tlora import CalibrationPlan, build_plan, collect_statistics, plan_memory  # noqa: E402
