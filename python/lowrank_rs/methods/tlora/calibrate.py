@@ -140,6 +140,10 @@ class CalibrationStatistics:
         """float64 ``[d_in, d_in]``: the covariance of ``name``'s input tokens."""
         return self.accumulator(name).covariance()
 
+    def prepare(self, name: str) -> None:
+        """Merge ``name``'s split statistics now (before the bases run in threads, which must not merge at once)."""
+        self.accumulator(name)
+
     def __repr__(self) -> str:
         return (
             f"CalibrationStatistics({len(self.modules)} modules, {len(self._accumulators)} accumulators, "
@@ -1254,7 +1258,7 @@ def build_plan(
 
     for name, rank in zip(names, ranks):
         if mine(name, rank):
-            statistics.accumulator(name)  # merges split statistics here, not concurrently in the workers
+            statistics.prepare(name)
 
     def basis(name: str, rank: int) -> Tuple[np.ndarray, np.ndarray, float, bool]:
         d_in = statistics.shapes[name][1]

@@ -74,6 +74,9 @@ class _Reduced(CalibrationStatistics):
     def covariance(self, name: str) -> np.ndarray:
         return self.covariances[name]
 
+    def prepare(self, name: str) -> None:
+        """Nothing to merge: the reduced covariances are final."""
+
 
 def reduce_statistics(local: CalibrationStatistics, ctx: Distributed) -> Tuple[_Reduced, Dict[str, int]]:
     """``local`` summed over the ranks; returns the statistics and each module's owner rank."""
