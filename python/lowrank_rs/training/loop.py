@@ -202,14 +202,7 @@ def train(
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
 
     optimizer = _adamw(named, config, hooks.param_groups([n for n, _ in named]))
-    warmup = config.warmup_for(total_steps)
-
-    def factor(index: int) -> float:
-        # LambdaLR passes the 0-based number of scheduler steps taken; the lr it sets is used by the next step. The
-        # scheduler also steps after the last step, to a step that is never taken (and that, with warmup over the
-        # whole run, would divide by T - W = 0): it gets the last step's factor.
-        return lr_factor(min(index + 1, total_steps), total_steps, warmup, config.min_lr_ratio)
-
+    factor = _schedule(config, total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     order_generator = torch.Generator()
     position = Position()
@@ -254,26 +247,10 @@ def train(
             step_size = config.batch_size * config.grad_accum * ctx.world
             step_indices = position.order[position.offset : position.offset + step_size]
             rows = len(step_indices)
-            mine, passes = round_robin(step_indices, config.batch_size, ctx)
-            step_loss = torch.zeros((), dtype=torch.float64)
-            step_tokens = 0
-            for index in range(passes):
-                # A rank out of micro-batches (end of an epoch) still runs the pass its peers' collectives wait for.
-                micro = mine[index] if index < len(mine) else step_indices[:1]
-                share = len(micro) / rows if index < len(mine) else 0.0
-                batch = train_set.batch(micro.tolist(), pad_token_id)
-                if share:
-                    step_tokens += _tokens(batch)
-                # Backward inside the method's context too: gradient checkpointing recomputes the forward there.
-                with runner.accumulating(sync=index == passes - 1), hooks.context(batch):
-                    loss = forward.loss(batch, f"step {position.step + 1}")
-                    penalty = hooks.regularizer()
-                    if penalty is not None:
-                        loss = loss + penalty.to(loss.device, loss.dtype)
-                    # DDP and FSDP2 average gradients over the ranks; scaling by W makes that the sum over the step.
-                    (loss * (share * ctx.world)).backward()
-                step_loss += loss.detach().double().cpu() * share
-            step_loss_sum, step_tokens_sum = all_reduce_sum([float(step_loss), step_tokens], ctx)
+            step_loss, step_tokens = _backward_step(
+                step_indices, train_set, config, ctx, pad_token_id, runner, hooks, forward, position.step + 1
+            )
+            step_loss_sum, step_tokens_sum = all_reduce_sum([step_loss, step_tokens], ctx)
             tokens += int(step_tokens_sum)
             # What the schedule gives TrainConfig.lr (LambdaLR's own product); method groups scale by the same factor.
             learning_rate = config.lr * factor(position.step)
@@ -327,6 +304,55 @@ def train(
         resumed_from=resumed_from,
         checkpoint=last_checkpoint,
     )
+
+
+def _schedule(config: TrainConfig, total_steps: int) -> Callable[[int], float]:
+    """The learning-rate factor of each scheduler step (warmup, then cosine to ``min_lr_ratio``)."""
+    warmup = config.warmup_for(total_steps)
+
+    def factor(index: int) -> float:
+        # LambdaLR passes the 0-based number of scheduler steps taken; the lr it sets is used by the next step. The
+        # scheduler also steps after the last step, to a step that is never taken (and that, with warmup over the
+        # whole run, would divide by T - W = 0): it gets the last step's factor.
+        return lr_factor(min(index + 1, total_steps), total_steps, warmup, config.min_lr_ratio)
+
+    return factor
+
+
+def _backward_step(
+    step_indices: torch.Tensor,
+    train_set: _Examples,
+    config: TrainConfig,
+    ctx: Any,
+    pad_token_id: int,
+    runner: Any,
+    hooks: TrainingHooks,
+    forward: _Forward,
+    step: int,
+) -> Tuple[float, int]:
+    """Forward and backward of this rank's micro-batches of one optimizer step; returns this rank's share of the
+    step's loss (weighted by examples) and its token count."""
+    rows = len(step_indices)
+    mine, passes = round_robin(step_indices, config.batch_size, ctx)
+    step_loss = torch.zeros((), dtype=torch.float64)
+    step_tokens = 0
+    for index in range(passes):
+        # A rank out of micro-batches (end of an epoch) still runs the pass its peers' collectives wait for.
+        micro = mine[index] if index < len(mine) else step_indices[:1]
+        share = len(micro) / rows if index < len(mine) else 0.0
+        batch = train_set.batch(micro.tolist(), pad_token_id)
+        if share:
+            step_tokens += _tokens(batch)
+        # Backward inside the method's context too: gradient checkpointing recomputes the forward there.
+        with runner.accumulating(sync=index == passes - 1), hooks.context(batch):
+            loss = forward.loss(batch, f"step {step}")
+            penalty = hooks.regularizer()
+            if penalty is not None:
+                loss = loss + penalty.to(loss.device, loss.dtype)
+            # DDP and FSDP2 average gradients over the ranks; scaling by W makes that the sum over the step.
+            (loss * (share * ctx.world)).backward()
+        step_loss += loss.detach().double().cpu() * share
+    return float(step_loss), step_tokens
 
 
 def evaluate(
