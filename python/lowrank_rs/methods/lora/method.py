@@ -27,6 +27,7 @@ from ...adapters.peft_format import (
     PEFT_PREFIX,
     TASK_EXTRA_MODULES,
     alpha_reproducing,
+    check_lora_fields,
     json_number,
     pattern_keys,
     peft_modules_to_save,
@@ -47,6 +48,7 @@ from ...errors import (
     AdapterStateError,
     ConfigError,
     InvalidArgumentError,
+    NonFiniteError,
     ShapeError,
     TargetError,
 )
@@ -223,6 +225,12 @@ class LoraMethod(Method):
         merged = [name for name, layer in layers.items() if layer.merged]
         if merged:
             raise AdapterStateError(f"{len(merged)} adapter(s) are already merged, e.g. {merged[0]!r}; unmerge first")
+        # Every layer is checked before any is merged, so a refusal leaves the whole model as it was.
+        for name, layer in layers.items():
+            try:
+                layer.check_merge()
+            except NonFiniteError as e:
+                raise NonFiniteError(f"{name!r}: {e}") from None
         for layer in layers.values():
             layer.merge()
         return model
@@ -445,6 +453,7 @@ class LoraMethod(Method):
         package does not implement raises, and leaves the model as it was.
         """
         self.check_file(peft_config, path)
+        check_lora_fields(peft_config, os.fspath(path))
         raw_extras = peft_config.get("lowrank_rs")
         extras = raw_extras if isinstance(raw_extras, dict) else None
         extra_weights, tensors = self.split_extras(tensors, extras, path)
@@ -662,7 +671,12 @@ def ranks_and_scales(
             raise ShapeError(f"{name!r}: the file's config gives rank {r_i}, its lora_A has {a.shape[0]} rows")
         ranks[name] = r_i
         if vllm_extras is not None:
-            true_rank = int((vllm_extras.get("ranks") or {}).get(name, r_i))
+            true_rank = (vllm_extras.get("ranks") or {}).get(name, r_i)
+            # The true rank sizes the layer attach builds, so it must come from the tensors, not the config alone.
+            if isinstance(true_rank, bool) or not isinstance(true_rank, int) or not 1 <= true_rank <= a.shape[0]:
+                raise AdapterFormatError(
+                    f"{name!r}: lowrank_rs.ranks gives rank {true_rank!r}; the file's lora_A has {a.shape[0]} rows"
+                )
             if a[true_rank:].any() or b[:, true_rank:].any():
                 raise AdapterFormatError(f"{name!r}: the vLLM padding beyond rank {true_rank} is not zero")
             ranks[name] = true_rank
