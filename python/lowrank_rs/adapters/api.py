@@ -9,8 +9,9 @@ from typing import Any, Dict, Union
 import torch
 from torch import nn
 
-from ..errors import AdapterFormatError, AdapterStateError, InvalidArgumentError, NonFiniteError
+from ..errors import AdapterFormatError, AdapterStateError, InvalidArgumentError
 from ..package import read_adapter
+from .peft_format import check_finite_tensors
 from .record import require_attachment
 from .registry import has_adapter, method_for, method_for_file, method_of, method_or_none
 
@@ -89,10 +90,7 @@ def load_adapter(model: nn.Module, path: PathLike) -> nn.Module:
     variant of it). Nothing changes in the model when the file does not fit.
     """
     tensors, peft_config = read_adapter(path, framework="torch")
-    # A NaN or infinity loaded into an adapter reaches the base weight on merge, where unmerge cannot take it out.
-    for key, tensor in tensors.items():
-        if (tensor.is_floating_point() or tensor.is_complex()) and not bool(torch.isfinite(tensor).all()):
-            raise NonFiniteError(f"{os.fspath(path)!r}: adapter tensor {key!r} holds NaN or infinity")
+    check_finite_tensors(tensors, os.fspath(path))
     if not isinstance(peft_config, dict):
         raise AdapterFormatError(f"{os.fspath(path)!r}: the adapter config is a JSON {type(peft_config).__name__}")
     in_file = method_for_file(peft_config, path)

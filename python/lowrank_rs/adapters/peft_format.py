@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..config import MAX_ALPHA, regex_problem
-from ..errors import AdapterFormatError, InvalidArgumentError, ShapeError, TargetError
+from ..errors import AdapterFormatError, InvalidArgumentError, NonFiniteError, ShapeError, TargetError
 
 __all__ = [
     "MAX_LORA_ALPHA",
@@ -25,6 +25,7 @@ __all__ = [
     "MAX_PATTERN_KEY_LENGTH",
     "MAX_REGEX_PATTERN_KEYS",
     "PEFT_PREFIX",
+    "check_finite_tensors",
     "check_lora_fields",
     "pattern_key_problem",
     "alpha_reproducing",
@@ -155,6 +156,17 @@ def _field_pattern(value: Any, name: str, where: str) -> Dict[str, Any]:
             "not limited)"
         )
     return value
+
+
+def check_finite_tensors(tensors: Mapping[str, torch.Tensor], where: str) -> None:
+    """Refuse a file tensor holding NaN or infinity, naming it.
+
+    Loaded, it would reach the base weight on merge (where unmerge cannot take it out again) or the ONNX Runtime
+    adapter file, often with finite logits, so nothing downstream would tell the user.
+    """
+    for key, tensor in tensors.items():
+        if (tensor.is_floating_point() or tensor.is_complex()) and not bool(torch.isfinite(tensor).all()):
+            raise NonFiniteError(f"{where!r}: adapter tensor {key!r} holds NaN or infinity")
 
 
 def check_lora_fields(peft_config: Mapping[str, Any], where: str) -> None:

@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 import torch
 from torch import nn
 
+from ..adapters.peft_format import check_finite_tensors
 from ..adapters.record import attachment_of
 from ..errors import (
     AdapterFormatError,
@@ -149,6 +150,9 @@ def adapter_contents(adapter: Union[PathLike, nn.Module]) -> AdapterContents:
         raise InvalidArgumentError(f"adapter must be an adapter directory or a model, not {type(adapter).__name__}")
     where = os.fspath(adapter)
     tensors, config = read_adapter(adapter, framework="torch")
+    check_finite_tensors(tensors, where)
+    if not isinstance(config, dict):
+        raise AdapterFormatError(f"{where!r}: the adapter config is a JSON {type(config).__name__}")
     hook = method_for_file(config, where)
     modules, rest = hook.file_tensors(tensors, config, where)
     if not modules:

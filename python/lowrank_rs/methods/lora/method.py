@@ -399,6 +399,7 @@ class LoraMethod(Method):
             raise AdapterFormatError(
                 f"{where!r} uses PEFT LoRA feature(s) {used}, which lowrank-rs's {self.title} does not implement"
             )
+        check_lora_fields(peft_config, where)
 
     # Hooks of the file's extra tensors: split them off, say what the model expects, check, load.
 
@@ -453,7 +454,6 @@ class LoraMethod(Method):
         package does not implement raises, and leaves the model as it was.
         """
         self.check_file(peft_config, path)
-        check_lora_fields(peft_config, os.fspath(path))
         raw_extras = peft_config.get("lowrank_rs")
         extras = raw_extras if isinstance(raw_extras, dict) else None
         extra_weights, tensors = self.split_extras(tensors, extras, path)
