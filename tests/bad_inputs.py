@@ -54,13 +54,14 @@ def saved_adapter(tmp: pathlib.Path, **edits: Any) -> pathlib.Path:
     """A LoRA adapter of :func:`tiny_bert` (r = 4 on query/value), its config edited: ``key=value`` sets a
     top-level field, ``lowrank_rs__key=value`` one of our extras; ``tensor`` = a function of the tensors dict."""
     import lowrank_rs as lr
+    from lowrank_rs.package import read_adapter, write_adapter
 
     model = lr.attach(tiny_bert(), lr.LoraConfig(target_modules=["query", "value"], r=4, init_seed=0))
     out = tmp / "adapter"
     lr.save_adapter(model, out, vllm=bool(edits.pop("vllm", False)))
     tensor_edit = edits.pop("tensor", None)
     if edits or tensor_edit:
-        tensors, config = lr.read_adapter(out, framework="numpy")
+        tensors, config = read_adapter(out, framework="numpy")
         for key, value in edits.items():
             if key.startswith("lowrank_rs__"):
                 config["lowrank_rs"][key[len("lowrank_rs__") :]] = value
@@ -71,7 +72,7 @@ def saved_adapter(tmp: pathlib.Path, **edits: Any) -> pathlib.Path:
         import shutil
 
         shutil.rmtree(out)
-        lr.write_adapter(out, tensors, config)
+        write_adapter(out, tensors, config)
     return out
 
 
@@ -120,9 +121,9 @@ def merge_nan(tmp: pathlib.Path) -> Any:
 
 
 def covariance(mask: Any) -> Any:
-    import lowrank_rs as lr
+    from lowrank_rs.linalg import CovarianceAccumulator
 
-    acc = lr.CovarianceAccumulator(4)
+    acc = CovarianceAccumulator(4)
     return acc.update(np.ones((3, 4), np.float32), mask=np.asarray(mask))
 
 
@@ -161,6 +162,12 @@ def _export_model(tmp: pathlib.Path) -> Any:
     from lowrank_rs.export.cli import load_model
 
     return load_model(str(model_dir(tmp, truncate=True)), "float32")
+
+
+def _write_ort(source: pathlib.Path, out: pathlib.Path) -> Any:
+    from lowrank_rs.export import write_ort_adapter
+
+    return write_ort_adapter(source, out)
 
 
 def _lora(**fields: Any) -> Any:
@@ -307,7 +314,7 @@ CASES: List[Case] = [
         "NaN in an adapter tensor, written as an ONNX Runtime adapter",
         "holds NaN or infinity",
         "NonFiniteError",
-        lambda t: __import__("lowrank_rs").write_ort_adapter(saved_adapter(t, tensor=with_nan), t / "x.onnx_adapter"),
+        lambda t: _write_ort(saved_adapter(t, tensor=with_nan), t / "x.onnx_adapter"),
     ),
     # model state
     Case(

@@ -18,14 +18,21 @@ import pytest
 from bad_inputs import tiny_bert
 
 import lowrank_rs as lr
+from lowrank_rs.export import write_ort_adapter
 
-TRIALS = int(os.environ.get("LOWRANK_FAULT_TRIALS", "5"))
+TRIALS = int(os.environ.get("LOWRANK_FAULT_TRIALS", "6"))
 
-CHILD = textwrap.dedent(
+# One "zygote" process pays for the imports once and forks a writer per trial; the parent SIGKILLs the writer. The
+# zygote touches no thread pool before forking (torch at one thread, the Rust core only to read the plan), so the
+# forked writer is an ordinary single-threaded process.
+ZYGOTE = textwrap.dedent(
     """
-    import os, sys, pathlib, dataclasses
+    import os, sys, pathlib
     sys.path[:0] = [{tests!r}]
+    import torch
+    torch.set_num_threads(1)
     import lowrank_rs as lr
+    from lowrank_rs.export import write_ort_adapter
     from bad_inputs import tiny_bert
     work = pathlib.Path({work!r})
     config = lambda s: lr.LoraConfig(target_modules=["query", "value"], r=4, init_seed=s)
@@ -33,13 +40,19 @@ CHILD = textwrap.dedent(
     plan = lr.CalibrationPlan.load(work / "plan-src")
     plans = [plan, lr.CalibrationPlan(plan.config, list(plan.modules.values()), plan.num_examples + 1, plan.num_tokens)]
     print("ready", flush=True)
-    i = 0
-    while True:
-        v = i % 2
-        lr.save_adapter(models[v], work / "target-adapter")
-        plans[v].save(work / "target-plan")
-        lr.write_ort_adapter(work / f"src-{{v}}", work / "target.onnx_adapter")
-        i += 1
+    for line in sys.stdin:
+        pid = os.fork()
+        if pid == 0:
+            i = 0
+            while True:
+                v = i % 2
+                lr.save_adapter(models[v], work / "target-adapter")
+                plans[v].save(work / "target-plan")
+                write_ort_adapter(work / f"src-{{v}}", work / "target.onnx_adapter")
+                i += 1
+                (work / "loops").write_text(str(i))
+        print(pid, flush=True)
+        os.waitpid(pid, 0)
     """
 )
 
@@ -78,7 +91,7 @@ def work(tmp_path_factory):
         model = lr.attach(tiny_bert(), lr.LoraConfig(target_modules=["query", "value"], r=4, init_seed=v))
         lr.save_adapter(model, work / f"src-{v}")
         plans[v].save(work / f"plan-{v}")
-        lr.write_ort_adapter(work / f"src-{v}", work / f"ort-{v}.onnx_adapter")
+        write_ort_adapter(work / f"src-{v}", work / f"ort-{v}.onnx_adapter")
         refs[v] = {
             "target-adapter": _files(work / f"src-{v}"),
             "target-plan": _files(work / f"plan-{v}"),
@@ -93,36 +106,50 @@ def test_sigkill_during_writes_leaves_old_or_new_content(work):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.fspath(pathlib.Path(lr.__file__).parents[1]), tests])}
     rng = random.Random(14)
     outcomes = []
-    for trial in range(TRIALS):
-        child = subprocess.Popen(
-            [sys.executable, "-c", CHILD.format(tests=tests, work=os.fspath(work))],
-            stdout=subprocess.PIPE,
-            env=env,
-        )
-        try:
-            assert child.stdout.readline().strip() == b"ready"
+    zygote = subprocess.Popen(
+        [sys.executable, "-c", ZYGOTE.format(tests=tests, work=os.fspath(work))],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=env,
+    )
+    try:
+        assert zygote.stdout.readline().strip() == b"ready"
+        loops = []
+        for trial in range(TRIALS):
+            (work / "loops").write_text("0")
+            zygote.stdin.write(b"go\n")
+            zygote.stdin.flush()
+            writer = int(zygote.stdout.readline())
             # The first trial kills before the first write has finished; later ones at random points of the loop.
-            time.sleep(rng.uniform(0.0, 0.05) if trial == 0 else rng.uniform(0.05, 1.5))
-        finally:
-            child.send_signal(signal.SIGKILL)
-            child.wait()
-        for target, _ in refs[0].items():
-            path = work / target
-            if not path.exists():
-                # Only before the first complete write may nothing be there (the "old" state); after a rerun wrote it,
-                # a missing target is a write that removed the old one before the new one was in place.
-                assert trial == 0, f"trial {trial}: {target} vanished: the kill fell between removing and renaming"
-                outcomes.append((trial, target, "absent"))
-                continue
-            got = _files(path)
-            version = next((v for v in (0, 1) if got == refs[v][target]), None)
-            assert version is not None, f"trial {trial}: {target} is neither the old nor the new content: {sorted(got)}"
-            outcomes.append((trial, target, version))
-        # A rerun over whatever the kill left succeeds and leaves the complete new content.
-        model = lr.attach(tiny_bert(), lr.LoraConfig(target_modules=["query", "value"], r=4, init_seed=1))
-        lr.save_adapter(model, work / "target-adapter")
-        plans[1].save(work / "target-plan")
-        lr.write_ort_adapter(work / "src-1", work / "target.onnx_adapter")
-        for target in refs[1]:
-            assert _files(work / target) == refs[1][target]
+            time.sleep(rng.uniform(0.0, 0.02) if trial == 0 else rng.uniform(0.05, 0.6))
+            os.kill(writer, signal.SIGKILL)
+            loops.append(int((work / "loops").read_text() or 0))
+            _check(work, refs, plans, trial, outcomes)
+    finally:
+        zygote.kill()
+        zygote.wait()
     assert len(outcomes) == TRIALS * 3
+    # The writers did write: most kills landed after some complete loops, i.e. in the middle of the rewriting.
+    assert sum(n > 0 for n in loops) >= TRIALS // 2, loops
+
+
+def _check(work, refs, plans, trial, outcomes):
+    for target, _ in refs[0].items():
+        path = work / target
+        if not path.exists():
+            # Only before the first complete write may nothing be there (the "old" state); after a rerun wrote it,
+            # a missing target is a write that removed the old one before the new one was in place.
+            assert trial == 0, f"trial {trial}: {target} vanished: the kill fell between removing and renaming"
+            outcomes.append((trial, target, "absent"))
+            continue
+        got = _files(path)
+        version = next((v for v in (0, 1) if got == refs[v][target]), None)
+        assert version is not None, f"trial {trial}: {target} is neither the old nor the new content: {sorted(got)}"
+        outcomes.append((trial, target, version))
+    # A rerun over whatever the kill left succeeds and leaves the complete new content.
+    model = lr.attach(tiny_bert(), lr.LoraConfig(target_modules=["query", "value"], r=4, init_seed=1))
+    lr.save_adapter(model, work / "target-adapter")
+    plans[1].save(work / "target-plan")
+    write_ort_adapter(work / "src-1", work / "target.onnx_adapter")
+    for target in refs[1]:
+        assert _files(work / target) == refs[1][target]

@@ -18,6 +18,8 @@ from lowrank_rs.adapters.peft_format import (
     peft_pattern_key,
 )
 from lowrank_rs.data import load_jsonl
+from lowrank_rs.export import write_ort_adapter
+from lowrank_rs.linalg import CovarianceAccumulator
 from lowrank_rs.methods.lora.layer import LoraLinear
 
 
@@ -26,7 +28,10 @@ def _state(model):
 
 
 def _same(a, b):
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # NaN planted on purpose must compare equal to itself: the question is whether anything was written.
+    return a.keys() == b.keys() and all(
+        a[k].shape == b[k].shape and torch.allclose(a[k], b[k], rtol=0, atol=0, equal_nan=True) for k in a
+    )
 
 
 # -- labels -----------------------------------------------------------------------------------------------------------
@@ -136,7 +141,7 @@ def test_a_redos_key_is_refused_fast_by_load_and_export(tmp_path):
     with pytest.raises(lr.AdapterFormatError):
         lr.load_adapter(tiny_bert(), path)
     with pytest.raises(lr.AdapterFormatError):
-        lr.write_ort_adapter(path, tmp_path / "x.onnx_adapter")
+        write_ort_adapter(path, tmp_path / "x.onnx_adapter")
     assert time.perf_counter() - start < 5
 
 
@@ -185,13 +190,13 @@ def test_dora_merge_refuses_the_same_way():
 
 @pytest.mark.parametrize("mask", [[True, False, True], [1, 0, 1], np.array([1, 0, 1], np.uint8), [1.0, 0.0, 1.0]])
 def test_zero_one_masks_still_work(mask):
-    acc = lr.CovarianceAccumulator(4)
+    acc = CovarianceAccumulator(4)
     acc.update(np.ones((3, 4), np.float32), mask=np.asarray(mask))
     assert acc.count == 2
 
 
 @pytest.mark.parametrize("bad", [2, -1, 0.5, np.nan])
 def test_every_mask_value_other_than_zero_or_one_is_refused(bad):
-    acc = lr.CovarianceAccumulator(4)
+    acc = CovarianceAccumulator(4)
     with pytest.raises(lr.InvalidArgumentError, match="0 or 1"):
         acc.update(np.ones((3, 4), np.float32), mask=np.array([1, bad, 0]))

@@ -71,9 +71,9 @@ def seed_adapters() -> List[Tuple[bytes, Dict[str, Any]]]:
     out = []
     for config, options in (
         (lr.LoraConfig(target_modules=["query", "value"], r=4, init_seed=0), {}),
-        (lr.LoraConfig(target_modules=["query"], r=2, use_rslora=True, init_seed=0, modules_to_save=["classifier"]),
+        (lr.LoraConfig(target_modules=["query"], r=2, use_rslora=True, init_seed=0),
          {"vllm": True}),
-        (lr.DoraConfig(target_modules=["value"], r=2, init_seed=0), {}),
+        (lr.DoraConfig(target_modules=["value"], r=2, init_seed=0, modules_to_save=["classifier"]), {}),
     ):  # fmt: skip
         tmp = _tmp()
         lr.save_adapter(lr.attach(copy.deepcopy(_model()), config), tmp / "a", **options)
@@ -251,10 +251,11 @@ def cleanup(path: pathlib.Path) -> None:
 def run_load_adapter(path: pathlib.Path) -> None:
     import lowrank_rs as lr
     from lowrank_rs.methods.lora.layer import LoraLinear
+    from lowrank_rs.package import read_adapter
 
     model = copy.deepcopy(_model())
     try:
-        lr.read_adapter(path, framework="torch")
+        read_adapter(path, framework="torch")
         try:
             lr.load_adapter(model, path)
         except lr.LowRankError:
@@ -267,9 +268,10 @@ def run_load_adapter(path: pathlib.Path) -> None:
 
 def run_write_ort_adapter(path: pathlib.Path) -> None:
     import lowrank_rs as lr
+    from lowrank_rs.export import write_ort_adapter
 
     try:
-        lr.write_ort_adapter(path, path.parent / "out.onnx_adapter")
+        write_ort_adapter(path, path.parent / "out.onnx_adapter")
     except lr.LowRankError:
         pass
 
