@@ -304,6 +304,13 @@ CASES: List[Case] = [
     ),
     Case(
         "adapter file",
+        "`lowrank_rs.method` not a string (found by fuzzing: a list raised TypeError)",
+        "which this version does not have",
+        "AdapterFormatError",
+        lambda t: load_into_fresh(t, lowrank_rs__method=["lora"]),
+    ),
+    Case(
+        "adapter file",
         "NaN or infinity in an adapter tensor",
         "holds NaN or infinity",
         "NonFiniteError",

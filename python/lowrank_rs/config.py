@@ -40,8 +40,9 @@ _UNSAFE_SYNTAX = re.compile(r"\\[1-9]|\(\?P=|\(\?<?[=!]|\(\?\(")
 def regex_problem(key: str, max_quantifiers: int) -> Optional[str]:
     """Why ``key`` might backtrack catastrophically in Python's ``re``, or None.
 
-    Refused: backreferences, lookarounds, conditionals, a quantifier on a group (``(a|aa)*``, ``(.*)*``), and more
-    than ``max_quantifiers`` quantifiers (k of them cost O(n^k) on an n-character name).
+    Refused: backreferences, lookarounds, conditionals, a repeated group (``(a|aa)*``, ``(.*)+``, ``(ab){2,}``; an
+    optional ``(...)?`` is allowed), and more than ``max_quantifiers`` quantifiers (k of them cost O(n^k) on an
+    n-character name).
     """
     if _UNSAFE_SYNTAX.search(key):
         return f"key {key!r} uses a backreference, lookaround or conditional"
@@ -61,7 +62,8 @@ def regex_problem(key: str, max_quantifiers: int) -> Optional[str]:
             i, previous = close + 1, "atom"
             continue
         if ch in "*+{" or (ch == "?" and previous not in ("(", "quantifier")):
-            if previous == ")":
+            # An optional group is one choice, counted as a quantifier; a repeated one is the catastrophic shape.
+            if previous == ")" and ch != "?":
                 return f"key {key!r} repeats a group (nested repetition backtracks catastrophically)"
             quantifiers += 1
             if ch == "{":
