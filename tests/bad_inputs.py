@@ -404,6 +404,25 @@ def render() -> str:
     for c in CASES:
         cli = " (CLI: exit 2)" if c.cli else ""
         lines.append(f"| {c.area} | {c.input} | “…{c.sees}…”{cli} | `{c.error}` |")
+    lines += [
+        "",
+        "## Beyond the table",
+        "",
+        "- **Fuzzing** (`tests/fuzz/targets.py`): mutated adapter directories (safetensors bytes, JSON configs)",
+        "  into `read_adapter` / `load_adapter` and `write_ort_adapter`, mutated calibration-plan directories into",
+        "  `CalibrationPlan.load`, and arbitrary JSONL into `load_jsonl`; any exception other than a `LowRankError` is",
+        "  a failure, and a refused `load_adapter` must leave no adapter layer behind. `tests/test_fuzz.py` runs a",
+        "  derandomized smoke set in the default suite (`LOWRANK_FUZZ_EXAMPLES` sets its size); the long run is",
+        "  `nice -n 19 python tests/fuzz/run_long.py --examples 1000000 --hours 8` (failures go to",
+        "  `fuzz-failures.jsonl`).",
+        "- **Fault injection** (`tests/test_fault_injection.py`): SIGKILL at random points (fixed seed) while",
+        "  `save_adapter`, `CalibrationPlan.save` and `write_ort_adapter` overwrite their targets; each target must be",
+        "  the complete old or the complete new content, byte for byte, and a rerun must succeed.",
+        "- **Pattern keys**: `rank_pattern` / `alpha_pattern` keys as lowrank-rs writes them (plain module paths, or",
+        "  `^` + an escaped path) are matched without a regex; other keys must be at most 256 characters with at most",
+        "  two quantifiers, no repeated group, backreference or lookaround, and at most 16 per mapping. The worst",
+        "  allowed case is measured by `tests/test_hardening.py::test_pattern_key_worst_case_is_bounded`.",
+    ]
     return "\n".join(lines) + "\n"
 
 
