@@ -420,8 +420,10 @@ def render() -> str:
         "  the complete old or the complete new content, byte for byte, and a rerun must succeed.",
         "- **Pattern keys**: `rank_pattern` / `alpha_pattern` keys as lowrank-rs writes them (plain module paths, or",
         "  `^` + an escaped path) are matched without a regex; other keys must be at most 256 characters with at most",
-        "  two quantifiers, no repeated group, backreference or lookaround, and at most 16 per mapping. The worst",
-        "  allowed case is measured by `tests/test_hardening.py::test_pattern_key_worst_case_is_bounded`.",
+        "  two quantifiers, no repeated group, backreference or lookaround, and at most 16 keys with quantifiers per",
+        "  mapping. The worst allowed case (16 keys like `.{0,256}.*z` against 215-character names) costs about",
+        "  1.2 ms per key and module on a loaded 2-core machine and is measured by",
+        "  `tests/test_hardening.py::test_pattern_key_worst_case_is_bounded`.",
     ]
     return "\n".join(lines) + "\n"
 

@@ -135,6 +135,15 @@ def test_pattern_key_worst_case_is_bounded():
     assert elapsed < 10, elapsed
 
 
+def test_many_quantifier_free_regex_keys_load_and_many_quantified_ones_do_not(tmp_path):
+    # PEFT users write anchored keys with unescaped dots; only keys with quantifiers count against the cap.
+    anchored = {f"^bert.encoder.layer.{i}.attention.self.query": 4 for i in range(40)}
+    lr.load_adapter(tiny_bert(), saved_adapter(tmp_path / "a", rank_pattern=anchored))
+    quantified = {f"x{i}.*query": 4 for i in range(MAX_REGEX_PATTERN_KEYS + 1)}
+    with pytest.raises(lr.AdapterFormatError, match="keys with quantifiers"):
+        lr.load_adapter(tiny_bert(), saved_adapter(tmp_path / "b", rank_pattern=quantified))
+
+
 def test_a_redos_key_is_refused_fast_by_load_and_export(tmp_path):
     path = saved_adapter(tmp_path, rank_pattern={"(.*.*)*" + "z" * 40: 4})
     start = time.perf_counter()
