@@ -209,3 +209,39 @@ def test_every_mask_value_other_than_zero_or_one_is_refused(bad):
     acc = CovarianceAccumulator(4)
     with pytest.raises(lr.InvalidArgumentError, match="0 or 1"):
         acc.update(np.ones((3, 4), np.float32), mask=np.array([1, bad, 0]))
+
+
+# -- configs -----------------------------------------------------------------------------------------------------------
+
+
+def _config_cases():
+    from lowrank_rs.adapters.registry import methods
+
+    minimal = {"talora": {"tasks": ["a", "b"]}}
+    return [(m.config_type, minimal.get(m.name, {"target_modules": ["query"]})) for m in methods()]
+
+
+@pytest.mark.parametrize("config_type, minimal", _config_cases(), ids=lambda v: getattr(v, "__name__", ""))
+def test_every_config_refuses_fuzzed_field_values_with_config_error(config_type, minimal):
+    import dataclasses
+
+    from fuzz.targets import JSON_VALUES
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    fields = [f.name for f in dataclasses.fields(config_type)]
+    config_type.from_dict(minimal)
+
+    @settings(max_examples=60, derandomize=True, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(st.sampled_from(fields), st.one_of(JSON_VALUES, st.sampled_from(["8", "false", 1e308, -1, 0, [], {}])))
+    def case(field, value):
+        try:
+            config_type.from_dict({**minimal, field: value})
+        except lr.ConfigError:
+            pass
+
+    case()
+    for field, value in (("r", "8"), ("r", False), ("use_rslora", "false"), ("alpha", 1e308), ("alpha", -1.0)):
+        if field in fields:
+            with pytest.raises(lr.ConfigError, match=field):
+                config_type.from_dict({**minimal, field: value})
