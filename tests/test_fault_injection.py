@@ -153,3 +153,5 @@ def _check(work, refs, plans, trial, outcomes):
     write_ort_adapter(work / "src-1", work / "target.onnx_adapter")
     for target in refs[1]:
         assert _files(work / target) == refs[1][target]
+    # The rerun also removed what the killed ONNX Runtime writer left (its pid is gone).
+    assert not list(work.glob(".target.onnx_adapter.*.tmp"))

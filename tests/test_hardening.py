@@ -1,7 +1,11 @@
 """Regression tests of issue 14's Python findings beyond the bad-input table (tests/bad_inputs.py): what must still
 work, what a refusal must leave unchanged, and the measured bound on pattern-key matching."""
 
+import os
 import re
+import stat
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -245,3 +249,29 @@ def test_every_config_refuses_fuzzed_field_values_with_config_error(config_type,
         if field in fields:
             with pytest.raises(lr.ConfigError, match=field):
                 config_type.from_dict({**minimal, field: value})
+
+
+# -- the ONNX Runtime adapter writer -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_ort_adapter_file_mode_follows_the_umask(tmp_path, umask, mode):
+    source = saved_adapter(tmp_path)
+    old = os.umask(umask)
+    try:
+        out = write_ort_adapter(source, tmp_path / "a.onnx_adapter")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == mode
+
+
+def test_a_killed_writers_temporary_is_removed_by_the_next_write_and_a_live_ones_is_kept(tmp_path):
+    source = saved_adapter(tmp_path)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".a.onnx_adapter.{dead.pid}.x1y2.tmp"
+    live = tmp_path / f".a.onnx_adapter.{os.getpid()}.x3y4.tmp"
+    stale.write_bytes(b"half")
+    live.write_bytes(b"in progress")
+    write_ort_adapter(source, tmp_path / "a.onnx_adapter")
+    assert not stale.exists() and live.exists()
