@@ -139,7 +139,9 @@ def test_jsonl_integer_labels_and_tasks(tmp_path):
         tmp_path / "d.jsonl", [{"text": "x", "label": 2, "task": "t1"}, {"text": "y", "label": 0, "task": "t2"}]
     )
     data = load_jsonl(path)
-    assert data.labels == ("0", "1", "2")
+    # The label set is the values present (issue 14): no class 1 that no row has.
+    assert data.labels == ("0", "2")
+    assert [row["label"] for row in data.rows] == [1, 0]
     assert data.tasks == ("t1", "t2")
 
 

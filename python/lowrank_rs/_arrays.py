@@ -6,7 +6,7 @@ from typing import Any, Optional, Tuple
 
 import numpy as np
 
-from .errors import DtypeError, ShapeError
+from .errors import DtypeError, InvalidArgumentError, ShapeError
 
 try:  # torch is a dependency, but the array helpers must not make `import lowrank_rs.linalg` pay for it.
     import torch as _torch
@@ -71,6 +71,12 @@ def bool_mask(mask: Any, expected_shape: Tuple[int, ...]) -> np.ndarray:
     if m.dtype != np.bool_:
         if not (np.issubdtype(m.dtype, np.integer) or np.issubdtype(m.dtype, np.floating)):
             raise DtypeError(f"mask has dtype {m.dtype}; expected bool or 0/1 integers")
+        # 2, -1, 0.5 or NaN would otherwise count as "keep": a mask of weights or a corrupted one, read as all ones.
+        if m.size and (
+            (m.min() < 0 or m.max() > 1) if np.issubdtype(m.dtype, np.integer) else bool(np.any((m != 0) & (m != 1)))
+        ):
+            bad = m.reshape(-1)[np.flatnonzero((m.reshape(-1) != 0) & (m.reshape(-1) != 1))[0]]
+            raise InvalidArgumentError(f"mask holds {bad!r}; a mask's entries must be 0 or 1 (or bool)")
         m = m != 0
     if tuple(m.shape) != tuple(expected_shape):
         raise ShapeError(f"mask has shape {tuple(m.shape)}; expected {tuple(expected_shape)} to match the activations")

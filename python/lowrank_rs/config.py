@@ -12,12 +12,14 @@ import json
 import math
 import numbers
 import re
-from typing import Any, Dict, Mapping, Sequence, Tuple, Type, TypeVar, Union, cast
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Type, TypeVar, Union, cast
 
 from .errors import ConfigError
 
 __all__ = [
     "JsonConfig",
+    "MAX_ALPHA",
+    "alpha_field",
     "TargetSpec",
     "bool_field",
     "choice",
@@ -25,11 +27,65 @@ __all__ = [
     "float_field",
     "int_field",
     "name_list",
+    "regex_problem",
     "positive_float",
     "target_spec",
 ]
 
 C = TypeVar("C", bound="JsonConfig")
+
+_UNSAFE_SYNTAX = re.compile(r"\\[1-9]|\(\?P=|\(\?<?[=!]|\(\?\(")
+
+
+def regex_problem(key: str, max_quantifiers: int) -> Optional[str]:
+    """Why ``key`` might backtrack catastrophically in Python's ``re``, or None.
+
+    Refused: backreferences, lookarounds, conditionals, a repeated group (``(a|aa)*``, ``(.*)+``, ``(ab){2,}``; an
+    optional ``(...)?`` is allowed), and more than ``max_quantifiers`` quantifiers (k of them cost O(n^k) on an
+    n-character name).
+    """
+    if _UNSAFE_SYNTAX.search(key):
+        return f"key {key!r} uses a backreference, lookaround or conditional"
+    quantifiers = 0
+    previous = ""  # what the last token was: "atom", "(", ")" or "quantifier"
+    i = 0
+    while i < len(key):
+        ch = key[i]
+        if ch == "\\":
+            i, previous = i + 2, "atom"
+            continue
+        if ch == "[":
+            start = i + 1 + key.startswith("^", i + 1)
+            close = key.find("]", start + key.startswith("]", start))  # a leading "]" is a literal
+            if close < 0:
+                return f"key {key!r} has an unclosed ["
+            i, previous = close + 1, "atom"
+            continue
+        if ch in "*+{" or (ch == "?" and previous not in ("(", "quantifier")):
+            # An optional group is one choice, counted as a quantifier; a repeated one is the catastrophic shape.
+            if previous == ")" and ch != "?":
+                return f"key {key!r} repeats a group (nested repetition backtracks catastrophically)"
+            quantifiers += 1
+            if ch == "{":
+                close = key.find("}", i)
+                if close < 0:
+                    return f"key {key!r} has an unclosed {{"
+                i = close
+            i, previous = i + 1, "quantifier"
+            if i < len(key) and key[i] in "?+":  # a lazy or possessive suffix belongs to the quantifier before it
+                i += 1
+            continue
+        previous = ch if ch in "()" else "atom"
+        i += 1
+    if quantifiers > max_quantifiers:
+        return f"key {key!r} has {quantifiers} quantifiers; at most {max_quantifiers} are allowed"
+    return None
+
+
+# A target regex is matched against every module name of the model; users' own (``.*\.(q|v)_proj``,
+# ``model\.layers\.\d+\..*``) stay well inside these bounds.
+MAX_TARGET_REGEX_LENGTH = 1000
+_TARGET_REGEX_QUANTIFIERS = 4
 
 TargetSpec = Union[str, Sequence[str]]
 
@@ -93,6 +149,11 @@ def target_spec(value: Any) -> Union[str, Tuple[str, ...]]:
     if isinstance(value, str):
         if not value:
             raise ConfigError("target_modules must not be an empty regex")
+        if len(value) > MAX_TARGET_REGEX_LENGTH:
+            raise ConfigError(f"target_modules regex is {len(value)} characters; at most {MAX_TARGET_REGEX_LENGTH}")
+        problem = regex_problem(value, _TARGET_REGEX_QUANTIFIERS)
+        if problem is not None:
+            raise ConfigError(f"target_modules regex refused: {problem}")
         try:
             re.compile(value)
         except re.error as e:
@@ -140,6 +201,18 @@ def positive_float(value: Any, name: str) -> float:
     value = float_field(value, name)
     if value <= 0:
         raise ConfigError(f"{name} must be positive, got {value}")
+    return value
+
+
+# γ = alpha / r scales every adapter output; beyond this an alpha is a typo or a corruption (PEFT configs in the wild
+# stay below a few thousand), and 1e308 overflows the first forward pass and the exported file.
+MAX_ALPHA = 1e6
+
+
+def alpha_field(value: Any, name: str) -> float:
+    value = positive_float(value, name)
+    if value > MAX_ALPHA:
+        raise ConfigError(f"{name} must be at most {MAX_ALPHA:g}, got {value:g}")
     return value
 
 

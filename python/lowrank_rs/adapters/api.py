@@ -10,8 +10,9 @@ from typing import Any, Dict, Iterator, Union, cast
 import torch
 from torch import nn
 
-from ..errors import AdapterStateError, InvalidArgumentError
+from ..errors import AdapterFormatError, AdapterStateError, InvalidArgumentError
 from ..package import read_adapter
+from .peft_format import check_finite_tensors
 from .record import require_attachment
 from .registry import has_adapter, method_for, method_for_file, method_of, method_or_none
 
@@ -139,6 +140,9 @@ def load_adapter(model: nn.Module, path: PathLike) -> nn.Module:
     variant of it). Nothing changes in the model when the file does not fit.
     """
     tensors, peft_config = read_adapter(path, framework="torch")
+    check_finite_tensors(tensors, os.fspath(path))
+    if not isinstance(peft_config, dict):
+        raise AdapterFormatError(f"{os.fspath(path)!r}: the adapter config is a JSON {type(peft_config).__name__}")
     in_file = method_for_file(peft_config, path)
     attached = method_or_none(model)
     # Between a method and a variant of it (LoRA and TLoRA, LoRATRF or DoRA) the more specific one reads the file, so

@@ -16,10 +16,18 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Set, 
 import torch
 from torch import nn
 
-from ..errors import AdapterFormatError, InvalidArgumentError, ShapeError, TargetError
+from ..config import MAX_ALPHA, regex_problem
+from ..errors import AdapterFormatError, InvalidArgumentError, NonFiniteError, ShapeError, TargetError
 
 __all__ = [
+    "MAX_LORA_ALPHA",
+    "MAX_LORA_RANK",
+    "MAX_PATTERN_KEY_LENGTH",
+    "MAX_REGEX_PATTERN_KEYS",
     "PEFT_PREFIX",
+    "check_finite_tensors",
+    "check_lora_fields",
+    "pattern_key_problem",
     "alpha_reproducing",
     "json_number",
     "pattern_keys",
@@ -55,12 +63,153 @@ _TASK_BY_CLASS_SUFFIX = (
 )
 
 
+# PEFT applies the keys as regexes, so a crafted key like ``(.*.*)*z`` backtracks for hours. Keys as this package
+# writes them (plain dotted paths, or ``^`` + an escaped path) are matched without a regex; any other key must be
+# short, have at most two quantifiers, none on a group, and no backreference or lookaround. The worst such key costs
+# O(n^3) steps on an n-character module name (PEFT's own ``.*`` prefix plus two): about 3 ms for n = 200 — see
+# tests/test_hardening.py::test_pattern_key_worst_case_is_bounded, which measures it.
+MAX_PATTERN_KEY_LENGTH = 256
+MAX_REGEX_PATTERN_KEYS = 16
+_MAX_QUANTIFIERS = 2
+_QUANTIFIER_CHARS = re.compile(r"[*+?{]")
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_\-.]+")
+_ANCHORED_KEY = re.compile(r"\^(?:[A-Za-z0-9_]|\\[.\-]|-)+")
+
+
+def pattern_key_problem(key: Any) -> Optional[str]:
+    """Why PEFT's ``(.*\\.)?(key)$`` cannot be matched safely for ``key``, or None if it can."""
+    if not isinstance(key, str) or not key:
+        return f"a key must be a non-empty string, not {key!r}"
+    if len(key) > MAX_PATTERN_KEY_LENGTH:
+        return f"a key of {len(key)} characters is longer than {MAX_PATTERN_KEY_LENGTH}"
+    if _PLAIN_KEY.fullmatch(key) or _ANCHORED_KEY.fullmatch(key):
+        return None
+    problem = regex_problem(key, _MAX_QUANTIFIERS)
+    if problem is not None:
+        return problem
+    try:
+        re.compile(rf"(.*\.)?({key})$")
+    except re.error as e:
+        return f"key {key!r} is not a valid regex: {e}"
+    return None
+
+
+def _key_matches(key: str, name: str) -> bool:
+    if _ANCHORED_KEY.fullmatch(key):
+        return name == re.sub(r"\\(.)", r"\1", key[1:])
+    if _PLAIN_KEY.fullmatch(key):
+        # PEFT's regex reads each "." of a plain key as any character; the key's length fixes where it must start.
+        start = len(name) - len(key)
+        if start < 0 or (start > 0 and name[start - 1] != "."):
+            return False
+        return all(k == "." or k == c for k, c in zip(key, name[start:]))
+    return re.match(rf"(.*\.)?({key})$", name) is not None
+
+
 def peft_pattern_key(keys: Iterable[str], name: str) -> Optional[str]:
-    """The key PEFT 0.21 picks for ``name`` (``peft.utils.other.get_pattern_key``), or None for the default."""
+    """The key PEFT 0.21 picks for ``name`` (``peft.utils.other.get_pattern_key``), or None for the default.
+
+    Keys must have passed :func:`pattern_key_problem` (a file's keys are checked by :func:`check_lora_fields`).
+    """
     for key in keys:
-        if re.match(rf"(.*\.)?({key})$", name):
+        if _key_matches(key, name):
             return key
     return None
+
+
+MAX_LORA_ALPHA = MAX_ALPHA
+# A rank beyond the tensor sizes any model has; the file's tensors bound it further (``ranks_and_scales``).
+MAX_LORA_RANK = 1 << 20
+
+
+def _field_int(value: Any, name: str, where: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise AdapterFormatError(f"{where!r}: {name} must be an integer, not {type(value).__name__} {value!r}")
+    if not minimum <= value <= MAX_LORA_RANK:
+        raise AdapterFormatError(f"{where!r}: {name} must lie in [{minimum}, {MAX_LORA_RANK}], got {value}")
+    return value
+
+
+def _field_alpha(value: Any, name: str, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise AdapterFormatError(f"{where!r}: {name} must be a number, not {type(value).__name__} {value!r}")
+    if not (math.isfinite(value) and 0 < value <= MAX_LORA_ALPHA):
+        raise AdapterFormatError(f"{where!r}: {name} must be a positive number up to {MAX_LORA_ALPHA:g}, got {value!r}")
+    return float(value)
+
+
+def _field_pattern(value: Any, name: str, where: str) -> Dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise AdapterFormatError(
+            f"{where!r}: {name} must be a mapping of module-name pattern to value, not {type(value).__name__} {value!r}"
+        )
+    slow = 0
+    for key in value:
+        problem = pattern_key_problem(key)
+        if problem is not None:
+            raise AdapterFormatError(f"{where!r}: {name}: {problem}")
+        # Only a quantifier makes a key cost more than a plain comparison; PEFT users' ``^model.layers.0.q_proj``
+        # keys (unescaped dots) have none, so any number of them is fine.
+        slow += bool(_QUANTIFIER_CHARS.search(key))
+    if slow > MAX_REGEX_PATTERN_KEYS:
+        raise AdapterFormatError(
+            f"{where!r}: {name} has {slow} keys with quantifiers; at most {MAX_REGEX_PATTERN_KEYS} (keys without "
+            "quantifiers are not limited)"
+        )
+    return value
+
+
+def check_finite_tensors(tensors: Mapping[str, torch.Tensor], where: str) -> None:
+    """Refuse a file tensor holding NaN or infinity, naming it.
+
+    Loaded, it would reach the base weight on merge (where unmerge cannot take it out again) or the ONNX Runtime
+    adapter file, often with finite logits, so nothing downstream would tell the user.
+    """
+    for key, tensor in tensors.items():
+        if (tensor.is_floating_point() or tensor.is_complex()) and not bool(torch.isfinite(tensor).all()):
+            raise NonFiniteError(f"{where!r}: adapter tensor {key!r} holds NaN or infinity")
+
+
+def check_lora_fields(peft_config: Mapping[str, Any], where: str) -> None:
+    """Every field of a PEFT LoRA config this package reads, checked by type and range before anything is built.
+
+    JSON has no integer/boolean discipline of its own, so ``"use_rslora": "false"`` or ``"r": "8"`` would otherwise
+    be read by Python's truthiness and arithmetic rules instead of refused.
+    """
+    _field_int(peft_config.get("r", 8), "r", where, 1)
+    _field_alpha(peft_config.get("lora_alpha", 8), "lora_alpha", where)
+    rslora = peft_config.get("use_rslora", False)
+    if not isinstance(rslora, bool):
+        raise AdapterFormatError(f"{where!r}: use_rslora must be true or false, not {type(rslora).__name__} {rslora!r}")
+    dropout = peft_config.get("lora_dropout", 0.0)
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise AdapterFormatError(f"{where!r}: lora_dropout must be a number in [0, 1), got {dropout!r}")
+    for key, value in _field_pattern(peft_config.get("rank_pattern"), "rank_pattern", where).items():
+        _field_int(value, f"rank_pattern[{key!r}]", where, 1)
+    for key, value in _field_pattern(peft_config.get("alpha_pattern"), "alpha_pattern", where).items():
+        _field_alpha(value, f"alpha_pattern[{key!r}]", where)
+    saved = peft_config.get("modules_to_save")
+    if saved is not None and not (isinstance(saved, list) and all(isinstance(m, str) and m for m in saved)):
+        raise AdapterFormatError(f"{where!r}: modules_to_save must be a list of module names or null, got {saved!r}")
+    extras = peft_config.get("lowrank_rs")
+    if extras is None:
+        return
+    if not isinstance(extras, dict):
+        raise AdapterFormatError(f"{where!r}: lowrank_rs must be a mapping, not {type(extras).__name__}")
+    if not isinstance(extras.get("vllm", False), bool):
+        raise AdapterFormatError(f"{where!r}: lowrank_rs.vllm must be true or false, got {extras['vllm']!r}")
+    if not isinstance(extras.get("method", ""), str):
+        raise AdapterFormatError(f"{where!r}: lowrank_rs.method must be a string, got {extras['method']!r}")
+    if "config" in extras and not isinstance(extras["config"], dict):
+        raise AdapterFormatError(f"{where!r}: lowrank_rs.config must be a mapping, got {extras['config']!r}")
+    ranks = extras.get("ranks")
+    if ranks is not None:
+        if not isinstance(ranks, dict):
+            raise AdapterFormatError(f"{where!r}: lowrank_rs.ranks must be a mapping of module to rank, got {ranks!r}")
+        for key, value in ranks.items():
+            _field_int(value, f"lowrank_rs.ranks[{key!r}]", where, 0)
 
 
 def pattern_keys(entries: Set[str], adapted: Set[str]) -> Dict[str, str]:

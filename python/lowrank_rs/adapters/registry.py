@@ -93,7 +93,8 @@ def method_for_file(peft_config: Mapping[str, Any], path: Any) -> Method:
     extras = peft_config.get("lowrank_rs")
     if isinstance(extras, Mapping) and "method" in extras:
         name = extras["method"]
-        if name not in _BY_NAME:
+        # Any JSON value can stand here; a list or a mapping is no method's name (and cannot be looked up).
+        if not isinstance(name, str) or name not in _BY_NAME:
             raise AdapterFormatError(
                 f"{os.fspath(path)!r} was written by lowrank-rs method {name!r}, which this version does not have; "
                 f"known: {sorted(_BY_NAME)}"

@@ -3,7 +3,8 @@
 JSONL files hold one JSON object per line, in one of two shapes (chosen by the fields of the first row):
 
 - **classification**: ``{"text": ..., "label": ...}`` — ``label`` a string (label names are the sorted distinct
-  values) or an integer (0..K-1);
+  values) or an integer (label names are the sorted distinct integers present, so ids need not be 0..K-1); at least
+  two distinct labels;
 - **causal-LM SFT**: ``{"prompt": ..., "response": ...}`` — the loss counts the response tokens only.
 
 Either shape may carry ``"task": name`` (multi-task data for TA-LoRA). Tokenised examples are dicts of 1-D tensors
@@ -69,14 +70,19 @@ def load_jsonl(path: Union[str, os.PathLike[str]], labels: Optional[Sequence[str
     """Read a JSONL file of classification or SFT rows (see the module docs).
 
     ``labels`` fixes the label names and their order (use the training file's for an eval file); by default they
-    are the sorted distinct string labels, or ``0..max`` for integer labels. Every problem names the line.
+    are the sorted distinct labels present (integers sorted as numbers). Every problem names the line.
     """
     path = os.fspath(path)
+    if os.path.exists(path) and not os.path.isfile(path):
+        # A FIFO or a device (a symlink to /dev/zero) would block or be read until memory runs out.
+        raise DataError(f"data file {path!r} is not a regular file")
     try:
         with open(path, encoding="utf-8") as f:
             lines = f.readlines()
     except OSError as e:
         raise DataError(f"cannot read data file {path!r}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"data file {path!r} is not UTF-8 text (byte {e.start}): JSONL files are text") from None
     raw: List[Tuple[int, Dict[str, Any]]] = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -85,6 +91,9 @@ def load_jsonl(path: Union[str, os.PathLike[str]], labels: Optional[Sequence[str
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{number}: not valid JSON ({e.msg}); each line must be one JSON object") from None
+        except (ValueError, RecursionError) as e:
+            # An integer of more digits than Python converts, or nesting deeper than the parser recurses.
+            raise DataError(f"{path}:{number}: unreadable JSON ({type(e).__name__}: {e})") from None
         if not isinstance(row, dict):
             raise DataError(f"{path}:{number}: a JSON {type(row).__name__}; each line must be one JSON object")
         raw.append((number, row))
@@ -122,31 +131,31 @@ def load_jsonl(path: Union[str, os.PathLike[str]], labels: Optional[Sequence[str
     if kind == "sft":
         return Dataset("sft", tuple(rows), (), name)
     names = _label_names(rows, labels)
-    return Dataset("classification", tuple(_index_labels(rows, names, labels is None, path)), tuple(names), name)
+    if labels is None and len(names) < 2:
+        # One class would make a one-output head, which transformers trains as regression (MSE) and which scores
+        # "100% accuracy": there is nothing to classify.
+        raise DataError(f"{path}: every row has label {names[0]!r}; classification needs at least two distinct labels")
+    return Dataset("classification", tuple(_index_labels(rows, names, path)), tuple(names), name)
 
 
 def _label_names(rows: Sequence[Dict[str, Any]], labels: Optional[Sequence[str]]) -> List[str]:
     if labels is not None:
         return [str(label) for label in labels]
+    # The names are the values present, never range(max + 1): one outlier id must not size the head.
     values = {row["label"] for row in rows}
     if all(isinstance(v, int) for v in values):
-        return [str(i) for i in range(max(values) + 1)]
+        return [str(v) for v in sorted(values)]
     return sorted(str(v) for v in values)
 
 
-def _index_labels(rows: List[Dict[str, Any]], names: List[str], inferred: bool, path: str) -> List[Dict[str, Any]]:
+def _index_labels(rows: List[Dict[str, Any]], names: List[str], path: str) -> List[Dict[str, Any]]:
     index = {name: i for i, name in enumerate(names)}
     out = []
     for row in rows:
         value = row["label"]
-        if isinstance(value, int) and inferred:
-            if value < 0:
-                raise DataError(f"{path}: integer labels must be 0 or more, got {value}")
-            i = value
-        else:
-            i = index.get(str(value), -1)
-            if i < 0:
-                raise DataError(f"{path}: label {value!r} is not one of the {len(names)} labels {names}")
+        i = index.get(str(value), -1)
+        if i < 0:
+            raise DataError(f"{path}: label {value!r} is not one of the {len(names)} labels {names}")
         out.append({**row, "label": i})
     return out
 

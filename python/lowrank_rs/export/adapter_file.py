@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 import torch
 from torch import nn
 
+from ..adapters.peft_format import check_finite_tensors
 from ..adapters.record import attachment_of
 from ..errors import (
     AdapterFormatError,
@@ -98,16 +99,26 @@ def write_ort_adapter(
         raise InvalidArgumentError(
             f"{os.fspath(out)!r} is a directory; give the path of the .onnx_adapter file to write"
         )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(out)
+        # The writer's pid in the name lets a later write tell a killed writer's leftover from a live one's file.
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".tmp", dir=out.parent)
+        os.close(fd)
+    except OSError as e:
+        raise AdapterIOError(f"cannot write {os.fspath(out)!r}: {e}") from None
     try:
         fmt = ort.AdapterFormat()
         fmt.set_adapter_version(1)
         fmt.set_model_version(1)
         fmt.set_parameters(params)
         fmt.export_adapter(tmp)
+        # mkstemp creates 0600 whatever the umask; the file should get the mode any other new file would.
+        os.chmod(tmp, 0o666 & ~_umask())
+        # Durable before it is visible: a crash after the rename must not leave a renamed but empty file.
+        _fsync(tmp, os.O_RDONLY)
         os.replace(tmp, out)
+        _fsync(os.fspath(out.parent), os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -115,6 +126,52 @@ def write_ort_adapter(
             raise AdapterIOError(f"cannot write {os.fspath(out)!r}: {e}") from None
         raise
     return out
+
+
+def _umask() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    # Reading the umask elsewhere means setting it; it is put back at once.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _fsync(path: str, flags: int) -> None:
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        if flags & getattr(os, "O_DIRECTORY", 0):
+            return  # directories cannot be opened for fsync on every platform; the file itself is synced
+        raise
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Delete temporaries that killed writers of ``out`` left behind (their pid no longer runs)."""
+    prefix = f".{out.name}."
+    for entry in out.parent.iterdir():
+        name = entry.name
+        if not (name.startswith(prefix) and name.endswith(".tmp")):
+            continue
+        pid = name[len(prefix) :].split(".", 1)[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            with contextlib.suppress(OSError):
+                entry.unlink()
+        except (PermissionError, OverflowError):
+            pass  # alive under another user, or not a pid at all: leave it
 
 
 @dataclasses.dataclass
@@ -149,6 +206,9 @@ def adapter_contents(adapter: Union[PathLike, nn.Module]) -> AdapterContents:
         raise InvalidArgumentError(f"adapter must be an adapter directory or a model, not {type(adapter).__name__}")
     where = os.fspath(adapter)
     tensors, config = read_adapter(adapter, framework="torch")
+    check_finite_tensors(tensors, where)
+    if not isinstance(config, dict):
+        raise AdapterFormatError(f"{where!r}: the adapter config is a JSON {type(config).__name__}")
     hook = method_for_file(config, where)
     modules, rest = hook.file_tensors(tensors, config, where)
     if not modules:

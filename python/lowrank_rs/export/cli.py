@@ -155,6 +155,7 @@ def load_model(directory: str, dtype: str) -> Any:
     """A transformers model from a local directory, as the class its config names (``architectures``)."""
     import torch
     import transformers
+    from safetensors import SafetensorError
 
     if not os.path.isfile(os.path.join(directory, "config.json")):
         raise InvalidArgumentError(f"{directory!r} is not a Hugging Face model directory (no config.json)")
@@ -164,7 +165,8 @@ def load_model(directory: str, dtype: str) -> Any:
         cls = getattr(transformers, names[0], None) if names else None
         cls = cls or transformers.AutoModel
         model = cls.from_pretrained(directory, local_files_only=True, dtype=getattr(torch, dtype))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+        # A truncated or corrupt weights file surfaces as safetensors' own error class, or torch's RuntimeError.
         raise InvalidArgumentError(f"cannot load a model from {directory!r}: {e}") from None
     return model.eval()
 

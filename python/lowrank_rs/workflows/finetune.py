@@ -129,6 +129,9 @@ def load_task(
         train_set = train_set.subset(train_set.rows[:max_train_examples])
     if max_eval_examples is not None and len(test_set) > max_eval_examples:
         test_set = test_set.subset(test_set.rows[:max_eval_examples])
+    if train_set.kind == "classification" and len(train_set.labels) < 2:
+        # transformers trains a one-output head as regression (MSE), which would report perfect accuracy.
+        raise DataError(f"{train_set.name}: classification needs at least two labels, got {list(train_set.labels)}")
     return Task(path, train_set.kind, train_set.labels, train_set, test_set, description)
 
 
@@ -147,6 +150,7 @@ def load_model(
     blocks' activations in the backward pass (non-reentrant, so frozen inputs still get gradients).
     """
     dtype = model_dtype(dtype)
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -170,7 +174,8 @@ def load_model(
             )
         else:
             model = AutoModelForCausalLM.from_pretrained(task.model_path, **kwargs)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+        # A truncated or corrupt weights file surfaces as safetensors' own error class, or torch's RuntimeError.
         raise InvalidArgumentError(f"cannot load the model in {task.model_path!r}: {e}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
@@ -324,7 +329,10 @@ def finetune(
     train_config = train_config or TrainConfig(lr=1e-3, epochs=2, batch_size=16, warmup_ratio=0.1, seed=settings.seed)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     out = os.fspath(out)
-    os.makedirs(out, exist_ok=True)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise InvalidArgumentError(f"cannot use {out!r} as the output directory: {e.strerror or e}") from None
 
     task = load_task(model, data, eval_data, max_train_examples=max_train_examples, max_eval_examples=max_eval_examples)
     log(f"lowrank-rs finetune: {task.description}")

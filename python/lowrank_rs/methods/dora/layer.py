@@ -3,7 +3,7 @@ magnitude (METHODS.md §5), computed in PEFT's operation order so the two agree 
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -75,17 +75,26 @@ class DoraLinear(LoraLinear):
         return scale.unsqueeze(1) * v - self.base_layer.weight.float()
 
     @torch.no_grad()
-    def merge(self) -> None:
+    def _merged(self) -> Tuple[torch.Tensor, torch.Tensor]:
         if self.merged:
             raise AdapterStateError("this DoRA layer is already merged; unmerge() it first")
         weight = self.base_layer.weight
         v = weight.float() + LoraLinear.delta_weight(self)
         norm = torch.linalg.norm(v, dim=1)
         scale = self.lora_magnitude_vector.float() / norm
-        merged = scale.unsqueeze(1) * v
+        # Checked after the cast: a finite float32 result can still overflow a 16-bit weight.
+        merged = (scale.unsqueeze(1) * v).to(weight.dtype)
         if not torch.isfinite(merged).all():
             raise NonFiniteError("merging this DoRA layer would write NaN or infinity into the base weight")
-        weight.copy_(merged.to(weight.dtype))
+        return merged, norm
+
+    def check_merge(self) -> None:
+        self._merged()
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        merged, norm = self._merged()
+        self.base_layer.weight.copy_(merged)
         self._merged_norm = norm
         self.merged = True
 

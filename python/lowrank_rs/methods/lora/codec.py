@@ -10,7 +10,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ...adapters.peft_format import PEFT_PREFIX, peft_pattern_key
+from ...adapters.peft_format import PEFT_PREFIX, check_lora_fields, peft_pattern_key
 from ...errors import AdapterFormatError, ShapeError
 
 __all__ = ["UNSUPPORTED_PEFT_FIELDS", "Factors", "check_lora_file", "ranks_and_scales", "split_factors"]
@@ -47,6 +47,7 @@ def check_lora_file(peft_config: Mapping[str, Any], path: PathLike, unsupported:
         raise AdapterFormatError(
             f"{where!r} uses PEFT LoRA feature(s) {used}, which lowrank-rs's {title} does not implement"
         )
+    check_lora_fields(peft_config, where)
 
 
 def split_factors(
@@ -110,7 +111,12 @@ def ranks_and_scales(
             raise ShapeError(f"{name!r}: the file's config gives rank {r_i}, its lora_A has {a.shape[0]} rows")
         ranks[name] = r_i
         if vllm_extras is not None:
-            true_rank = int((vllm_extras.get("ranks") or {}).get(name, r_i))
+            true_rank = (vllm_extras.get("ranks") or {}).get(name, r_i)
+            # The true rank sizes the layer attach builds, so it must come from the tensors, not the config alone.
+            if isinstance(true_rank, bool) or not isinstance(true_rank, int) or not 1 <= true_rank <= a.shape[0]:
+                raise AdapterFormatError(
+                    f"{name!r}: lowrank_rs.ranks gives rank {true_rank!r}; the file's lora_A has {a.shape[0]} rows"
+                )
             if a[true_rank:].any() or b[:, true_rank:].any():
                 raise AdapterFormatError(f"{name!r}: the vLLM padding beyond rank {true_rank} is not zero")
             ranks[name] = true_rank

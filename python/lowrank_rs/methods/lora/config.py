@@ -6,7 +6,7 @@ import dataclasses
 import math
 from typing import ClassVar, Optional, Sequence
 
-from ...config import JsonConfig, TargetSpec, bool_field, float_field, int_field, name_list, positive_float, target_spec
+from ...config import JsonConfig, TargetSpec, alpha_field, bool_field, float_field, int_field, name_list, target_spec
 from ...errors import ConfigError
 
 __all__ = ["LoraConfig"]
@@ -40,7 +40,7 @@ class LoraConfig(JsonConfig):
     def __post_init__(self) -> None:
         self._set("target_modules", target_spec(self.target_modules))
         self._set("r", int_field(self.r, "r", minimum=1))
-        self._set("alpha", positive_float(self.alpha, "alpha"))
+        self._set("alpha", alpha_field(self.alpha, "alpha"))
         self._check_lora_options()
 
     def _check_lora_options(self) -> None:

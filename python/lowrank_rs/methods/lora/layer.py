@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from ...errors import AdapterStateError, InvalidArgumentError, ShapeError
+from ...errors import AdapterStateError, InvalidArgumentError, NonFiniteError, ShapeError
 
 __all__ = ["AdapterStateError", "LoraLinear"]
 
@@ -162,10 +162,30 @@ class LoraLinear(nn.Module):
         return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
 
     @torch.no_grad()
-    def merge(self) -> None:
+    def merged_base(self) -> torch.Tensor:
+        """The base weight ``merge`` would write, in its dtype; NaN or infinity in it raises :class:`NonFiniteError`.
+
+        A non-finite merged weight cannot be unmerged (``inf - inf`` is NaN) and may leave the logits finite, so it
+        would poison the model silently and for good.
+        """
         if self.merged:
             raise AdapterStateError("this LoRA layer is already merged; unmerge() it first")
-        self._add_to_base(self.delta_weight())
+        weight = self.base_layer.weight
+        merged = (weight.float() + self.delta_weight()).to(weight.dtype)
+        if not torch.isfinite(merged).all():
+            raise NonFiniteError(
+                "merging this LoRA layer would write NaN or infinity into the base weight (non-finite adapter "
+                f"weights, or scaling {self.scaling:g} overflowing {weight.dtype})"
+            )
+        return merged
+
+    def check_merge(self) -> None:
+        """Raise what :meth:`merge` would raise, changing nothing."""
+        self.merged_base()
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        self.base_layer.weight.copy_(self.merged_base())
         self.merged = True
 
     @torch.no_grad()

@@ -46,6 +46,7 @@ from ...errors import (
     AdapterStateError,
     ConfigError,
     InvalidArgumentError,
+    NonFiniteError,
     ShapeError,
     TargetError,
 )
@@ -211,6 +212,12 @@ class LoraMethod(Method):
         merged = [name for name, layer in layers.items() if layer.merged]
         if merged:
             raise AdapterStateError(f"{len(merged)} adapter(s) are already merged, e.g. {merged[0]!r}; unmerge first")
+        # Every layer is checked before any is merged, so a refusal leaves the whole model as it was.
+        for name, layer in layers.items():
+            try:
+                layer.check_merge()
+            except NonFiniteError as e:
+                raise NonFiniteError(f"{name!r}: {e}") from None
         for layer in layers.values():
             layer.merge()
         return model

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar, Dict, Mapping, Optional, Sequence
 
-from ...config import TargetSpec, choice, field_default, int_field, positive_float, target_spec
+from ...config import TargetSpec, alpha_field, choice, field_default, int_field, target_spec
 from ...errors import ConfigError
 from ..lora.config import LoraConfig
 from ..tlora.config import TLoraConfig
@@ -72,7 +72,7 @@ class TrfConfig(LoraConfig):
         if self.r is not None:
             self._set("r", int_field(self.r, "r", minimum=1))
         if self.alpha is not None:
-            self._set("alpha", positive_float(self.alpha, "alpha"))
+            self._set("alpha", alpha_field(self.alpha, "alpha"))
         self._check_lora_options()
         self._set("filter_rank", int_field(self.filter_rank, "filter_rank", minimum=1))
         self._set("filter_site", choice(self.filter_site, "filter_site", ("layer_output", "linear_input")))

@@ -416,6 +416,10 @@ def split_tensors(
             raise AdapterFormatError(f"{where!r}: tensor {key!r} is not one of a filter's {list(FILTER_TENSORS)}")
         filters.setdefault(module, {})[tensor] = value
     described = (extras or {}).get("filters") or {}
+    if not isinstance(described, dict):
+        raise AdapterFormatError(
+            f"{where!r}: lowrank_rs.filters must map each filtered module to its description, not {described!r}"
+        )
     method = (extras or {}).get("method")
     if filters and method != TrfConfig.method:
         raise AdapterFormatError(

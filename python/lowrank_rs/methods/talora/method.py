@@ -518,7 +518,7 @@ def load_talora(
         file_config = TaLoraConfig.from_dict(extras["config"])
         file_modules = list(extras["modules"])
         file_signature = dict(extras["model"])
-    except (KeyError, TypeError, ConfigError) as e:
+    except (KeyError, TypeError, ValueError, ConfigError) as e:
         raise AdapterFormatError(f"{where!r}: a malformed TA-LoRA adapter config: {type(e).__name__}: {e}") from None
     here = _signature(model)
     differ = [
