@@ -342,3 +342,14 @@ def test_bases_in_parallel_give_the_same_plan():
     assert build_plan(model, stats, cfg, progress=True, basis_workers=3) == serial
     with pytest.raises(InvalidArgumentError, match="basis_workers"):
         build_plan(model, stats, cfg, progress=False, basis_workers=0)
+
+
+def test_both_backends_refuse_the_same_bad_masks():
+    x = torch.randn(2, 5, 8)
+    for bad in (2, -1, 0.5, float("nan")):
+        mask = torch.ones(2, 5)
+        mask[0, 1] = bad
+        for acc in (TorchCovarianceAccumulator(8, "sequence"), CovarianceAccumulator(8, "sequence")):
+            with pytest.raises(InvalidArgumentError, match="0 or 1"):
+                acc.update(x, mask=mask)
+            assert acc.count == 0

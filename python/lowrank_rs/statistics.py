@@ -25,7 +25,7 @@ from typing import Any, Iterator, Optional, Protocol
 
 import numpy as np
 
-from ._arrays import is_torch
+from ._arrays import bool_mask, is_torch
 from .errors import DtypeError, EmptyInputError, InvalidArgumentError, NonFiniteError, ShapeError
 from .linalg import CovarianceAccumulator
 
@@ -341,18 +341,10 @@ def _state_of_core(acc: CovarianceAccumulator, device: Any, dtype: Any) -> Accum
 
 
 def _host_mask(mask: Any, shape: tuple) -> np.ndarray:
+    # The core's mask rules (bool, or exactly 0/1 values) hold for the torch backend too.
     if mask is None:
         return np.ones(shape, dtype=bool)
-    if is_torch(mask):
-        mask = mask.detach().cpu().numpy()
-    m = np.asarray(mask)
-    if m.dtype != np.bool_:
-        if not (np.issubdtype(m.dtype, np.integer) or np.issubdtype(m.dtype, np.floating)):
-            raise DtypeError(f"mask has dtype {m.dtype}; expected bool or 0/1 integers")
-        m = m != 0
-    if tuple(m.shape) != tuple(shape):
-        raise ShapeError(f"mask has shape {tuple(m.shape)}; expected {tuple(shape)} to match the activations")
-    return m
+    return bool_mask(mask, tuple(shape))
 
 
 @contextlib.contextmanager
