@@ -9,7 +9,8 @@ import lowrank_rs as lr
 from lowrank_rs import errors
 
 PACKAGE = pathlib.Path(lr.__file__).parent
-README = PACKAGE.parents[1] / "README.md"
+# The repository's README, beside tests/ (the package itself may be installed elsewhere, e.g. site-packages).
+README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 BUILTINS = (ValueError, TypeError, OSError, MemoryError, RuntimeError, ImportError)
 
 
