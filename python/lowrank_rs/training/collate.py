@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Mapping as MappingABC
-from typing import Any, Dict, List, Mapping, Sequence
+from typing import Any, Dict, Iterator, List, Mapping, Sequence
 
 import torch
 
 from ..errors import EmptyInputError, InvalidArgumentError, ShapeError
 
-__all__ = ["IGNORE_INDEX", "calibration_batches", "collate", "collate_named"]
+__all__ = ["IGNORE_INDEX", "batch_iterator", "calibration_batches", "collate", "collate_named"]
 
 
 IGNORE_INDEX = -100
@@ -116,3 +116,14 @@ def calibration_batches(
     takes them."""
     chosen = list(examples[:count])
     return [collate(chosen[i : i + batch_size], pad) for i in range(0, len(chosen), batch_size)]
+
+
+def batch_iterator(batches: Any) -> Iterator[Any]:
+    """An iterator over ``batches`` (calibration or statistics passes), or a clear error for something that is not
+    an iterable of batch dicts."""
+    try:
+        return iter(batches)
+    except TypeError:
+        raise InvalidArgumentError(
+            f"batches must be an iterable of batch dicts, not {type(batches).__name__}"
+        ) from None

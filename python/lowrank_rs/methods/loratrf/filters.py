@@ -41,6 +41,7 @@ from ...errors import (
     ShapeError,
     TargetError,
 )
+from ...training.collate import batch_iterator
 from ..lora.layer import LoraLinear
 from .config import TrfConfig
 from .layer import NORM_EPS, TaskFilter
@@ -310,12 +311,7 @@ def _site_means(
 ) -> Dict[str, torch.Tensor]:
     """float64 mean over non-padding tokens of each site's tensor (``"input"``: first argument, ``"output"``: the
     output or its first element) while the model runs on ``batches``."""
-    try:
-        iterator = iter(batches)
-    except TypeError:
-        raise InvalidArgumentError(
-            f"batches must be an iterable of batch dicts, not {type(batches).__name__}"
-        ) from None
+    iterator = batch_iterator(batches)
     sums: Dict[str, torch.Tensor] = {}
     counts = dict.fromkeys(sites, 0)
     state: Dict[str, Any] = {"mask": None, "index": 0}

@@ -53,6 +53,7 @@ from ...errors import (
 from ...linalg import allocate_alphas, allocate_ranks, task_aware_basis
 from ...package import read_adapter, write_adapter
 from ...statistics import StatisticsAccumulator, empty_like, make_accumulator, merge_into, resolve_backend
+from ...training.collate import batch_iterator
 from .config import TLoraConfig
 from .memory import check_memory, format_bytes, plan_memory
 
@@ -802,12 +803,7 @@ class _Batch:
 
 def _take_examples(batches: Iterable[Mapping[str, Any]], limit: int) -> Iterator[_Batch]:
     """The batches up to ``limit`` examples in all; the last is cut to fit, and no batch beyond it is drawn."""
-    try:
-        iterator = iter(batches)
-    except TypeError:
-        raise InvalidArgumentError(
-            f"batches must be an iterable of batch dicts, not {type(batches).__name__}"
-        ) from None
+    iterator = batch_iterator(batches)
     seen = 0
     for index, raw in enumerate(iterator):
         batch = _Batch.parse(raw, index)
