@@ -48,6 +48,11 @@ class TrainingHooks:
         """A context manager around each forward and backward (TA-LoRA selects the batch's tasks in it)."""
         return nullcontext()
 
+    def before_optimizer_step(self, step: int) -> None:
+        """Called once per optimizer step, with its 1-based number, after the step's backward passes and before
+        gradient clipping and ``optimizer.step()``: the place to drop (set to ``None``) gradients of parameters that
+        must not move yet, which AdamW then skips entirely (no update, no weight decay, no state)."""
+
 
 class Method:
     """One adapter method. Subclasses set the class attributes and implement what their method supports.

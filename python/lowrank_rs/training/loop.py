@@ -46,7 +46,9 @@ turns a ``task`` name into ``task_ids``); ``param_groups(names)`` gives ``(label
 learning rates of their own, scheduled like ``lr`` (every other trainable parameter gets ``lr``);
 ``regularizer()`` is a term added to each micro-batch's loss (so once per optimizer step, and included in the
 recorded losses); ``model_inputs(batch)`` is what of a batch goes to ``model(**...)`` and ``context(batch)`` a context
-manager around each forward and backward. Groups are saved in checkpoints by parameter name, like the rest.
+manager around each forward and backward; ``before_optimizer_step(step)`` runs after a step's backward passes and
+before clipping, so a method may drop gradients of parameters that must not move yet (TLoRA's ``train_a_after``), and
+the clipped norm is that of the gradients applied. Groups are saved in checkpoints by parameter name, like the rest.
 
 **Several processes.** Under ``torchrun`` (or with a process group already initialised) the loop runs on every
 process: each takes its share of every step's micro-batches (:mod:`lowrank_rs.training.distributed`), the model is
@@ -140,6 +142,7 @@ def train(
     loss_fn: Optional[LossFn] = None,
     resume_from: Optional[PathLike] = None,
     progress: bool = True,
+    on_step: Optional[Callable[[int], None]] = None,
 ) -> TrainResult:
     """Train the parameters of ``model`` that require grad on ``train_data``; returns a :class:`TrainResult`.
 
@@ -157,6 +160,10 @@ def train(
       exactly as if it had never stopped. The config must match the checkpoint's, except for the fields that only
       say when to evaluate or checkpoint (and ``bf16``); the data must have as many examples.
     - ``progress``: a tqdm bar with loss, learning rate and tokens per second.
+    - ``on_step(step)``: called after each ``optimizer.step()`` with the 1-based step number, while the step's
+      gradients are still on the parameters (before ``zero_grad``), e.g. PEFT's AdaLoRA
+      ``on_step=lambda step: model.base_model.update_and_allocate(step)``. It runs on every process; state it keeps
+      is not in the loop's checkpoints, so after ``resume_from`` the numbers go on from the checkpoint's step.
 
     The model is left in the train/eval mode it came in.
     """
@@ -169,6 +176,8 @@ def train(
         raise InvalidArgumentError(f"config must be a TrainConfig, not {type(config).__name__}")
     if loss_fn is not None and not callable(loss_fn):
         raise InvalidArgumentError(f"loss_fn must be callable as loss_fn(outputs, batch), not {type(loss_fn).__name__}")
+    if on_step is not None and not callable(on_step):
+        raise InvalidArgumentError(f"on_step must be callable as on_step(step), not {type(on_step).__name__}")
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise InvalidArgumentError(
@@ -254,8 +263,12 @@ def train(
             tokens += int(step_tokens_sum)
             # What the schedule gives TrainConfig.lr (LambdaLR's own product); method groups scale by the same factor.
             learning_rate = config.lr * factor(position.step)
+            hooks.before_optimizer_step(position.step + 1)
             grad_norm = _clip(named, config.max_grad_norm)
             optimizer.step()
+            if on_step is not None:
+                # Before the scheduler moves on, so the callback sees the learning rates this step used.
+                on_step(position.step + 1)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             position.step += 1

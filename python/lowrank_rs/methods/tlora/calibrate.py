@@ -58,6 +58,7 @@ from .config import TLoraConfig
 from .memory import check_memory, format_bytes, plan_memory
 
 __all__ = [
+    "GRADIENT_SHARE_WARNING",
     "CalibrationPlan",
     "CalibrationStatistics",
     "ModulePlan",
@@ -78,6 +79,12 @@ _ENERGY_PROBES = 64
 # Forwards whose activations may wait for the covariance thread; bounds host memory while letting the model run on.
 _QUEUE_FORWARDS = 2
 _IGNORE_INDEX = -100
+# Below this share of the calibration gradient inside A's row space, a frozen A cannot follow most of the first
+# steps' descent direction: on a planted rank-4 change (bench/planted.py) modules at 27–50% left TLoRA at 0.45 of
+# the initial error where LoRA reached 0.09. Calibration warns about adapted modules below it.
+GRADIENT_SHARE_WARNING = 0.5
+# gradient_share=None measures the share when the gradient sums (float32, one per target) take at most this much.
+_GRADIENT_SUMS_AUTO_BYTES = 1 << 30
 
 
 # --- statistics -----------------------------------------------------------------------------------------------------
@@ -87,7 +94,9 @@ class CalibrationStatistics:
     """What :func:`collect_statistics` measured: per-module input covariances and sensitivity scores.
 
     Modules that read the same tensor share one accumulator (``accumulator(name)`` returns the same object for
-    them; :attr:`shared` lists the groups). ``scores[name]`` is ``mean over examples of Σ|W ⊙ ∂L/∂W| / |W|``.
+    them; :attr:`shared` lists the groups). ``scores[name]`` is ``mean over examples of Σ|W ⊙ ∂L/∂W| / |W|`` (or
+    the ``config.score`` variant). ``gradients[name]``: ``Σ ∂L/∂W`` over the examples, float32 ``[d_out, d_in]`` on
+    the model's device, or ``None`` when the gradient share is not measured (``config.gradient_share``).
     """
 
     def __init__(
@@ -98,10 +107,12 @@ class CalibrationStatistics:
         scores: Mapping[str, float],
         num_examples: int,
         num_tokens: int,
+        gradients: Optional[Mapping[str, torch.Tensor]] = None,
     ) -> None:
         self.modules: Tuple[str, ...] = tuple(modules)
         self.shapes: Dict[str, Tuple[int, int]] = dict(shapes)
         self.scores: Dict[str, float] = dict(scores)
+        self.gradients: Optional[Dict[str, torch.Tensor]] = None if gradients is None else dict(gradients)
         self.num_examples = num_examples
         self.num_tokens = num_tokens
         self._accumulators = list(accumulators)
@@ -194,6 +205,8 @@ class _Session:
         self.loss_fn = loss_fn
         self.accumulators: Dict[Tuple[Tuple[str, ...], str], StatisticsAccumulator] = {}
         self.score_parts: Dict[str, List[torch.Tensor]] = {n: [] for n in self.targets}
+        # Σ ∂L/∂W per module for the gradient share; dropped (None) when not measured or memory ran out.
+        self.gradients: Optional[Dict[str, torch.Tensor]] = {} if measures_gradient_share(config, targets) else None
         self.seen: Dict[str, bool] = dict.fromkeys(self.targets, False)
         self.warned: Dict[str, bool] = {}
         self.num_examples = 0
@@ -293,6 +306,15 @@ class _Session:
                 continue
             # Handled outside the except block, whose traceback would keep the failed pass's tensors alive.
             self.forward = None
+            if self.gradients is not None:
+                # The failed pass may have added to some sums already, and they hold as much as the weights: the
+                # diagnostic goes, which also frees that memory for the retry.
+                self.gradients = None
+                warnings.warn(
+                    "calibration ran out of device memory; the gradient share (TLoraConfig.gradient_share) is not "
+                    "measured in this plan",
+                    stacklevel=3,
+                )
             _release_cached_memory(self.device)
             if size == 1:
                 raise OutOfMemoryError(
@@ -487,8 +509,9 @@ class _Session:
             self._reduce(name)
 
     def _reduce(self, name: str) -> None:
-        """Add ``Σ|W ⊙ ∂L/∂W|`` of this pass's examples to the module's score; each ``[d_out, d_in]`` gradient lives
-        only here, one at a time."""
+        """Add ``Σ|W ⊙ ∂L/∂W|`` (or the ``config.score`` variant) of this pass's examples to the module's score, and
+        the gradient to its sum when the gradient share is measured; each ``[d_out, d_in]`` gradient lives only here,
+        one at a time."""
         forward = self.forward
         assert forward is not None
         inputs = forward.inputs.pop(name, [])
@@ -500,10 +523,16 @@ class _Session:
         calls = sorted(grads)
         # float64 sums where the device has them (MPS does not).
         total_dtype = torch.float32 if weight.device.type == "mps" else torch.float64
+        kind = self.config.score
+        sums = self.gradients
         if forward.valid is None:
             # ∂L/∂W = Σ_calls Gᵀ X; concatenating the calls' tokens makes it one product, one [d_out, d_in] buffer.
             pairs = [(inputs[c].detach().reshape(-1, d_in), grads[c].reshape(-1, d_out)) for c in calls]
-            score = _abs_weighted_sum(weight, pairs, total_dtype) * forward.weight
+            gradient = _weight_gradient(pairs)
+            if sums is not None:
+                # A per-batch pass's loss is the batch's mean: times its rows, the sum of its examples' gradients.
+                _add_gradient(sums, name, gradient, forward.weight)
+            score = _score(kind, weight, gradient, total_dtype) * forward.weight
         else:
             # Example n's gradient is Σ_calls G[n]ᵀ X[n] over its own tokens (padding zeroed: its values are not
             # the example's), reduced before the next example's is formed.
@@ -516,7 +545,10 @@ class _Session:
                         keep = forward.valid[n].unsqueeze(1)
                         x, g = torch.where(keep, x, 0), torch.where(keep, g, 0)
                     pairs.append((x.reshape(-1, d_in), g.reshape(-1, d_out)))
-                score += _abs_weighted_sum(weight, pairs, total_dtype)
+                gradient = _weight_gradient(pairs)
+                if sums is not None:
+                    _add_gradient(sums, name, gradient, 1.0)
+                score += _score(kind, weight, gradient, total_dtype)
         forward.scores[name] = forward.scores.get(name, 0) + score
 
     def statistics(self) -> CalibrationStatistics:
@@ -540,7 +572,7 @@ class _Session:
                 "was padding" + ("" if self.config.count_prompt_tokens else " or a prompt token (label -100)")
             )
         return CalibrationStatistics(
-            list(self.targets), shapes, accumulators, scores, self.num_examples, self.num_tokens
+            list(self.targets), shapes, accumulators, scores, self.num_examples, self.num_tokens, self.gradients
         )
 
 
@@ -550,14 +582,42 @@ _LOSS_HINTS = dict(
 )
 
 
-def _abs_weighted_sum(weight: torch.Tensor, pairs: Sequence[Tuple[torch.Tensor, torch.Tensor]], dtype: Any) -> Any:
-    """``Σ|W ⊙ Σ_pairs Gᵀ X|`` through one ``[d_out, d_in]`` buffer."""
+def measures_gradient_share(config: TLoraConfig, targets: Mapping[str, nn.Linear]) -> bool:
+    """Whether calibration with ``config`` on ``targets`` keeps the gradient sums the gradient share needs."""
+    if config.gradient_share is not None:
+        return config.gradient_share
+    return gradient_sums_bytes({n: tuple(m.weight.shape) for n, m in targets.items()}) <= _GRADIENT_SUMS_AUTO_BYTES
+
+
+def gradient_sums_bytes(shapes: Mapping[str, Tuple[int, ...]]) -> int:
+    """Memory of the float32 gradient sums for targets of these ``(d_out, d_in)`` shapes."""
+    return sum(4 * int(np.prod(shape)) for shape in shapes.values())
+
+
+def _weight_gradient(pairs: Sequence[Tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """``Σ_pairs Gᵀ X`` as one float32 ``[d_out, d_in]`` buffer, which the caller may overwrite."""
     xs = torch.cat([x.float() for x, _ in pairs]) if len(pairs) > 1 else pairs[0][0].float()
     gs = torch.cat([g.float() for _, g in pairs]) if len(pairs) > 1 else pairs[0][1].float()
-    product = gs.T @ xs
-    del xs, gs
-    product.mul_(weight)
-    return product.abs_().sum(dtype=dtype)
+    return gs.T @ xs
+
+
+def _add_gradient(sums: Dict[str, torch.Tensor], name: str, gradient: torch.Tensor, weight: float) -> None:
+    total = sums.get(name)
+    if total is None:
+        sums[name] = gradient * weight
+    else:
+        total.add_(gradient, alpha=weight)
+
+
+def _score(kind: str, weight: torch.Tensor, gradient: torch.Tensor, dtype: Any) -> Any:
+    """One example's unnormalised score from its gradient ``G``, computed in ``G``'s buffer (which it overwrites):
+    ``Σ|W ⊙ G|`` (``"reference"``), ``Σ|G|`` (``"grad"``) or ``Σ G²`` (``"fisher"``)."""
+    if kind == "reference":
+        gradient.mul_(weight)
+        return gradient.abs_().sum(dtype=dtype)
+    if kind == "grad":
+        return gradient.abs_().sum(dtype=dtype)
+    return gradient.square_().sum(dtype=dtype)
 
 
 def _trim_host_heap() -> None:
@@ -871,6 +931,11 @@ class ModulePlan:
     ``singular_values`` are the top ``rank`` singular values of ``W·C``; ``energy`` is the share
     ``‖W C Aᵀ‖²_F / ‖W C‖²_F`` of ``W·C``'s energy that ``A``'s row space captures, computed exactly when
     ``energy_exact`` and otherwise estimated (see :func:`build_plan`).
+
+    ``gradient_share`` is ``‖G Aᵀ‖²_F / ‖G‖²_F`` with ``G = Σ ∂L/∂W`` over the calibration examples: the share of
+    the loss's steepest-descent direction for ``W`` that ``γ B A`` can follow with ``A`` fixed (``B``'s gradient at
+    ``B = 0`` is ``γ G Aᵀ``, so a first step decreases the loss by ``‖G Aᵀ‖²`` where a full update of ``W`` would by
+    ``‖G‖²``). 0 for rank 0 (no adapter), 1 when ``G = 0``, ``None`` when not measured.
     """
 
     name: str
@@ -883,11 +948,12 @@ class ModulePlan:
     singular_values: np.ndarray
     energy: float
     energy_exact: bool
+    gradient_share: Optional[float] = None
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, ModulePlan):
             return NotImplemented
-        plain = ("name", "shape", "rank", "scale", "alpha", "score", "energy", "energy_exact")
+        plain = ("name", "shape", "rank", "scale", "alpha", "score", "energy", "energy_exact", "gradient_share")
         return all(getattr(self, f) == getattr(other, f) for f in plain) and all(
             np.array_equal(getattr(self, f), getattr(other, f)) for f in ("a", "singular_values")
         )
@@ -936,6 +1002,22 @@ class CalibrationPlan:
     @property
     def scores(self) -> Dict[str, float]:
         return {n: m.score for n, m in self.modules.items()}
+
+    @property
+    def gradient_shares(self) -> Dict[str, Optional[float]]:
+        """Per module, the share of the calibration gradient inside ``A``'s row space (see :class:`ModulePlan`)."""
+        return {n: m.gradient_share for n, m in self.modules.items()}
+
+    def low_gradient_share(self, threshold: Optional[float] = None) -> List[str]:
+        """The adapted modules whose gradient share was measured and lies below ``threshold`` (default
+        :data:`GRADIENT_SHARE_WARNING`)."""
+        if threshold is None:
+            threshold = GRADIENT_SHARE_WARNING
+        return [
+            n
+            for n, m in self.modules.items()
+            if m.rank > 0 and m.gradient_share is not None and m.gradient_share < threshold
+        ]
 
     @property
     def init_a(self) -> Dict[str, np.ndarray]:
@@ -994,6 +1076,7 @@ class CalibrationPlan:
                     "score": m.score,
                     "energy": m.energy,
                     "energy_exact": m.energy_exact,
+                    **({} if m.gradient_share is None else {"gradient_share": m.gradient_share}),
                     "singular_values": [float(s) for s in m.singular_values],
                 }
                 for m in self.modules.values()
@@ -1032,10 +1115,11 @@ class CalibrationPlan:
     # -- showing it -------------------------------------------------------------------------------------------------
 
     def table(self) -> str:
-        """A per-module table: shape, rank, scale γ, α_i, sensitivity score and captured energy."""
-        rows = [("module", "d_out×d_in", "rank", "scale", "alpha", "score", "energy")]
+        """A per-module table: shape, rank, scale γ, α_i, sensitivity score, captured energy and gradient share."""
+        rows = [("module", "d_out×d_in", "rank", "scale", "alpha", "score", "energy", "grad share")]
         for m in self.modules.values():
             energy = "-" if m.rank == 0 else ("" if m.energy_exact else "≈") + f"{100 * m.energy:.2f}%"
+            share = "-" if m.rank == 0 or m.gradient_share is None else f"{100 * m.gradient_share:.1f}%"
             rows.append(
                 (
                     m.name,
@@ -1045,6 +1129,7 @@ class CalibrationPlan:
                     f"{m.alpha:g}",
                     f"{m.score:.4e}",
                     energy,
+                    share,
                 )
             )
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -1058,8 +1143,11 @@ class CalibrationPlan:
             f"{self.trainable_parameters:,} trainable parameters; {self.num_examples} examples, "
             f"{self.num_tokens} tokens; scaling {self.config.scaling!r}, centring {self.config.center!r}"
         )
+        if self.config.score != "reference":
+            head += f"; score {self.config.score!r}"
         if self.covariance_bytes is not None:
             head += f"; covariance memory {format_bytes(self.covariance_bytes)}"
+        head += "; " + self._share_summary()
         rule = "-" * len(line(rows[0]))
         return "\n".join([head, line(rows[0]), rule] + [line(r) for r in rows[1:]])
 
@@ -1069,7 +1157,17 @@ class CalibrationPlan:
     def __repr__(self) -> str:
         return (
             f"CalibrationPlan({len(self.modules)} modules, total rank {self.budget}, "
-            f"{self.num_examples} examples, {self.num_tokens} tokens)"
+            f"{self.num_examples} examples, {self.num_tokens} tokens, {self._share_summary()})"
+        )
+
+    def _share_summary(self) -> str:
+        shares = [m.gradient_share for m in self.modules.values() if m.rank > 0 and m.gradient_share is not None]
+        if not shares:
+            return "gradient share not measured"
+        low = len(self.low_gradient_share())
+        return (
+            f"gradient share in A {100 * min(shares):.1f}–{100 * max(shares):.1f}%, {low} module(s) below "
+            f"{100 * GRADIENT_SHARE_WARNING:.0f}%"
         )
 
     def plot(self, path: PathLike, *, dpi: int = 110) -> None:
@@ -1174,6 +1272,12 @@ def _module_from_json(entry: Mapping[str, Any], tensors: Mapping[str, np.ndarray
     singular = np.asarray(entry["singular_values"], dtype=np.float32)
     if singular.shape != (rank,):
         raise AdapterFormatError(f"module {name!r} has {singular.size} singular values for rank {rank}")
+    # Plans written before the diagnostic existed have none.
+    share = entry.get("gradient_share")
+    if share is not None:
+        share = float(share)
+        if not 0.0 <= share <= 1.0:
+            raise AdapterFormatError(f"module {name!r} has gradient share {share}, outside [0, 1]")
     return ModulePlan(
         name=name,
         shape=(d_out, d_in),
@@ -1185,6 +1289,7 @@ def _module_from_json(entry: Mapping[str, Any], tensors: Mapping[str, np.ndarray
         singular_values=singular,
         energy=float(entry["energy"]),
         energy_exact=bool(entry["energy_exact"]),
+        gradient_share=share,
     )
 
 
@@ -1209,7 +1314,9 @@ def build_plan(
     - ``A_i``: :func:`~lowrank_rs.linalg.task_aware_basis` of the weight (as float32) and the input covariance;
     - energy: ``‖W C Aᵀ‖²_F`` is computed exactly; ``‖W C‖²_F`` too when that costs at most 2³⁰ multiply-adds,
       otherwise it is ``‖W C Aᵀ‖²_F`` plus an unbiased Gaussian-probe estimate of the rest ``‖W C (I − AᵀA)‖²_F``
-      (64 probes; the top part being exact is what keeps the estimate tight, as in Hutch++).
+      (64 probes; the top part being exact is what keeps the estimate tight, as in Hutch++);
+    - gradient share: ``‖G Aᵀ‖²_F / ‖G‖²_F`` from the statistics' gradient sums, when they were kept. Adapted modules
+      below :data:`GRADIENT_SHARE_WARNING` get a warning naming them, unless ``A`` trains (``train_a``).
 
     The bases of several modules are computed at once on ``basis_workers`` threads (default: up to 4), widest
     inputs first; the plan does not depend on how many. Reusing one ``statistics`` with several configs (other
@@ -1256,10 +1363,13 @@ def build_plan(
         if mine(name, rank):
             statistics.prepare(name)
 
-    def basis(name: str, rank: int) -> Tuple[np.ndarray, np.ndarray, float, bool]:
+    gradients = statistics.gradients
+
+    def basis(name: str, rank: int) -> Tuple[np.ndarray, np.ndarray, float, bool, Optional[float]]:
         d_in = statistics.shapes[name][1]
         if rank == 0:
-            return np.zeros((0, d_in), dtype=np.float32), np.zeros(0, dtype=np.float32), 0.0, True
+            share = None if gradients is None else 0.0
+            return np.zeros((0, d_in), dtype=np.float32), np.zeros(0, dtype=np.float32), 0.0, True, share
         weight = modules[name].weight.detach().to(device="cpu", dtype=torch.float32).numpy()
         covariance = statistics.covariance(name)
         a, singular = task_aware_basis(
@@ -1267,7 +1377,8 @@ def build_plan(
         )
         a = np.ascontiguousarray(a, dtype=np.float32)
         energy, exact = _captured_energy(weight, covariance, a, seed)
-        return a, np.asarray(singular, dtype=np.float32), energy, exact
+        share = None if gradients is None else _gradient_share(gradients.get(name), a)
+        return a, np.asarray(singular, dtype=np.float32), energy, exact, share
 
     todo = sum(1 for n, r in zip(names, ranks) if mine(n, r))
     workers = _basis_workers(basis_workers, todo)
@@ -1288,7 +1399,9 @@ def build_plan(
                 scale = alpha / denominator(config.r)
             else:
                 scale = alpha / denominator(rank) if rank > 0 else 0.0
-            a, singular, energy, exact = futures[i].result() if i in futures else basis(name, 0)
+            a, singular, energy, exact, share = futures[i].result() if i in futures else basis(name, 0)
+            if i not in futures and rank > 0:
+                share = None  # another rank's module (sharded): its owner's arrives with its basis
             plans.append(
                 ModulePlan(
                     name=name,
@@ -1301,9 +1414,31 @@ def build_plan(
                     singular_values=singular,
                     energy=energy,
                     energy_exact=exact,
+                    gradient_share=share,
                 )
             )
-    return CalibrationPlan(config, plans, statistics.num_examples, statistics.num_tokens, statistics.covariance_bytes)
+    plan = CalibrationPlan(config, plans, statistics.num_examples, statistics.num_tokens, statistics.covariance_bytes)
+    if owned is None:
+        warn_low_gradient_share(plan, stacklevel=4)
+    return plan
+
+
+def warn_low_gradient_share(plan: CalibrationPlan, stacklevel: int = 3) -> None:
+    """Warn about the adapted modules whose frozen ``A`` holds less than :data:`GRADIENT_SHARE_WARNING` of the
+    calibration gradient (nothing when ``A`` trains, or the share was not measured)."""
+    if plan.config.train_a:
+        return
+    low = plan.low_gradient_share()
+    if not low:
+        return
+    shown = ", ".join(f"{n!r} ({100 * float(plan.modules[n].gradient_share or 0):.0f}%)" for n in low[:5])
+    more = f" and {len(low) - 5} more" if len(low) > 5 else ""
+    warnings.warn(
+        f"TLoRA's frozen A holds less than {100 * GRADIENT_SHARE_WARNING:.0f}% of the calibration gradient in "
+        f"{len(low)} of {sum(1 for m in plan.modules.values() if m.rank > 0)} adapted modules: {shown}{more}. "
+        "Training B alone may plateau there; TLoraConfig(train_a_after=N) lets A train after N steps",
+        stacklevel=stacklevel,
+    )
 
 
 def _basis_workers(requested: Optional[int], modules: int) -> int:
@@ -1334,6 +1469,17 @@ def _captured_energy(weight: np.ndarray, covariance: np.ndarray, a: np.ndarray, 
         total = captured + residual
     # W·C = 0 (a constant input) has no energy to miss.
     return (min(captured / total, 1.0) if total > 0 else 1.0), exact
+
+
+def _gradient_share(gradient: Optional[torch.Tensor], a: np.ndarray) -> float:
+    """``‖G Aᵀ‖²_F / ‖G‖²_F`` (``A``'s rows are orthonormal, so the numerator is ``G``'s energy in their span)."""
+    if gradient is None:
+        return 1.0  # the module's output never reached the loss: G = 0
+    basis = torch.from_numpy(a).to(device=gradient.device, dtype=gradient.dtype)
+    inside = float(torch.sum(torch.square(gradient @ basis.T), dtype=torch.float64))
+    total = float(torch.sum(torch.square(gradient), dtype=torch.float64))
+    # A module the loss does not depend on has nothing to miss.
+    return min(inside / total, 1.0) if total > 0 else 1.0
 
 
 def _name_modules(message: str, names: Sequence[str]) -> str:

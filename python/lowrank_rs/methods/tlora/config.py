@@ -9,7 +9,10 @@ from ...config import bool_field, choice, int_field
 from ...errors import ConfigError
 from ..lora.config import LoraConfig
 
-__all__ = ["TLoraConfig"]
+__all__ = ["SCORES", "TLoraConfig"]
+
+# The sensitivity scores calibration can allocate by (TLoraConfig.score).
+SCORES = ("reference", "grad", "fisher")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,7 +26,20 @@ class TLoraConfig(LoraConfig):
     - ``num_examples``: calibration examples; ``count_prompt_tokens``: whether tokens labelled -100 enter ``C``.
     - ``scaling``: ``"reference"`` gives ``γ_i = α_i / r`` with the base ``r`` (what the reference computes),
       ``"per_rank"`` gives ``γ_i = α_i / r_i``.
-    - ``train_a``: train ``A`` too (the paper freezes it; the released code forgot to).
+    - ``train_a``: train ``A`` too (the paper freezes it; the released code forgot to). Set whenever
+      ``train_a_after`` is.
+    - ``train_a_after``: ``None`` (default, the paper's) keeps ``A`` frozen, unless ``train_a``; ``0`` trains ``A``
+      from the first step; ``N > 0`` keeps it frozen for the first ``N`` optimizer steps of :func:`lowrank_rs.train`
+      (its gradient is dropped, so AdamW neither moves nor decays it) and trains it after. ``A`` is in the optimizer
+      from the start either way, so it counts in ``trainable_parameters``. A frozen task-aware ``A`` may be unable to
+      express the change the task needs (see ``gradient_share``); freeing it is the remedy.
+    - ``score``: the sensitivity score that allocates ranks and scales: ``"reference"`` (default) ``Σ|W ⊙ G|``,
+      ``"grad"`` ``Σ|G|``, ``"fisher"`` ``Σ G²`` (the empirical Fisher's diagonal), each divided by ``|W|`` and
+      averaged over the calibration examples, ``G = ∂L/∂W`` of one example.
+    - ``gradient_share``: measure each module's share of the calibration gradient inside ``A``'s row space
+      (``ModulePlan.gradient_share``). It holds ``Σ G`` per module in float32 on the model's device until the plan
+      is built: as much memory as the target weights in float32. ``None`` (default): measured when that is at most
+      1 GiB; ``True``: always; ``False``: never.
     - ``oversample``, ``power_iters``: randomized SVD settings for the basis.
     - ``per_example_scores``: sensitivity per example, as the reference, or per batch.
     - ``calibration_batch_size``: examples per forward and backward when scoring per example (each example's
@@ -49,6 +65,9 @@ class TLoraConfig(LoraConfig):
     count_prompt_tokens: bool = True
     scaling: str = "reference"
     train_a: bool = False
+    train_a_after: Optional[int] = None
+    score: str = "reference"
+    gradient_share: Optional[bool] = None
     oversample: int = 10
     power_iters: int = 4
     per_example_scores: bool = True
@@ -72,6 +91,13 @@ class TLoraConfig(LoraConfig):
         self._set("count_prompt_tokens", bool_field(self.count_prompt_tokens, "count_prompt_tokens"))
         self._set("scaling", choice(self.scaling, "scaling", ("reference", "per_rank")))
         self._set("train_a", bool_field(self.train_a, "train_a"))
+        if self.train_a_after is not None:
+            self._set("train_a_after", int_field(self.train_a_after, "train_a_after", minimum=0))
+            # A must be in the optimizer from the start for its warm-up to end; train_a is what puts it there.
+            self._set("train_a", True)
+        self._set("score", choice(self.score, "score", SCORES))
+        if self.gradient_share is not None:
+            self._set("gradient_share", bool_field(self.gradient_share, "gradient_share"))
         self._set("oversample", int_field(self.oversample, "oversample", minimum=0))
         self._set("power_iters", int_field(self.power_iters, "power_iters", minimum=0))
         self._set("per_example_scores", bool_field(self.per_example_scores, "per_example_scores"))

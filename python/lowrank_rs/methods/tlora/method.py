@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, ClassVar, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from torch import nn
 
+from ...adapters.method import TrainingHooks
 from ...adapters.recipe import Prepared, Settings
+from ...adapters.record import attachment_of
 from ...errors import InvalidArgumentError
 from ...training.collate import calibration_batches
+from ..lora.layer import LoraLinear
 from ..lora.method import LoraMethod, Overrides
 from .api import calibrate
 from .calibrate import PLAN_FORMAT, CalibrationPlan
 from .config import TLoraConfig
 
-__all__ = ["TLoraMethod", "plan_overrides"]
+__all__ = ["FrozenAWarmup", "TLoraMethod", "plan_overrides"]
 
 
 def plan_overrides(
@@ -32,6 +35,23 @@ def plan_overrides(
     if ranks is not None or scales is not None or init_a is not None:
         raise InvalidArgumentError("attach with a plan takes ranks, scales and init_a from the plan; pass none of them")
     return plan.attach_arguments()
+
+
+class FrozenAWarmup(TrainingHooks):
+    """``train_a_after = N``: ``A`` is in the optimizer, but its gradients are dropped for the first ``N`` steps."""
+
+    def __init__(self, layers: Sequence[LoraLinear], steps: int) -> None:
+        # Layers, not parameters: FSDP2 swaps the parameter objects after the hooks are made.
+        self.layers: List[LoraLinear] = list(layers)
+        self.steps = steps
+
+    def before_optimizer_step(self, step: int) -> None:
+        if step > self.steps:
+            return
+        for layer in self.layers:
+            # None, not zeros: AdamW skips the parameter, so neither weight decay nor its moment estimates move it,
+            # and its bias correction starts at the step A first trains.
+            layer.lora_A.weight.grad = None
 
 
 class TLoraMethod(LoraMethod):
@@ -64,6 +84,13 @@ class TLoraMethod(LoraMethod):
     def reads_file(self, peft_config: Mapping[str, Any]) -> bool:
         # A PEFT file has no plan; TLoRA files name their method.
         return False
+
+    def training_hooks(self, model: nn.Module) -> TrainingHooks:
+        attachment = attachment_of(model)
+        steps = getattr(attachment.config, "train_a_after", None) if attachment is not None else None
+        if not steps:
+            return super().training_hooks(model)
+        return FrozenAWarmup(list(self.layers(model).values()), steps)
 
     def config_for_job(self, model: nn.Module, settings: Settings) -> TLoraConfig:
         config = super().config_for_job(model, settings)

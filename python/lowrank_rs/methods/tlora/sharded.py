@@ -7,7 +7,9 @@ Each rank measures its own share of the calibration examples (whole batches, dea
   count, the mean's terms and the scatter sum, ``d(d+3)/2 + 1`` numbers — ``reduce``d to one owner rank (largest
   accumulators first, each to the least-loaded rank), so after reduction a rank holds about ``1/W`` of them. While
   measuring, each rank still holds every accumulator for its own examples (``docs/distributed.md``, memory);
-- per module, the score sum ``score · examples`` and the example and token counts, all-reduced (a few numbers).
+- per module, the score sum ``score · examples`` and the example and token counts, all-reduced (a few numbers);
+- per module, when the gradient share is measured, the gradient sum ``Σ ∂L/∂W`` (``d_out·d_in`` numbers), appended
+  to its accumulator's vector, so it reaches the rank that computes the module's ``A`` and share, and no other.
 
 Ranks first agree on the accumulators' layout (names, sharing, dims, centring), so a mismatch is an error on every
 rank, never a hang. Every rank then allocates ranks and scales from the same global scores (deterministic), each
@@ -25,7 +27,7 @@ from torch import nn
 
 from ...errors import EmptyInputError, InvalidArgumentError
 from ...training.distributed import Distributed, agree, all_reduce_sum, gather_owned, reduce_to_owners
-from .calibrate import CalibrationPlan, CalibrationStatistics, collect_statistics
+from .calibrate import CalibrationPlan, CalibrationStatistics, collect_statistics, warn_low_gradient_share
 from .config import TLoraConfig
 
 __all__ = ["calibrate_sharded", "reduce_statistics", "shard_batches"]
@@ -64,10 +66,13 @@ def _rows(batch: Mapping[str, Any]) -> int:
 
 
 class _Reduced(CalibrationStatistics):
-    """Statistics summed over the ranks: global scores and counts everywhere, covariances on their owners only."""
+    """Statistics summed over the ranks: global scores and counts everywhere, covariances (and gradient sums) on their
+    owners only."""
 
-    def __init__(self, local: CalibrationStatistics, scores: Mapping[str, float], examples: int, tokens: int) -> None:
-        super().__init__(local.modules, local.shapes, [], scores, examples, tokens)
+    def __init__(
+        self, local: CalibrationStatistics, scores: Mapping[str, float], examples: int, tokens: int, gradients: bool
+    ) -> None:
+        super().__init__(local.modules, local.shapes, [], scores, examples, tokens, {} if gradients else None)
         self.covariances: Dict[str, np.ndarray] = {}
         self.groups: List[Tuple[str, ...]] = []
 
@@ -92,11 +97,15 @@ def reduce_statistics(local: CalibrationStatistics, ctx: Distributed) -> Tuple[_
     # Scores are means over a rank's examples: their sums over all examples add up.
     names = list(local.modules)
     sums = all_reduce_sum(
-        [local.num_examples, local.num_tokens] + [local.scores[n] * local.num_examples for n in names], ctx
+        [local.num_examples, local.num_tokens, local.gradients is not None]
+        + [local.scores[n] * local.num_examples for n in names],
+        ctx,
     )
     examples, tokens = int(sums[0]), int(sums[1])
-    scores = {n: s / examples for n, s in zip(names, sums[2:])}
-    reduced = _Reduced(local, scores, examples, tokens)
+    # A rank that ran out of memory dropped its gradient sums: then no rank has the whole sum, and none sends its own.
+    gradients = local.gradients if int(sums[2]) == ctx.world else None
+    scores = {n: s / examples for n, s in zip(names, sums[3:])}
+    reduced = _Reduced(local, scores, examples, tokens, gradients is not None)
 
     keys = {" ".join(group): (acc, group) for acc, group in ordered}
 
@@ -109,8 +118,13 @@ def reduce_statistics(local: CalibrationStatistics, ctx: Distributed) -> Tuple[_
             # Chan's merge in additive form: Σ(M2_r + n_r μ_r μ_rᵀ) − n μ μᵀ.
             second = second + n * np.outer(mean, mean)
         # The matrix is symmetric: its upper triangle is all that needs to travel (half the bytes).
-        return torch.from_numpy(np.concatenate([[n], n * mean, second[np.triu_indices(acc.dim)]]))
+        parts: List[np.ndarray] = [np.array([n]), n * mean, second[np.triu_indices(acc.dim)]]
+        if gradients is not None:
+            parts += [_gradient_of(gradients, name, local.shapes[name]) for name in keys[key][1]]
+        return torch.from_numpy(np.concatenate(parts))
 
+    # Where this rank's sums live (the model's device); the reduced ones go back there.
+    device = next((g.device for g in (gradients or {}).values()), torch.device("cpu"))
     sizes = {key: acc.dim * (acc.dim + 1) // 2 for key, (acc, _) in keys.items()}
     module_owner: Dict[str, int] = {}
     for key, owner, packed in reduce_to_owners(layout, sizes, additive, ctx, InvalidArgumentError):
@@ -120,8 +134,16 @@ def reduce_statistics(local: CalibrationStatistics, ctx: Distributed) -> Tuple[_
             continue
         d = acc.dim
         total = float(packed[0])
+        end = 1 + d + d * (d + 1) // 2
+        if reduced.gradients is not None:
+            at = end
+            for name in group:
+                d_out, d_in = local.shapes[name]
+                block = packed[at : at + d_out * d_in].reshape(d_out, d_in)
+                reduced.gradients[name] = block.to(device=device, dtype=torch.float32)
+                at += d_out * d_in
         scatter = np.zeros((d, d))
-        scatter[np.triu_indices(d)] = packed[1 + d :].numpy()
+        scatter[np.triu_indices(d)] = packed[1 + d : end].numpy()
         scatter = scatter + np.triu(scatter, 1).T
         if acc.center == "global":
             mu = packed[1 : 1 + d].numpy() / total
@@ -150,12 +172,29 @@ def calibrate_sharded(
     del local
     owned = {name for name, rank in owner.items() if rank == ctx.rank}
     plan = build(model, reduced, config, progress=progress and ctx.rank == 0, owned=owned)
-    bases = {m.name: (m.a, m.singular_values, m.energy, m.energy_exact) for m in plan.modules.values() if m.rank > 0}
+    bases = {
+        m.name: (m.a, m.singular_values, m.energy, m.energy_exact, m.gradient_share)
+        for m in plan.modules.values()
+        if m.rank > 0
+    }
     every = gather_owned(bases, owner, ctx)
     modules = []
     for module in plan.modules.values():
         if module.rank > 0:
-            a, singular, energy, exact = every[module.name]
-            module = dataclasses.replace(module, a=a, singular_values=singular, energy=energy, energy_exact=exact)
+            a, singular, energy, exact, share = every[module.name]
+            module = dataclasses.replace(
+                module, a=a, singular_values=singular, energy=energy, energy_exact=exact, gradient_share=share
+            )
         modules.append(module)
-    return CalibrationPlan(config, modules, reduced.num_examples, reduced.num_tokens)
+    whole = CalibrationPlan(config, modules, reduced.num_examples, reduced.num_tokens)
+    if ctx.rank == 0:
+        warn_low_gradient_share(whole, stacklevel=4)
+    return whole
+
+
+def _gradient_of(gradients: Mapping[str, torch.Tensor], name: str, shape: Tuple[int, int]) -> np.ndarray:
+    # A module whose output never reached this rank's loss has no sum: it adds zero.
+    g = gradients.get(name)
+    if g is None:
+        return np.zeros(shape[0] * shape[1])
+    return g.detach().to(device="cpu", dtype=torch.float64).reshape(-1).numpy()
