@@ -21,6 +21,7 @@ from lowrank_rs.methods.tlora.sharded import calibrate_sharded  # noqa: E402
 from lowrank_rs.training.distributed import Distributed  # noqa: E402
 
 calibrate_module = importlib.import_module("lowrank_rs.methods.tlora.calibrate")
+memory_module = importlib.import_module("lowrank_rs.methods.tlora.memory")
 
 VOCAB = 96
 TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "bert": ["query", "value", "intermediate.dense"]}
@@ -153,9 +154,28 @@ def test_auto_measures_only_below_the_memory_limit(monkeypatch):
     exs = examples("llama", 3)
     stats = collect_statistics(model, exs, config("llama"), progress=False)
     assert stats.gradients is not None and set(stats.gradients) == set(stats.modules)
-    monkeypatch.setattr(calibrate_module, "_GRADIENT_SUMS_AUTO_BYTES", 0)
+    monkeypatch.setattr(memory_module, "GRADIENT_SUMS_AUTO_BYTES", 0)
     assert collect_statistics(model, exs, config("llama"), progress=False).gradients is None
     assert collect_statistics(model, exs, config("llama", gradient_share=True), progress=False).gradients is not None
+
+
+def test_plan_memory_counts_the_gradient_sums():
+    from lowrank_rs.methods.tlora import plan_memory
+
+    model = tiny_model("llama", vocab=VOCAB)
+    shapes = {
+        n: tuple(m.weight.shape) for n, m in model.named_modules() if n.endswith(("q_proj", "v_proj", "down_proj"))
+    }
+    plan = plan_memory(model, config("llama"))
+    assert plan.gradient_bytes == 4 * sum(a * b for a, b in shapes.values())
+    assert "gradient sums" in str(plan)
+    assert plan_memory(model, config("llama", gradient_share=False)).gradient_bytes == 0
+    # LLaMA-7B's seven projections: 26 GiB of sums, over the automatic limit.
+    square, wide = (4096, 4096), (11008, 4096)
+    llama7b = {f"{i}.{p}": square for i in range(32) for p in ("q", "k", "v", "o")}
+    llama7b.update({f"{i}.{p}": wide for i in range(32) for p in ("gate", "up", "down")})
+    assert plan_memory(llama7b, config("llama")).gradient_bytes == 0
+    assert plan_memory(llama7b, config("llama", gradient_share=True)).gradient_bytes > 20 * 2**30
 
 
 def test_share_is_shown_in_the_table_and_repr():

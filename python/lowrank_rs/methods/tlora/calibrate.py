@@ -55,7 +55,7 @@ from ...package import read_adapter, write_adapter
 from ...statistics import StatisticsAccumulator, empty_like, make_accumulator, merge_into, resolve_backend
 from ...training.collate import batch_iterator
 from .config import TLoraConfig
-from .memory import check_memory, format_bytes, plan_memory
+from .memory import check_memory, format_bytes, measures_gradient_share, plan_memory
 
 __all__ = [
     "GRADIENT_SHARE_WARNING",
@@ -83,8 +83,6 @@ _IGNORE_INDEX = -100
 # steps' descent direction: on a planted rank-4 change (bench/planted.py) modules at 27–50% left TLoRA at 0.45 of
 # the initial error where LoRA reached 0.09. Calibration warns about adapted modules below it.
 GRADIENT_SHARE_WARNING = 0.5
-# gradient_share=None measures the share when the gradient sums (float32, one per target) take at most this much.
-_GRADIENT_SUMS_AUTO_BYTES = 1 << 30
 
 
 # --- statistics -----------------------------------------------------------------------------------------------------
@@ -206,7 +204,8 @@ class _Session:
         self.accumulators: Dict[Tuple[Tuple[str, ...], str], StatisticsAccumulator] = {}
         self.score_parts: Dict[str, List[torch.Tensor]] = {n: [] for n in self.targets}
         # Σ ∂L/∂W per module for the gradient share; dropped (None) when not measured or memory ran out.
-        self.gradients: Optional[Dict[str, torch.Tensor]] = {} if measures_gradient_share(config, targets) else None
+        shapes = {n: (m.out_features, m.in_features) for n, m in targets.items()}
+        self.gradients: Optional[Dict[str, torch.Tensor]] = {} if measures_gradient_share(config, shapes) else None
         self.seen: Dict[str, bool] = dict.fromkeys(self.targets, False)
         self.warned: Dict[str, bool] = {}
         self.num_examples = 0
@@ -580,18 +579,6 @@ _LOSS_HINTS = dict(
     no_labels_hint="put labels in the calibration batches",
     non_finite_hint="on a calibration example; scores need a finite loss",
 )
-
-
-def measures_gradient_share(config: TLoraConfig, targets: Mapping[str, nn.Linear]) -> bool:
-    """Whether calibration with ``config`` on ``targets`` keeps the gradient sums the gradient share needs."""
-    if config.gradient_share is not None:
-        return config.gradient_share
-    return gradient_sums_bytes({n: tuple(m.weight.shape) for n, m in targets.items()}) <= _GRADIENT_SUMS_AUTO_BYTES
-
-
-def gradient_sums_bytes(shapes: Mapping[str, Tuple[int, ...]]) -> int:
-    """Memory of the float32 gradient sums for targets of these ``(d_out, d_in)`` shapes."""
-    return sum(4 * int(np.prod(shape)) for shape in shapes.values())
 
 
 def _weight_gradient(pairs: Sequence[Tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:

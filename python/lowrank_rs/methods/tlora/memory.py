@@ -16,7 +16,11 @@ from ...errors import InvalidArgumentError, ShapeError
 from ...statistics import resolve_backend
 from .config import TLoraConfig
 
-__all__ = ["MemoryPlan", "plan_memory", "format_bytes"]
+__all__ = ["MemoryPlan", "gradient_sums_bytes", "measures_gradient_share", "plan_memory", "format_bytes"]
+
+# gradient_share=None measures the share when the gradient sums (float32, one per target) take at most this much:
+# 42 MiB for all-MiniLM-L6-v2's 36 block linears, 26 GiB for LLaMA-7B's 224.
+GRADIENT_SUMS_AUTO_BYTES = 1 << 30
 
 # Sibling modules that read one tensor in the architectures this project knows (LLaMA/Qwen/Mistral attention and
 # MLP, BERT, DeBERTa, Mixtral-style experts, GPT-NeoX-like "q/k/v"); they share one accumulator at run time, where
@@ -42,7 +46,10 @@ class MemoryPlan:
     - ``transient_bytes``: the largest extra working memory at a time: one update's f32 product on the torch
       backend, and while bases are computed one ``[d_in, d_in]`` float64 covariance plus its float32 copy per
       basis worker;
-    - ``backend``: ``"core"`` or ``"torch"``.
+    - ``backend``: ``"core"`` or ``"torch"``;
+    - ``gradient_bytes``: the float32 gradient sums ``Σ ∂L/∂W`` the gradient share needs (as much as the target
+      weights in float32, on the model's device), 0 when it is not measured. Not part of :attr:`total_bytes` nor of
+      ``max_covariance_bytes``: ``gradient_share=False`` is how to save it.
     """
 
     groups: Tuple[Tuple[Tuple[str, ...], int], ...]
@@ -50,6 +57,7 @@ class MemoryPlan:
     transient_bytes: int
     backend: str
     device: str
+    gradient_bytes: int = 0
 
     @property
     def total_bytes(self) -> int:
@@ -62,6 +70,7 @@ class MemoryPlan:
             f"TLoRA covariance memory: {len(self.groups)} accumulators for {modules} modules ({shared} shared), "
             f"{format_bytes(self.accumulator_bytes)} of f64 sums on {self.device} ({self.backend}) + up to "
             f"{format_bytes(self.transient_bytes)} working memory = {format_bytes(self.total_bytes)}"
+            + (f"; gradient sums {format_bytes(self.gradient_bytes)}" if self.gradient_bytes else "")
         )
 
 
@@ -114,7 +123,20 @@ def plan_memory(
         update = max((4 * d * d for _, d in plan_groups), default=0)
     largest = sorted((d for _, d in plan_groups), reverse=True)[: max(1, basis_workers)]
     basis = sum(12 * d * d for d in largest)
-    return MemoryPlan(plan_groups, accumulators, max(update, basis), backend, str(device))
+    gradients = gradient_sums_bytes(shapes) if measures_gradient_share(config, shapes) else 0
+    return MemoryPlan(plan_groups, accumulators, max(update, basis), backend, str(device), gradients)
+
+
+def gradient_sums_bytes(shapes: Mapping[str, Tuple[int, int]]) -> int:
+    """Memory of the float32 gradient sums for targets of these ``(d_out, d_in)`` shapes."""
+    return sum(4 * d_out * d_in for d_out, d_in in shapes.values())
+
+
+def measures_gradient_share(config: TLoraConfig, shapes: Mapping[str, Tuple[int, int]]) -> bool:
+    """Whether calibration with ``config`` on targets of these shapes keeps the gradient sums its share needs."""
+    if config.gradient_share is not None:
+        return config.gradient_share
+    return gradient_sums_bytes(shapes) <= GRADIENT_SUMS_AUTO_BYTES
 
 
 def check_memory(plan: MemoryPlan, config: TLoraConfig) -> None:
