@@ -1,0 +1,496 @@
+"""Method quality that can be trusted: tasks × methods × seeds, rates chosen on validation, paired confidence intervals.
+
+``python bench/quality`` runs the default grid and writes its tables into ``bench/RESULTS.md`` and its plots into
+``bench/quality-*.png``; ``--grid quick`` checks the harness in a few minutes on slivers of the data.
+
+How a study runs (one task, several methods):
+
+1. **Sweep** — each method trains once (seed 0) at each rate of its grid; the rate with the best *validation*
+   accuracy (15% carved from the training split) is chosen. A best rate at the edge of the grid gets one more point
+   past that edge. The test split is never read for a choice.
+2. **Seeds** — the chosen rate runs on seeds 1–4 as well (5 seeds with the sweep's seed 0). A seed fixes the head's
+   init, the adapter's random init, dropout and the data order, and is shared by every method, so differences are
+   paired: each row reports its mean ± std and its mean paired difference from the study's reference (LoRA r = 8, or
+   the shared LoRA in the multi-task study) with a 95% t-interval.
+3. **Few-shot transfer** (after the multi-task study) — each seed's saved multi-task run continues on 16 / 32 / 64
+   examples of the held-out ``returns`` task, against a fresh LoRA.
+
+Every run is a subprocess with a time limit that writes one JSON file under ``bench/quality-runs/``; an interrupted
+sweep resumes where it stopped (finished runs are not repeated), and ``--report`` rebuilds the tables from the files.
+Each run records its validation curve (accuracy after each epoch), its trainable parameters and wall time.
+
+The default grid fits a 2-core CPU in about two hours by: 64 tokens; 3 epochs (the curves in the tables show they
+have flattened); the sweep on one seed, then five seeds at the chosen rate only; two runs side by side with one thread
+each. On a GPU the same grid runs unchanged (one run at a time, all of it on the GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+import entries  # noqa: E402
+from _common import machine, table, write_section  # noqa: E402
+
+RUNS = HERE.parent / "quality-runs"
+SEEDS = (0, 1, 2, 3, 4)
+SHOTS = (16, 32, 64)
+
+
+@dataclasses.dataclass
+class Study:
+    task: str
+    methods: Tuple[str, ...]
+    reference: str
+    seeds: Tuple[int, ...] = SEEDS
+    save: bool = False  # keep each final run's adapter (the multi-task study's, for few-shot transfer)
+    title: str = ""
+
+
+# In order of what the targets need first: an interrupted run leaves these rows whole.
+PACKAGE_METHODS = ("lora", "tlora8", "tlora16", "pissa", "eva", "corda", "loratrf", "tlora-a", "adalora", "loraga",
+                   "head", "full")  # fmt: skip
+GRIDS: Dict[str, List[Study]] = {
+    "default": [
+        Study("package", PACKAGE_METHODS, "lora", title="stdlib package (8 labels)"),
+        Study("returns", ("lora",), "lora", seeds=(0,), title="learnability check of the transfer task"),
+        Study("multitask", ("shared-lora", "talora", "prompt", "mpt"), "shared-lora", save=True,
+              title="multi-task: package, domain, kind"),  # fmt: skip
+        Study("sympy", ("lora", "tlora8", "tlora16", "pissa", "loratrf"), "lora", title="SymPy subpackage (8 labels)"),
+    ],
+}
+GRIDS["full"] = [
+    dataclasses.replace(GRIDS["default"][0], methods=PACKAGE_METHODS + ("lora4", "dora", "peft-lora")),
+    *GRIDS["default"][1:],
+]
+GRIDS["quick"] = [
+    Study("package", ("lora", "tlora8", "head", "pissa", "adalora", "eva", "corda", "loraga", "loratrf", "full",
+                      "tlora-a"), "lora", seeds=(0, 1)),  # fmt: skip
+    Study("sympy", ("lora",), "lora", seeds=(0,)),
+    Study("multitask", ("shared-lora", "talora", "prompt", "mpt"), "shared-lora", seeds=(0, 1), save=True),
+]
+TRANSFER = ("talora", "mpt", "prompt", "shared-lora", "lora")  # "lora" starts fresh; the others from the multi-task run
+
+
+# -- running units ---------------------------------------------------------------------------------------------------
+
+
+def _key(spec: Dict[str, Any]) -> str:
+    parts = [spec["task"], spec["method"], f"lr{spec['lr']:g}", f"s{spec['seed']}"]
+    if spec.get("shots"):
+        parts.append(f"k{spec['shots']}")
+    return "/".join(parts)
+
+
+class Runner:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.dir = Path(args.runs) / args.grid
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.done = 0
+        self.started = time.perf_counter()
+
+    def path(self, spec: Dict[str, Any]) -> Path:
+        return self.dir / (_key(spec).replace("/", "__") + ".json")
+
+    def result(self, spec: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+        path = self.path(spec)
+        if path.exists():
+            with open(path) as f:
+                return json.load(f)
+        return None
+
+    def spec(self, task: str, method: str, lr: float, seed: int, **more: Any) -> Dict[str, Any]:
+        spec = {"task": task, "method": method, "lr": lr, "seed": seed, "epochs": self.args.epochs,
+                "max_length": self.args.max_length, "limit": self.args.limit, **more}  # fmt: skip
+        return spec
+
+    def run_all(self, specs: Sequence[Dict[str, Any]]) -> None:
+        """Run the specs not yet done, ``--workers`` at a time, each in its own process."""
+        todo = [s for s in specs if self.result(s) is None]
+        running: List[Tuple[Dict[str, Any], subprocess.Popen, float, Any]] = []
+        while todo or running:
+            while todo and len(running) < self.args.workers:
+                spec = todo.pop(0)
+                log = open(self.path(spec).with_suffix(".log"), "w")
+                cmd = [sys.executable, str(HERE), "--unit", json.dumps(spec), "--out", str(self.path(spec)),
+                       "--threads", str(self.args.threads)]  # fmt: skip
+                running.append((spec, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), time.time(), log))
+            time.sleep(1.0)
+            for item in list(running):
+                spec, proc, t0, log = item
+                timed_out = time.time() - t0 > self.args.run_limit
+                if timed_out:
+                    proc.kill()
+                if proc.poll() is None:
+                    continue
+                running.remove(item)
+                log.close()
+                self.done += 1
+                res = self.result(spec)
+                elapsed = (time.perf_counter() - self.started) / 60
+                if res is None:
+                    why = "over its time limit" if timed_out else f"exit {proc.returncode}"
+                    log_path = self.path(spec).with_suffix(".log")
+                    print(f"[{elapsed:5.1f} min] {_key(spec):<40} FAILED ({why}); see {log_path}", flush=True)
+                    with open(self.path(spec).with_suffix(".failed"), "w") as f:
+                        f.write(why)
+                else:
+                    curve = " ".join(f"{100 * c[1]:.0f}" for c in res["curve"] if c[1] is not None)
+                    print(f"[{elapsed:5.1f} min] {_key(spec):<40} val {100 * res['val_mean']:.1f}%  test "
+                          f"{100 * res['test_mean']:.1f}%  ({res['trainable']:,} params, {res['seconds']:.0f} s; "
+                          f"val by epoch {curve})", flush=True)  # fmt: skip
+
+
+def _failed(runner: Runner, spec: Dict[str, Any]) -> bool:
+    return runner.path(spec).with_suffix(".failed").exists()
+
+
+def chosen_lr(runner: Runner, study: Study, method: str) -> Optional[float]:
+    """The swept rate with the best validation accuracy (seed 0), extending the grid once past an edge winner."""
+    grid = sorted(entries.ENTRIES[method].lrs)
+    results = {}
+    for lr_ in grid:
+        res = runner.result(runner.spec(study.task, method, lr_, study.seeds[0]))
+        if res is not None:
+            results[lr_] = res["val_mean"]
+    if not results:
+        return None
+    best = max(results, key=lambda k: (results[k], -k))
+    return best
+
+
+def _extension(grid: Sequence[float], best: float) -> Optional[float]:
+    if len(grid) < 2:
+        return None
+    if best == grid[0]:
+        return grid[0] * grid[0] / grid[1]
+    if best == grid[-1]:
+        return grid[-1] * grid[-1] / grid[-2]
+    return None
+
+
+def run_study(runner: Runner, study: Study) -> None:
+    """Method by method, as a three-stage pipeline (method k's sweep beside method k-1's edge extension and method
+    k-2's seeds), so the workers stay busy and an interrupted study leaves whole rows rather than all rows half done."""
+    methods = [m for m in study.methods if m in entries.ENTRIES and _selected(runner.args, m)]
+    seed0 = study.seeds[0]
+
+    def sweep(m: str) -> List[Dict[str, Any]]:
+        return [runner.spec(study.task, m, lr_, seed0, **_saving(runner, study, m, lr_, seed0))
+                for lr_ in entries.ENTRIES[m].lrs]  # fmt: skip
+
+    def extension(m: str) -> List[Dict[str, Any]]:
+        best = chosen_lr(runner, study, m)
+        ext = _extension(sorted(entries.ENTRIES[m].lrs), best) if best is not None else None
+        if ext is None:
+            return []
+        return [runner.spec(study.task, m, round(ext, 10), seed0, **_saving(runner, study, m, round(ext, 10), seed0))]
+
+    def finals(m: str) -> List[Dict[str, Any]]:
+        best = best_lr(runner, study, m)
+        if best is None:
+            return []
+        return [runner.spec(study.task, m, best, seed, **_saving(runner, study, m, best, seed))
+                for seed in study.seeds[1:]]  # fmt: skip
+
+    for k in range(len(methods) + 2):
+        batch: List[Dict[str, Any]] = []
+        if k - 2 >= 0:
+            batch += finals(methods[k - 2])
+        if 0 <= k - 1 < len(methods):
+            batch += extension(methods[k - 1])
+        if k < len(methods):
+            batch += sweep(methods[k])
+        runner.run_all(batch)
+
+
+def saved_path(runner: Runner, study: Study, method: str, lr: float, seed: int) -> str:
+    return str(runner.dir / "saved" / f"{study.task}-{method}-lr{lr:g}-s{seed}")
+
+
+def _saving(runner: Runner, study: Study, method: str, lr: float, seed: int) -> Dict[str, str]:
+    # A study whose runs feed few-shot transfer keeps every run's adapter (the sweep's too: seed 0 at the chosen
+    # rate is one of the five starting points). The path is not part of the run's key.
+    return {"save": saved_path(runner, study, method, lr, seed)} if study.save else {}
+
+
+def best_lr(runner: Runner, study: Study, method: str) -> Optional[float]:
+    grid = sorted(entries.ENTRIES[method].lrs)
+    best = chosen_lr(runner, study, method)
+    if best is None:
+        return None
+    ext = _extension(grid, best)
+    if ext is not None:
+        res = runner.result(runner.spec(study.task, method, round(ext, 10), study.seeds[0]))
+        base = runner.result(runner.spec(study.task, method, best, study.seeds[0]))
+        if res is not None and base is not None and res["val_mean"] > base["val_mean"]:
+            return round(ext, 10)
+    return best
+
+
+def run_transfer(runner: Runner, study: Study) -> None:
+    specs = []
+    for m in TRANSFER:
+        if not _selected(runner.args, m):
+            continue
+        source = "shared-lora" if m == "lora" else m
+        rate = best_lr(runner, study, source)
+        if rate is None:
+            continue
+        for shots in SHOTS:
+            for seed in study.seeds:
+                start = None if m == "lora" else saved_path(runner, study, m, rate, seed)
+                if start is not None and not Path(start).exists():
+                    continue
+                epochs = max(2, 160 // shots)
+                spec = runner.spec("multitask", m, rate, seed, shots=shots, start=start)
+                spec["epochs"] = epochs
+                specs.append(spec)
+    runner.run_all(specs)
+
+
+def _selected(args: argparse.Namespace, method: str) -> bool:
+    return not args.methods or method in args.methods.split(",")
+
+
+# -- statistics and report -------------------------------------------------------------------------------------------
+
+
+def _t95(n: int) -> float:
+    from scipy import stats
+
+    return float(stats.t.ppf(0.975, n - 1)) if n > 1 else math.nan
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def _mean_std(xs: Sequence[float]) -> str:
+    if not xs:
+        return "—"
+    if len(xs) == 1:
+        return f"{_pct(xs[0])}%"
+    return f"{_pct(statistics.mean(xs))} ± {_pct(statistics.stdev(xs))}%"
+
+
+def paired(xs: Dict[int, float], ref: Dict[int, float]) -> Tuple[str, Optional[Tuple[float, float, float]]]:
+    seeds = sorted(set(xs) & set(ref))
+    if len(seeds) < 2:
+        return "—", None
+    d = [xs[s] - ref[s] for s in seeds]
+    mean = statistics.mean(d)
+    half = _t95(len(d)) * statistics.stdev(d) / math.sqrt(len(d))
+    text = f"{100 * mean:+.1f} [{100 * (mean - half):+.1f}, {100 * (mean + half):+.1f}]"
+    return text, (mean, mean - half, mean + half)
+
+
+def _finals(runner: Runner, study: Study, method: str) -> Tuple[Optional[float], Dict[int, Dict[str, Any]]]:
+    rate = best_lr(runner, study, method)
+    if rate is None:
+        return None, {}
+    out = {}
+    for seed in study.seeds:
+        res = runner.result(runner.spec(study.task, method, rate, seed))
+        if res is not None:
+            out[seed] = res
+    return rate, out
+
+
+def _curve(results: Dict[int, Dict[str, Any]]) -> str:
+    # Mean validation accuracy after each epoch over the seeds that ran: flat at the end means trained enough.
+    curves = [r["curve"] for r in results.values() if r["curve"]]
+    if not curves:
+        return "—"
+    n = min(len(c) for c in curves)
+    return " → ".join(f"{100 * statistics.mean(c[i][1] for c in curves):.0f}" for i in range(n))
+
+
+def report_study(runner: Runner, study: Study, summary: Dict[str, Any]) -> str:
+    ref_rate, ref = _finals(runner, study, study.reference)
+    ref_acc = {s: r["test_mean"] for s, r in ref.items()}
+    rows, points = [], []
+    multitask = study.task == "multitask"
+    header = ["method", "trainable params", "lr (by val)", "val by epoch"]
+    header += ([f"{t} test" for t in ("package", "domain", "kind")] if multitask else []) + [
+        "test accuracy", f"Δ vs {entries.ENTRIES[study.reference].title} [95% CI]", "time / run"]
+    description = ""
+    for m in study.methods:
+        if m not in entries.ENTRIES:
+            continue
+        rate, res = _finals(runner, study, m)
+        if not res:
+            continue
+        description = next(iter(res.values()))["description"]
+        accs = {s: r["test_mean"] for s, r in res.items()}
+        diff, ci = paired(accs, ref_acc) if m != study.reference else ("(reference)", None)
+        params = next(iter(res.values()))["trainable"]
+        row = [entries.ENTRIES[m].title, f"{params:,}", f"{rate:g}", _curve(res)]
+        if multitask:
+            row += [_mean_std([r["test"][t] for r in res.values()]) for t in ("package", "domain", "kind")]
+        row += [_mean_std(list(accs.values())) + f" (n={len(accs)})", diff,
+                f"{statistics.median(r['seconds'] for r in res.values()):.0f} s"]  # fmt: skip
+        rows.append(row)
+        points.append((entries.ENTRIES[m].title, params, [a for a in accs.values()], entries.ENTRIES[m].family))
+        summary.setdefault(study.task, {})[m] = {"mean": statistics.mean(accs.values()), "ci": ci, "params": params}
+    if not rows:
+        return ""
+    majority = next(iter(ref.values()))["majority"] if ref else {}
+    text = f"### {study.title or study.task}\n\n{description}. Majority class (test): " + ", ".join(
+        f"{k} {_pct(v)}%" for k, v in majority.items()) + ".\n\n" + table(header, rows)  # fmt: skip
+    if len(points) > 1 and not multitask:
+        text += f"\n\n![accuracy vs trainable parameters, {study.task}](quality-{study.task}.png)"
+        _plot(points, study, runner)
+    return text
+
+
+def report_transfer(runner: Runner, study: Study) -> str:
+    rows = []
+    majority = None
+    for m in TRANSFER:
+        source = "shared-lora" if m == "lora" else m
+        rate = best_lr(runner, study, source)
+        if rate is None:
+            continue
+        cells = []
+        for shots in SHOTS:
+            accs = []
+            for seed in study.seeds:
+                start = None if m == "lora" else saved_path(runner, study, m, rate, seed)
+                spec = runner.spec("multitask", m, rate, seed, shots=shots, start=start)
+                spec["epochs"] = max(2, 160 // shots)
+                res = runner.result(spec)
+                if res is not None:
+                    accs.append(res["test_mean"])
+                    majority = res["majority"]["returns"]
+            cells.append(_mean_std(accs) + (f" (n={len(accs)})" if accs else ""))
+        title = "fresh LoRA r = 8" if m == "lora" else entries.ENTRIES[m].title + " (from its multi-task run)"
+        rows.append([title, *cells])
+    if not rows or majority is None:
+        return ""
+    return (
+        f"### Few-shot transfer to the held-out task (`returns`, majority class {_pct(majority)}%)\n\n"
+        "Each seed's multi-task run continues on k examples (TA-LoRA: `add_task`, mean init; the others: the task "
+        "prefix `task: returns.`) for max(2, 160 / k) epochs at batch 8, at the rate chosen for it in the multi-task "
+        "study.\n\n" + table(["method", *[f"{k} examples" for k in SHOTS]], rows)
+    )
+
+
+def _plot(points, study: Study, runner: Runner) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    colors = {"ours": "tab:blue", "peer": "tab:orange", "baseline": "tab:gray"}
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for title, params, accs, family in points:
+        mean = 100 * statistics.mean(accs)
+        std = 100 * statistics.stdev(accs) if len(accs) > 1 else 0.0
+        ax.errorbar(params, mean, yerr=std, fmt="o", color=colors[family], capsize=3)
+        ax.annotate(title, (params, mean), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters")
+    ax.set_ylabel("test accuracy (%), mean ± std over seeds")
+    ax.set_title(f"{study.title or study.task}: blue ours, orange PEFT, grey baselines")
+    fig.tight_layout()
+    if runner.args.grid != "quick":
+        fig.savefig(HERE.parent / f"quality-{study.task}.png", dpi=110)
+    plt.close(fig)
+
+
+def report(runner: Runner, studies: Sequence[Study]) -> Tuple[str, Dict[str, Any]]:
+    summary: Dict[str, Any] = {}
+    parts = []
+    for study in studies:
+        text = report_study(runner, study, summary)
+        if text:
+            parts.append(text)
+        if study.save:
+            transfer = report_transfer(runner, study)
+            if transfer:
+                parts.append(transfer)
+    return "\n\n".join(parts), summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--grid", choices=sorted(GRIDS), default="default")
+    parser.add_argument("--tasks", default="", help="comma-separated studies to run (default: all of the grid)")
+    parser.add_argument("--methods", default="", help="comma-separated methods to run (default: all)")
+    parser.add_argument("--seeds", default="", help="comma-separated seeds for every study (default: 0–4)")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=0, help="runs side by side (default: 1 on a GPU, 2 on CPU)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per run (default: cores / workers)")
+    parser.add_argument("--run-limit", type=float, default=1800, help="seconds before a run is killed")
+    parser.add_argument("--runs", default=str(RUNS), help="where each run's JSON goes (resume reads it)")
+    parser.add_argument("--report", action="store_true", help="only rebuild the tables from finished runs")
+    parser.add_argument("--no-write", action="store_true", help="print the tables; leave RESULTS.md alone")
+    parser.add_argument("--unit", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.unit:
+        import unit
+
+        unit.main_unit(args.unit, args.out, args.threads)
+        return
+    args.limit = 0
+    if args.grid == "quick":
+        args.epochs, args.limit = 1, 48
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if not args.workers:
+        args.workers = 1 if cuda else min(2, os.cpu_count() or 1)
+    if not args.threads:
+        args.threads = max(1, (os.cpu_count() or 1) // args.workers)
+    if args.seeds:
+        seeds = tuple(int(x) for x in args.seeds.split(","))
+        GRIDS[args.grid] = [dataclasses.replace(s, seeds=seeds[: len(s.seeds)]) for s in GRIDS[args.grid]]
+    studies = [s for s in GRIDS[args.grid] if not args.tasks or s.task in args.tasks.split(",")]
+    runner = Runner(args)
+    started = time.perf_counter()
+    print(machine(), flush=True)
+    if not args.report:
+        for study in studies:
+            print(f"== {study.task}: {', '.join(study.methods)} ==", flush=True)
+            run_study(runner, study)
+            if study.save:
+                run_transfer(runner, study)
+    # The tables cover every study of the grid that has finished runs, not only those this invocation ran.
+    body, summary = report(runner, GRIDS[args.grid])
+    minutes = (time.perf_counter() - started) / 60
+    header = (
+        f"## Quality (`bench/quality`, grid `{args.grid}`)\n\nall-MiniLM-L6-v2, {args.max_length} tokens, "
+        f"{args.epochs} epochs, batch 16, AdamW with 10% warmup then cosine; the rate of each method chosen on "
+        "validation (seed 0), then seeds 0–4 at that rate; mean ± std of test accuracy; Δ is the mean paired "
+        "difference from the study's reference over the same seeds, with its 95% t-interval. Machine: "
+        f"{machine()}\n\n"
+    )
+    print(body, flush=True)
+    with open(runner.dir / "summary.json", "w") as f:
+        json.dump(summary, f, indent=1, default=str)
+    if not args.no_write and args.grid != "quick":
+        write_section("quality", header + body)
+    print(f"done in {minutes:.0f} min", flush=True)
+
+
+if __name__ == "__main__":
+    main()
