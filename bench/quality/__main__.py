@@ -58,6 +58,8 @@ class Study:
     seeds: Tuple[int, ...] = SEEDS
     save: bool = False  # keep each final run's adapter (the multi-task study's, for few-shot transfer)
     title: str = ""
+    # No sweep: every method runs at the rate this (task, method) chose in its own study (variants of one method).
+    rate_from: Optional[Tuple[str, str]] = None
 
 
 # In order of what the targets need first: an interrupted run leaves these rows whole.
@@ -72,9 +74,16 @@ GRIDS: Dict[str, List[Study]] = {
         Study("sympy", ("lora", "tlora8", "tlora16", "pissa", "loratrf"), "lora", title="SymPy subpackage (8 labels)"),
     ],
 }
+TLORA_CHOICES = ("tlora8", "tlora8-n16", "tlora8-n256", "tlora8-per-rank", "tlora8-global", "tlora8-none",
+                 "tlora8-grad", "tlora8-fisher")  # fmt: skip
 GRIDS["full"] = [
     dataclasses.replace(GRIDS["default"][0], methods=PACKAGE_METHODS + ("lora4", "dora", "peft-lora")),
     *GRIDS["default"][1:],
+    Study("package", TLORA_CHOICES, "tlora8", title="TLoRA's own choices (stdlib package)",
+          rate_from=("package", "tlora8")),  # fmt: skip
+    Study("multitask", ("talora", "talora-L5", "talora-L20", "talora-r1", "talora-r8", "talora-orth0",
+                        "talora-orth1e-1"), "talora", title="TA-LoRA's choices (multi-task)",
+          rate_from=("multitask", "talora")),  # fmt: skip
 ]
 GRIDS["quick"] = [
     Study("package", ("lora", "tlora8", "head", "pissa", "adalora", "eva", "corda", "loraga", "loratrf", "full",
@@ -188,6 +197,13 @@ def run_study(runner: Runner, study: Study) -> None:
     k-2's seeds), so the workers stay busy and an interrupted study leaves whole rows rather than all rows half done."""
     methods = [m for m in study.methods if m in entries.ENTRIES and _selected(runner.args, m)]
     seed0 = study.seeds[0]
+    if study.rate_from is not None:
+        rate = best_lr(runner, study, methods[0])
+        if rate is None:
+            print(f"  (skipped: {study.rate_from[1]} has no chosen rate on {study.rate_from[0]} yet)", flush=True)
+            return
+        runner.run_all([runner.spec(study.task, m, rate, seed) for m in methods for seed in study.seeds])
+        return
 
     def sweep(m: str) -> List[Dict[str, Any]]:
         return [runner.spec(study.task, m, lr_, seed0, **_saving(runner, study, m, lr_, seed0))
@@ -229,6 +245,9 @@ def _saving(runner: Runner, study: Study, method: str, lr: float, seed: int) -> 
 
 
 def best_lr(runner: Runner, study: Study, method: str) -> Optional[float]:
+    if study.rate_from is not None:
+        task, source = study.rate_from
+        return best_lr(runner, Study(task, (source,), source, study.seeds), source)
     grid = sorted(entries.ENTRIES[method].lrs)
     best = chosen_lr(runner, study, method)
     if best is None:
@@ -352,8 +371,23 @@ def report_study(runner: Runner, study: Study, summary: Dict[str, Any]) -> str:
     majority = next(iter(ref.values()))["majority"] if ref else {}
     text = f"### {study.title or study.task}\n\n{description}. Majority class (test): " + ", ".join(
         f"{k} {_pct(v)}%" for k, v in majority.items()) + ".\n\n" + table(header, rows)  # fmt: skip
+    gate_lines = []
+    for m in study.methods:
+        _, res = _finals(runner, study, m) if m in entries.ENTRIES else (None, {})
+        traces = [r.get("gate_trace") for r in res.values() if r.get("gate_trace")]
+        if traces:
+            n = min(len(t) for t in traces)
+            picks = sorted({max(0, n * q // 4 - 1) for q in (1, 2, 3, 4)})
+            cells = []
+            for i in picks:
+                layers = [statistics.mean(t[i][1:]) for t in traces]
+                cells.append(f"step {traces[0][i][0]}: {statistics.mean(layers):.3f}")
+            gate_lines.append(f"- {entries.ENTRIES[m].title}: " + ", ".join(cells))
+    if gate_lines:
+        text += ("\n\nGates (mean |tanh g| over heads and layers; 0 = prompt branch closed), mean over seeds:\n\n"
+                 + "\n".join(gate_lines))  # fmt: skip
     if len(points) > 1 and not multitask:
-        text += f"\n\n![accuracy vs trainable parameters, {study.task}](quality-{study.task}.png)"
+        text += f"\n\n![accuracy vs trainable parameters, {study.task}](quality-{_slug(study)}.png)"
         _plot(points, study, runner)
     return text
 
@@ -390,6 +424,10 @@ def report_transfer(runner: Runner, study: Study) -> str:
     )
 
 
+def _slug(study: Study) -> str:
+    return study.task if study.rate_from is None else f"{study.task}-{study.rate_from[1]}-choices"
+
+
 def _plot(points, study: Study, runner: Runner) -> None:
     try:
         import matplotlib
@@ -411,7 +449,7 @@ def _plot(points, study: Study, runner: Runner) -> None:
     ax.set_title(f"{study.title or study.task}: blue ours, orange PEFT, grey baselines")
     fig.tight_layout()
     if runner.args.grid != "quick":
-        fig.savefig(HERE.parent / f"quality-{study.task}.png", dpi=110)
+        fig.savefig(HERE.parent / f"quality-{_slug(study)}.png", dpi=110)
     plt.close(fig)
 
 

@@ -46,6 +46,7 @@ class Entry:
     build: Callable[[Context], Tuple[torch.nn.Module, OnStep]]
     multitask: bool = False  # takes task ids (TA-LoRA) rather than a task prefix in the text
     prompt: bool = False  # a prompt-style method (its own rows in the multi-task tables)
+    calibration_examples: int = 64  # training examples a data-aware init may read
 
 
 LORA_LRS = (3e-4, 1e-3, 3e-3)
@@ -116,13 +117,20 @@ def _loratrf(ctx: Context):
     return lr.attach(ctx.model, config, batches=ctx.calibration), None
 
 
-def _talora(ctx: Context):
+def _talora_variant(**fields: Any):
+    def build(ctx: Context):
+        return _talora(ctx, **fields)
+
+    return build
+
+
+def _talora(ctx: Context, **fields: Any):
     # One learning rate names both of TA-LoRA's: the slow rate (shared θ0, B, gates) and the fast rate (each task's
     # u, v) keep the default ratio of 10, and the sweep scales both; TrainConfig.lr then drives only the head.
     scale = ctx.options["lr"] / 5e-3
     config = lr.TaLoraConfig(
         tasks=list(ctx.options["tasks"]), modules_to_save=ctx.heads, init_seed=ctx.seed, slow_lr=5e-3 * scale,
-        fast_lr=5e-2 * scale,
+        fast_lr=5e-2 * scale, **fields,
     )  # fmt: skip
     return lr.attach(ctx.model, config), None
 
@@ -286,4 +294,32 @@ ENTRIES: Dict[str, Entry] = {
         Entry("shared-lora", "one shared LoRA r = 8", "ours", LORA_LRS, _lora(8)),
     ]
 }
+
+# TA-LoRA's investigation (issue 13, item 5): one change each from the default (L_p = 10, r = 4, λ = 1e-3), run at
+# the rate TA-LoRA chose in the multi-task study.
+for _name, _what, _fields in [
+    ("talora-L20", "L_p = 20", {"prompt_length": 20}),
+    ("talora-L5", "L_p = 5", {"prompt_length": 5}),
+    ("talora-r8", "r = 8", {"r": 8}),
+    ("talora-r1", "r = 1", {"r": 1}),
+    ("talora-orth0", "λ = 0 (no orthogonality term)", {"orthogonality_weight": 0.0}),
+    ("talora-orth1e-1", "λ = 0.1", {"orthogonality_weight": 0.1}),
+]:
+    ENTRIES[_name] = Entry(_name, f"TA-LoRA, {_what}", "ours", (5e-3,), _talora_variant(**_fields), multitask=True,
+                           prompt=True)  # fmt: skip
+
+# TLoRA's own choices (issue 13, item 6), each one change from "tlora8" (64 examples, reference scaling, sequence
+# centring, the reference's score), run at tlora8's chosen rate.
+_TLORA_CHOICES = [
+    ("tlora8-n16", "16 calibration examples", {}, 16),
+    ("tlora8-n256", "256 calibration examples", {}, 256),
+    ("tlora8-per-rank", "scaling per_rank", {"scaling": "per_rank"}, 64),
+    ("tlora8-global", "centre global", {"center": "global"}, 64),
+    ("tlora8-none", "centre none", {"center": "none"}, 64),
+    ("tlora8-grad", "score |G|", {"score": "grad"}, 64),
+    ("tlora8-fisher", "score G² (Fisher)", {"score": "fisher"}, 64),
+]
+for _name, _what, _fields, _n in _TLORA_CHOICES:
+    ENTRIES[_name] = Entry(_name, f"TLoRA 8·N, {_what}", "ours", TLORA_LRS, _tlora(8, **_fields),
+                           calibration_examples=_n)  # fmt: skip
 

@@ -21,7 +21,6 @@ from lowrank_rs.workflows.finetune import default_model_path
 
 Examples = List[Dict[str, torch.Tensor]]
 BATCH = 16
-CALIBRATION_EXAMPLES = 64
 
 
 def _quiet() -> None:
@@ -160,7 +159,7 @@ def run(spec: Dict[str, Any]) -> Dict[str, Any]:
     )
     calibration = [
         collate(train_rows[i : i + 16], tokenizer.pad_token_id)
-        for i in range(0, min(CALIBRATION_EXAMPLES, len(train_rows)), 16)
+        for i in range(0, min(entry.calibration_examples, len(train_rows)), 16)
     ]
     options = {"lr": spec["lr"], "tasks": data.sources}
     on_step = None
@@ -177,6 +176,18 @@ def run(spec: Dict[str, Any]) -> Dict[str, Any]:
         eval_every=steps_per_epoch, eval_batch_size=64,
     )  # fmt: skip
     val_rows = [row for name in judged for row in data.splits["val"][name]]
+    trace: List[List[float]] = []
+    gates = [m for m in model.modules() if hasattr(m, "gate") and isinstance(m.gate, torch.nn.Parameter)]
+    if gates:
+        # TA-LoRA's gates start at zero: their trajectory says whether the prompt branch ever opens.
+        inner = on_step
+
+        def on_step(step: int) -> None:  # noqa: F811 — wraps the method's own per-step call
+            if inner is not None:
+                inner(step)
+            if step % max(1, total // 20) == 0 or step == total:
+                trace.append([step, *[float(torch.tanh(m.gate.detach()).abs().mean()) for m in gates]])
+
     extra = {"on_step": on_step} if on_step is not None else {}
     result = lr.train(model, train_rows, eval_data=val_rows, config=config, progress=False, **extra)
     out = {
@@ -191,6 +202,7 @@ def run(spec: Dict[str, Any]) -> Dict[str, Any]:
         "test": {name: data.accuracy(model, "test", name) for name in judged},
         "majority": {name: _majority(data.splits["test"][name]) for name in judged},
         "description": data.description,
+        "gate_trace": trace,
     }
     out["val_mean"] = sum(out["val"].values()) / len(judged)
     out["test_mean"] = sum(out["test"].values()) / len(judged)
