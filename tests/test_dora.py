@@ -217,3 +217,13 @@ def test_rejects_what_it_does_not_take():
     with pytest.raises(lr.ConfigError, match="train_a"):
         lr.DoraConfig(["q_proj"], train_a="no")
     assert isinstance(lr.DoraLinear(nn.Linear(4, 3), 2, 1.0), lr.LoraLinear)
+
+
+def test_refuses_a_plans_warm_up_rather_than_dropping_it():
+    model = tiny_model("llama")
+    config = lr.TLoraConfig(TARGETS["llama"], r=4, alpha=8, num_examples=4, train_a_after=5)
+    g = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(1, 96, (2, 8), generator=g)} for _ in range(2)]
+    plan = lr.calibrate(model, [{**b, "labels": b["input_ids"]} for b in batches], config, progress=False)
+    with pytest.raises(lr.InvalidArgumentError, match="train_a_after"):
+        lr.attach(model, lr.DoraConfig(TARGETS["llama"]), plan=plan)

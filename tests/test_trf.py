@@ -6,6 +6,7 @@ Every model is a tiny random-initialised transformers config (2 layers); nothing
 """
 
 import copy
+import dataclasses
 import json
 import math
 import warnings
@@ -756,3 +757,25 @@ def test_trains_under_hf_trainer(tmp_path):
     # Every adapter tensor moved (C and t from the second step on), nothing else did.
     for name, p in model.named_parameters():
         assert torch.equal(p, before[name]) != p.requires_grad, name
+
+
+def test_tlora_plans_warm_up_holds_for_the_lora_part():
+    # train_a_after = N in the plan keeps A still for N steps under LoRATRF too, then A trains.
+    model = tiny("bert")
+    g = torch.Generator().manual_seed(0)
+    examples = [
+        {**batch(seed=s, rows=2, length=6, valid=6), "labels": torch.randint(0, 3, (2,), generator=g)} for s in range(2)
+    ]
+    targets = resolve(TrfConfig(), model).target_modules
+    tlora = TLoraConfig(targets, r=4, alpha=8, num_examples=4, modules_to_save=["classifier"], train_a_after=2)
+    plan = lr.calibrate(model, examples, tlora, progress=False)
+    lr.attach(model, TrfConfig(filter_rank=2), plan=plan)
+    layers = lora_layers(model)
+    before = {n: m.lora_A.weight.detach().clone() for n, m in layers.items()}
+    train = [{**batch(seed=9, rows=1, length=6, valid=6), "labels": torch.tensor([1])} for _ in range(4)]
+    train = [{k: v[0] for k, v in row.items()} for row in train]
+    config = lr.TrainConfig(lr=1e-2, batch_size=2, epochs=1, seed=0)
+    lr.train(model, train, config=config, progress=False)  # 2 steps: the warm-up
+    assert all(torch.equal(m.lora_A.weight, before[n]) for n, m in layers.items())
+    lr.train(model, train, config=dataclasses.replace(config, epochs=2), progress=False)  # steps 1-2 again, then 3-4
+    assert any(not torch.equal(m.lora_A.weight, before[n]) for n, m in layers.items())

@@ -11,7 +11,7 @@ from typing import Any, ClassVar, Dict, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ...errors import AdapterFormatError, ShapeError
+from ...errors import AdapterFormatError, InvalidArgumentError, ShapeError
 from ..lora.layer import LoraLinear
 from ..lora.method import UNSUPPORTED_PEFT_FIELDS, LoraMethod, Overrides
 from ..tlora.method import plan_overrides
@@ -53,6 +53,12 @@ class DoraMethod(LoraMethod):
             return super().resolve(model, config, ranks, scales, init_a, rest)
         super().resolve(model, config, None, None, None, rest)
         tlora, ranks, scales, init_a = plan_overrides(plan, ranks, scales, init_a)
+        if tlora.train_a_after:
+            # DoRA's config has no warm-up; dropping it silently would train A from the first step.
+            raise InvalidArgumentError(
+                f"DoRA with a TLoRA plan cannot keep A frozen for a warm-up (the plan's train_a_after is "
+                f"{tlora.train_a_after}); calibrate with train_a_after=None (A frozen) or 0 (A trained from the start)"
+            )
         lora_fields = ("target_modules", "r", "alpha", "use_rslora", "dropout", "modules_to_save", "init_seed")
         merged = DoraConfig(**{f: getattr(tlora, f) for f in lora_fields}, train_a=tlora.train_a)
         return merged, ranks, scales, init_a, True

@@ -13,12 +13,14 @@ from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from ...adapters.method import TrainingHooks
 from ...adapters.peft_format import PEFT_PREFIX
 from ...adapters.recipe import Prepared, Settings, settings_targets
+from ...adapters.record import attachment_of
 from ...errors import ConfigError, InvalidArgumentError
 from ...training.collate import calibration_batches
 from ..lora.method import LoraMethod, Overrides
-from ..tlora.method import plan_overrides
+from ..tlora.method import FrozenAWarmup, plan_overrides
 from . import filters as trf
 from .config import TrfConfig
 from .export import TRF_EXPORTS
@@ -71,6 +73,15 @@ class TrfMethod(LoraMethod):
 
     def freezes_a(self, config: Any) -> bool:
         return config.tlora is not None and not config.tlora.train_a
+
+    def training_hooks(self, model: nn.Module) -> TrainingHooks:
+        # A TLoRA plan's train_a_after holds here as in TLoRA itself: A waits out the warm-up, then trains.
+        attachment = attachment_of(model)
+        tlora = getattr(attachment.config, "tlora", None) if attachment is not None else None
+        steps = getattr(tlora, "train_a_after", None)
+        if not steps:
+            return super().training_hooks(model)
+        return FrozenAWarmup(list(self.layers(model).values()), steps)
 
     def build_extras(
         self, model: nn.Module, config: Any, adapted: Sequence[str], kept: Sequence[str], options: Mapping[str, Any]
