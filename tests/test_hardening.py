@@ -275,3 +275,20 @@ def test_a_killed_writers_temporary_is_removed_by_the_next_write_and_a_live_ones
     live.write_bytes(b"in progress")
     write_ort_adapter(source, tmp_path / "a.onnx_adapter")
     assert not stale.exists() and live.exists()
+
+
+def test_a_temporary_whose_pid_was_reused_is_removed(tmp_path):
+    # pids wrap (32768 on many machines): a running process that started after the file was last written is not
+    # its writer, so the leftover goes.
+    source = saved_adapter(tmp_path)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        reused = tmp_path / f".a.onnx_adapter.{other.pid}.x5y6.tmp"
+        reused.write_bytes(b"half")
+        old = time.time() - 60
+        os.utime(reused, (old, old))
+        write_ort_adapter(source, tmp_path / "a.onnx_adapter")
+        assert not reused.exists()
+    finally:
+        other.kill()
+        other.wait()

@@ -167,11 +167,30 @@ def _remove_stale_temporaries(out: Path) -> None:
             continue
         try:
             os.kill(int(pid), 0)
+            alive = not _started_after(int(pid), entry)
         except ProcessLookupError:
+            alive = False
+        except (PermissionError, OverflowError):
+            alive = True  # alive under another user, or not a pid at all: leave it
+        if not alive:
             with contextlib.suppress(OSError):
                 entry.unlink()
-        except (PermissionError, OverflowError):
-            pass  # alive under another user, or not a pid at all: leave it
+
+
+def _started_after(pid: int, entry: Path) -> bool:
+    """Whether process ``pid`` started after ``entry`` was last written, i.e. the pid was reused and the writer is
+    gone (pids wrap around, at 32768 on many Linux machines). False when it cannot tell (no /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            # Field 22 (starttime, clock ticks since boot) follows the command name, which may contain spaces.
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+        started = boot + ticks / os.sysconf("SC_CLK_TCK")
+        # btime has one-second resolution: a margin keeps a writer that started just before its file from looking new.
+        return started > entry.stat().st_mtime + 2.0
+    except (OSError, ValueError, IndexError, StopIteration):
+        return False
 
 
 @dataclasses.dataclass
