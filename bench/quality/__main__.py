@@ -482,14 +482,19 @@ def _plot(points, study: Study, runner: Runner) -> None:
 def report(runner: Runner, studies: Sequence[Study]) -> Tuple[str, Dict[str, Any]]:
     summary: Dict[str, Any] = {}
     parts = []
+    missing = []
     for study in studies:
         text = report_study(runner, study, summary)
         if text:
             parts.append(text)
+        else:
+            missing.append(study.title or study.task)
         if study.save:
             transfer = report_transfer(runner, study)
             if transfer:
                 parts.append(transfer)
+    if missing:
+        parts.append("Not run yet (no finished runs): " + "; ".join(missing) + ".")
     return "\n\n".join(parts), summary
 
 
