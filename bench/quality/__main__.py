@@ -119,6 +119,7 @@ class Runner:
         # reuses the default's runs); the quick grid's slivers of data keep their own.
         self.dir = Path(args.runs) / ("quick" if args.grid == "quick" else "default")
         self.dir.mkdir(parents=True, exist_ok=True)
+        self._results: Dict[Path, Dict[str, Any]] = {}
         self.done = 0
         self.started = time.perf_counter()
 
@@ -126,11 +127,12 @@ class Runner:
         return self.dir / (_key(spec).replace("/", "__") + ".json")
 
     def result(self, spec: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+        # Finished runs never change, so each file is read once (the report asks for the same runs many times).
         path = self.path(spec)
-        if path.exists():
+        if path not in self._results and path.exists():
             with open(path) as f:
-                return json.load(f)
-        return None
+                self._results[path] = json.load(f)
+        return self._results.get(path)
 
     def spec(self, task: str, method: str, lr: float, seed: int, **more: Any) -> Dict[str, Any]:
         spec = {"task": task, "method": method, "lr": lr, "seed": seed, "epochs": self.args.epochs,

@@ -229,22 +229,13 @@ def _adalora(ctx: Context):
     return model, on_step
 
 
-def _prompt_tuning(tokens: int):
+def _peft_prompt(kind: str, tokens: int):
+    """PEFT's prompt tuning (``kind`` "PromptTuningConfig") or prefix tuning ("PrefixTuningConfig")."""
+
     def build(ctx: Context):
         import peft
 
-        config = peft.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=tokens)
-        torch.manual_seed(ctx.seed)
-        return peft.get_peft_model(ctx.model, config), None
-
-    return build
-
-
-def _prefix_tuning(tokens: int):
-    def build(ctx: Context):
-        import peft
-
-        config = peft.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=tokens)
+        config = getattr(peft, kind)(task_type="SEQ_CLS", num_virtual_tokens=tokens)
         torch.manual_seed(ctx.seed)
         return peft.get_peft_model(ctx.model, config), None
 
@@ -285,10 +276,12 @@ ENTRIES: Dict[str, Entry] = {
         Entry("adalora", "PEFT AdaLoRA 12 → 8", "peer", LORA_LRS, _adalora),
         # Multi-task rows (trained on the union of the source tasks).
         Entry("talora", "TA-LoRA", "ours", (1.5e-3, 5e-3, 1.5e-2), _talora, multitask=True, prompt=True),
-        Entry("prompt", "PEFT prompt tuning (50 tokens)", "peer", PROMPT_LRS, _prompt_tuning(50), prompt=True),
+        Entry("prompt", "PEFT prompt tuning (50 tokens)", "peer", PROMPT_LRS, _peft_prompt("PromptTuningConfig", 50),
+              prompt=True),  # fmt: skip
         # PEFT's prefix tuning needs a backbone whose forward takes past_key_values; transformers 5's BertModel does
         # not, so on all-MiniLM-L6-v2 it refuses to run (kept for decoder models; not in the default grid).
-        Entry("prefix", "PEFT prefix tuning (5 tokens)", "peer", PROMPT_LRS, _prefix_tuning(5), prompt=True),
+        Entry("prefix", "PEFT prefix tuning (5 tokens)", "peer", PROMPT_LRS, _peft_prompt("PrefixTuningConfig", 5),
+              prompt=True),  # fmt: skip
         Entry("mpt", "PEFT multitask prompt tuning (50 tokens)", "peer", PROMPT_LRS, _multitask_prompt_tuning(50),
               multitask=True, prompt=True),  # fmt: skip
         Entry("shared-lora", "one shared LoRA r = 8", "ours", LORA_LRS, _lora(8)),

@@ -72,7 +72,7 @@ class Data:
             self.description = single.describe()
 
     def _rows(self, task: task_data.Task, split: str, task_id: Optional[int], max_length: int, ids: bool, prefix: bool):
-        lo = self.slices[task.name][0] if hasattr(self, "slices") and task.name in self.slices else 0
+        lo = self.slices[task.name][0]
         pairs = [((f"task: {task.name}. " + t) if prefix else t, y + lo) for t, y in getattr(task, split)]
         rows = tokenize(from_pairs(pairs, [str(i) for i in range(lo + len(task.labels))], task.name), self.tokenizer,
                         max_length)  # fmt: skip
