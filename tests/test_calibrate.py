@@ -318,13 +318,36 @@ def test_estimated_energy_is_close_to_exact(llama_stats, monkeypatch):
     model, stats = llama_stats
     cfg = config("llama")
     exact = build_plan(model, stats, cfg, progress=False)
-    monkeypatch.setattr(calibrate_module, "_EXACT_ENERGY_LIMIT", 0)
+    monkeypatch.setattr(importlib.import_module("lowrank_rs.methods.tlora.memory"), "EXACT_ENERGY_LIMIT", 0)
     estimated = build_plan(model, stats, cfg, progress=False)
     for name, m in estimated.modules.items():
         e = exact.modules[name]
         assert not m.energy_exact and e.energy_exact
         # Only the residual 1 - energy is estimated; 64 Gaussian probes keep it within a modest fraction of itself.
         assert abs(m.energy - e.energy) <= 0.25 * (1 - e.energy) + 1e-6, name
+
+
+def test_wide_bases_read_the_covariance_in_float32_with_the_same_plan(llama_stats, monkeypatch):
+    # Where the energy check is estimated the basis runs in float32, so the covariance is read out as float32 (half
+    # the memory a basis worker holds); the plan must be exactly what the float64 read, rounded later, gave.
+    model, stats = llama_stats
+    cfg = config("llama")
+    monkeypatch.setattr(importlib.import_module("lowrank_rs.methods.tlora.memory"), "EXACT_ENERGY_LIMIT", 0)
+    read = []
+    original = type(stats).covariance
+
+    def spy(self, name, dtype="float64"):
+        read.append(dtype)
+        return original(self, name, dtype)
+
+    monkeypatch.setattr(type(stats), "covariance", spy)
+    narrow = build_plan(model, stats, cfg, progress=False)
+    assert read and set(read) == {"float32"}
+    monkeypatch.setattr(type(stats), "covariance", lambda self, name, dtype="float64": original(self, name))
+    wide = build_plan(model, stats, cfg, progress=False)
+    for name, m in narrow.modules.items():
+        np.testing.assert_array_equal(m.a, wide.modules[name].a)
+        assert m.energy == wide.modules[name].energy
 
 
 @pytest.mark.parametrize(

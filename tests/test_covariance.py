@@ -271,3 +271,21 @@ def test_constructor_and_merge_errors():
         CovarianceAccumulator(4, "none").merge(CovarianceAccumulator(4, "global"))
     with pytest.raises(lowrank_rs.LowRankError):
         CovarianceAccumulator(4).merge("not an accumulator")
+
+
+@pytest.mark.parametrize("backend", ["core", "torch"])
+def test_float32_readout_is_the_float64_covariance_rounded_once(rng, backend):
+    from lowrank_rs.errors import InvalidArgumentError
+    from lowrank_rs.statistics import make_accumulator
+
+    acc = make_accumulator(9, "sequence", backend=backend)
+    x, mask = random_batch(rng, 3, 6, 9)
+    acc.update(x, mask)
+    wide = acc.covariance()
+    for spelling in ("float32", np.float32, np.dtype("float32")):
+        narrow = acc.covariance(spelling)
+        assert narrow.dtype == np.float32
+        np.testing.assert_array_equal(narrow, wide.astype(np.float32))
+    assert acc.covariance("float64").dtype == np.float64
+    with pytest.raises(InvalidArgumentError, match="float64 or float32"):
+        acc.covariance("float16")

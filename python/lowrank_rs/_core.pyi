@@ -1,6 +1,6 @@
 # Typed stubs of the Rust extension; checked against it by `python -m mypy.stubtest lowrank_rs._core`.
 # These are the raw bindings: the documented API is lowrank_rs.linalg / lowrank_rs.package.
-from typing import List, Optional, Tuple, final
+from typing import List, Literal, Optional, Tuple, final, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -25,7 +25,10 @@ class CovarianceAccumulator:
     ) -> None: ...
     def merge(self, other: CovarianceAccumulator) -> None: ...
     def mean(self) -> npt.NDArray[np.float64]: ...
-    def covariance(self) -> npt.NDArray[np.float64]: ...
+    @overload
+    def covariance(self, dtype: Literal["float64"] = ...) -> npt.NDArray[np.float64]: ...
+    @overload
+    def covariance(self, dtype: Literal["float32"]) -> npt.NDArray[np.float32]: ...
 
 def randomized_svd(
     a: npt.NDArray[np.floating], rank: int, oversample: int, power_iters: int, seed: int

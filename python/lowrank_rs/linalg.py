@@ -12,7 +12,7 @@ bits, never converted on the Python side. Results are numpy arrays.
 from __future__ import annotations
 
 import numbers
-from typing import Any, List, Optional, Sequence, Tuple, Union, cast
+from typing import Any, List, Literal, Optional, Sequence, Tuple, Union, cast
 
 import numpy as np
 
@@ -124,9 +124,10 @@ class CovarianceAccumulator:
         """float64 ``[dim]``: the mean of all counted tokens."""
         return self._inner.mean()
 
-    def covariance(self) -> np.ndarray:
-        """float64 ``[dim, dim]``, exactly symmetric."""
-        return self._inner.covariance()
+    def covariance(self, dtype: CovarianceDtype = "float64") -> np.ndarray:
+        """``[dim, dim]``, exactly symmetric; ``dtype="float32"`` rounds each float64 entry once, without holding the
+        float64 matrix (half the peak memory of converting afterwards)."""
+        return self._inner.covariance(_covariance_dtype(dtype))
 
     def __repr__(self) -> str:
         return f"CovarianceAccumulator(dim={self.dim}, center={self.center!r}, count={self.count})"
@@ -229,6 +230,20 @@ def _scores(scores: Any) -> List[float]:
     if arr.ndim != 1:
         raise ShapeError(f"scores must be 1-D, got shape {tuple(arr.shape)}")
     return arr.tolist()
+
+
+CovarianceDtype = Literal["float64", "float32"]
+
+
+def _covariance_dtype(dtype: Any) -> CovarianceDtype:
+    """``"float64"`` or ``"float32"`` from either spelling (a string or a numpy dtype)."""
+    try:
+        name = np.dtype(dtype).name
+    except TypeError:
+        name = ""
+    if name not in ("float64", "float32"):
+        raise InvalidArgumentError(f"covariance dtype must be float64 or float32, not {dtype!r}")
+    return cast(CovarianceDtype, name)
 
 
 def _non_negative_int(value: Any, name: str) -> int:

@@ -27,7 +27,7 @@ import numpy as np
 
 from ._arrays import bool_mask, is_torch
 from .errors import DtypeError, EmptyInputError, InvalidArgumentError, NonFiniteError, ShapeError
-from .linalg import CovarianceAccumulator
+from .linalg import CovarianceAccumulator, CovarianceDtype, _covariance_dtype
 
 __all__ = [
     "AccumulatorState",
@@ -57,7 +57,7 @@ class StatisticsAccumulator(Protocol):
 
     def mean(self) -> np.ndarray: ...
 
-    def covariance(self) -> np.ndarray: ...
+    def covariance(self, dtype: CovarianceDtype = "float64") -> np.ndarray: ...
 
 
 def resolve_backend(backend: str, device: Any) -> str:
@@ -291,9 +291,12 @@ class TorchCovarianceAccumulator:
         self._require_tokens()
         return _settled(self._total, self._total_comp, torch.float64).numpy() / self._count
 
-    def covariance(self) -> np.ndarray:
-        """float64 ``[dim, dim]``, exactly symmetric (the mean of the sum and its transpose)."""
+    def covariance(self, dtype: CovarianceDtype = "float64") -> np.ndarray:
+        """``[dim, dim]`` (float64, or float32 rounded from it), exactly symmetric (the mean of the sum and its
+        transpose)."""
         import torch
+
+        dtype = _covariance_dtype(dtype)
 
         self._require_tokens()
         scatter = _settled(self._scatter, self._scatter_comp, torch.float64).numpy()
@@ -302,7 +305,9 @@ class TorchCovarianceAccumulator:
                 "the covariance sums are not finite: a counted activation was NaN or infinite, or beyond the f32 "
                 "range the products are computed in"
             )
-        return (scatter + scatter.T) / (2.0 * self._count)
+        out = scatter + scatter.T
+        out /= 2.0 * self._count
+        return out if dtype == "float64" else out.astype(np.float32)
 
     def _require_tokens(self) -> None:
         if self._count == 0:

@@ -14,7 +14,7 @@ use std::sync::Mutex;
 
 use faer::{Mat, MatRef};
 use lowrank_core::allocate::{self, MaxRank};
-use lowrank_core::covariance::{self, Batch, Center, Elements};
+use lowrank_core::covariance::{self, Batch, Center, Elements, Entry};
 use lowrank_core::package::{self, DType, TensorView};
 use lowrank_core::rsvd::{self, SvdOptions};
 use lowrank_core::{threads, Error};
@@ -226,12 +226,25 @@ impl CovarianceAccumulator {
         Ok(mean.into_pyarray(py))
     }
 
-    fn covariance<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray2<f64>>> {
-        let (dim, cov) = detached(py, |_| {
-            let acc = self.lock();
-            Ok((acc.dim(), acc.covariance()?))
-        })?;
-        cov.into_pyarray(py).reshape([dim, dim])
+    #[pyo3(signature = (dtype = "float64"))]
+    fn covariance<'py>(&self, py: Python<'py>, dtype: &str) -> PyResult<Bound<'py, PyAny>> {
+        fn read<'py, T: Entry + numpy::Element>(
+            py: Python<'py>,
+            acc: &CovarianceAccumulator,
+        ) -> PyResult<Bound<'py, PyAny>> {
+            let (dim, cov) = detached(py, |_| {
+                let acc = acc.lock();
+                Ok((acc.dim(), acc.covariance_as::<T>()?))
+            })?;
+            Ok(cov.into_pyarray(py).reshape([dim, dim])?.into_any())
+        }
+        match dtype {
+            "float64" => read::<f64>(py, self),
+            "float32" => read::<f32>(py, self),
+            other => Err(exceptions::DtypeError::new_err(format!(
+                "covariance dtype must be \"float64\" or \"float32\", not {other:?}"
+            ))),
+        }
     }
 }
 

@@ -50,12 +50,12 @@ from ...errors import (
     OutOfMemoryError,
     ShapeError,
 )
-from ...linalg import allocate_alphas, allocate_ranks, task_aware_basis
+from ...linalg import CovarianceDtype, allocate_alphas, allocate_ranks, task_aware_basis
 from ...package import read_adapter, write_adapter
 from ...statistics import StatisticsAccumulator, empty_like, make_accumulator, merge_into, resolve_backend
 from ...training.collate import batch_iterator
 from .config import TLoraConfig
-from .memory import check_memory, format_bytes, measures_gradient_share, plan_memory
+from .memory import check_memory, energy_is_exact, format_bytes, measures_gradient_share, plan_memory
 
 __all__ = [
     "GRADIENT_SHARE_WARNING",
@@ -72,9 +72,7 @@ LossFn = Callable[[Any, Mapping[str, Any]], torch.Tensor]
 PLAN_FORMAT = "lowrank_rs.calibration_plan"
 PLAN_FORMAT_VERSION = 1
 
-# ‖W·C‖²_F costs d_out·d_in² multiply-adds exactly: several times the randomized SVD itself on a 7B model's MLP.
-# Above this many, the part of W·C outside A's row space is estimated instead (Hutch++-style, see _captured_energy).
-_EXACT_ENERGY_LIMIT = 1 << 30
+# Probes of the residual energy outside A's row space where the check is not exact (memory.EXACT_ENERGY_LIMIT).
 _ENERGY_PROBES = 64
 # Forwards whose activations may wait for the covariance thread; bounds host memory while letting the model run on.
 _QUEUE_FORWARDS = 2
@@ -146,9 +144,9 @@ class CalibrationStatistics:
             self._merged[name] = merged
         return self._merged[name]
 
-    def covariance(self, name: str) -> np.ndarray:
-        """float64 ``[d_in, d_in]``: the covariance of ``name``'s input tokens."""
-        return self.accumulator(name).covariance()
+    def covariance(self, name: str, dtype: CovarianceDtype = "float64") -> np.ndarray:
+        """``[d_in, d_in]``: the covariance of ``name``'s input tokens (float64, or float32 rounded once from it)."""
+        return self.accumulator(name).covariance(dtype)
 
     def prepare(self, name: str) -> None:
         """Merge ``name``'s split statistics now (before the bases run in threads, which must not merge at once)."""
@@ -1358,7 +1356,10 @@ def build_plan(
             share = None if gradients is None else 0.0
             return np.zeros((0, d_in), dtype=np.float32), np.zeros(0, dtype=np.float32), 0.0, True, share
         weight = modules[name].weight.detach().to(device="cpu", dtype=torch.float32).numpy()
-        covariance = statistics.covariance(name)
+        # The basis is computed in float32 (the weight is); float64 only where the energy is checked exactly. Read
+        # straight into float32, a worker holds one f32 matrix per wide module instead of its f64 form plus the f32
+        # copy the core would make: LLaMA-shaped down_proj (5632 wide) 127 MiB at its peak, not 381.
+        covariance = statistics.covariance(name, "float64" if energy_is_exact(*statistics.shapes[name]) else "float32")
         a, singular = task_aware_basis(
             weight, covariance, rank, oversample=config.oversample, power_iters=config.power_iters, seed=seed
         )
@@ -1440,7 +1441,7 @@ def _basis_workers(requested: Optional[int], modules: int) -> int:
 def _captured_energy(weight: np.ndarray, covariance: np.ndarray, a: np.ndarray, seed: int) -> Tuple[float, bool]:
     """``(‖W C Aᵀ‖²_F / ‖W C‖²_F, exact)``; see :func:`build_plan` for when the denominator is estimated."""
     d_out, d_in = weight.shape
-    exact = d_out * d_in * d_in <= _EXACT_ENERGY_LIMIT
+    exact = energy_is_exact(d_out, d_in)
     dtype = np.float64 if exact else np.float32
     w = weight.astype(dtype, copy=False)
     c = covariance.astype(dtype, copy=False)

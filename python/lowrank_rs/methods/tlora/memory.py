@@ -16,11 +16,28 @@ from ...errors import InvalidArgumentError, ShapeError
 from ...statistics import resolve_backend
 from .config import TLoraConfig
 
-__all__ = ["MemoryPlan", "gradient_sums_bytes", "measures_gradient_share", "plan_memory", "format_bytes"]
+__all__ = [
+    "MemoryPlan",
+    "energy_is_exact",
+    "gradient_sums_bytes",
+    "measures_gradient_share",
+    "plan_memory",
+    "format_bytes",
+]
 
 # gradient_share=None measures the share when the gradient sums (float32, one per target) take at most this much:
 # 40.5 MiB for all-MiniLM-L6-v2's 36 block linears, 24 GiB for LLaMA-7B's 224.
 GRADIENT_SUMS_AUTO_BYTES = 1 << 30
+
+# build_plan checks the energy its bases capture exactly (forming W·C in float64) up to d_out·d_in² multiply-adds of
+# this: exactly, it costs several times the randomized SVD itself on a 7B model's MLP. Above it the part of W·C
+# outside A's row space is estimated (Hutch++-style, calibrate._captured_energy), in float32 like the basis.
+EXACT_ENERGY_LIMIT = 1 << 30
+
+
+def energy_is_exact(d_out: int, d_in: int) -> bool:
+    """Whether the plan's energy check for a ``[d_out, d_in]`` weight is exact (float64 ``W·C``)."""
+    return d_out * d_in * d_in <= EXACT_ENERGY_LIMIT
 
 # Sibling modules that read one tensor in the architectures this project knows (LLaMA/Qwen/Mistral attention and
 # MLP, BERT, DeBERTa, Mixtral-style experts, GPT-NeoX-like "q/k/v"); they share one accumulator at run time, where
@@ -44,8 +61,8 @@ class MemoryPlan:
     - ``accumulator_bytes``: their f64 sums, held from the first forward until the plan is built (the core keeps the
       lower triangle, the torch backend the full square on the model's device);
     - ``transient_bytes``: the largest extra working memory at a time: one update's f32 product on the torch
-      backend, and while bases are computed one ``[d_in, d_in]`` float64 covariance plus its float32 copy per
-      basis worker;
+      backend, and while bases are computed one ``[d_in, d_in]`` float32 covariance per basis worker (float64 plus
+      its float32 copy for the small modules whose energy is checked exactly);
     - ``backend``: ``"core"`` or ``"torch"``;
     - ``gradient_bytes``: the float32 gradient sums ``Σ ∂L/∂W`` the gradient share needs (as much as the target
       weights in float32, on the model's device), 0 when it is not measured. Not part of :attr:`total_bytes` nor of
@@ -106,6 +123,23 @@ def plan_memory(
     if device is None:
         device = _device(model_or_shapes)
     backend = resolve_backend(config.statistics_backend, device)
+    plan_groups = _groups(shapes)
+    if backend == "core":
+        accumulators = _packed_bytes(plan_groups)
+        update = 0
+    else:
+        accumulators = sum(8 * (d * d + d) for _, d in plan_groups)
+        update = max((4 * d * d for _, d in plan_groups), default=0)
+    # A basis worker holds its module's covariance in float32, or in float64 plus the float32 copy the core makes
+    # where the energy check is exact (small modules).
+    held = sorted(((12 if energy_is_exact(d_out, d_in) else 4) * d_in * d_in for d_out, d_in in shapes.values()))
+    basis = sum(held[::-1][: max(1, basis_workers)])
+    gradients = gradient_sums_bytes(shapes) if measures_gradient_share(config, shapes) else 0
+    return MemoryPlan(plan_groups, accumulators, max(update, basis), backend, str(device), gradients)
+
+
+def _groups(shapes: Mapping[str, Tuple[int, int]]) -> Tuple[Tuple[Tuple[str, ...], int], ...]:
+    """The accumulators calibration will make: modules known to read one tensor share one (see SHARED_INPUTS)."""
     groups: Dict[Tuple[Any, ...], List[str]] = {}
     dims: Dict[Tuple[Any, ...], int] = {}
     for name, (_, d_in) in shapes.items():
@@ -114,17 +148,11 @@ def plan_memory(
         key: Tuple[Any, ...] = (parent, family, d_in) if family is not None else (name,)
         groups.setdefault(key, []).append(name)
         dims[key] = d_in
-    plan_groups = tuple((tuple(names), dims[key]) for key, names in groups.items())
-    if backend == "core":
-        accumulators = sum(8 * (d * (d + 1) // 2 + d) for _, d in plan_groups)
-        update = 0
-    else:
-        accumulators = sum(8 * (d * d + d) for _, d in plan_groups)
-        update = max((4 * d * d for _, d in plan_groups), default=0)
-    largest = sorted((d for _, d in plan_groups), reverse=True)[: max(1, basis_workers)]
-    basis = sum(12 * d * d for d in largest)
-    gradients = gradient_sums_bytes(shapes) if measures_gradient_share(config, shapes) else 0
-    return MemoryPlan(plan_groups, accumulators, max(update, basis), backend, str(device), gradients)
+    return tuple((tuple(names), dims[key]) for key, names in groups.items())
+
+
+def _packed_bytes(groups: Tuple[Tuple[Tuple[str, ...], int], ...]) -> int:
+    return sum(8 * (d * (d + 1) // 2 + d) for _, d in groups)
 
 
 def gradient_sums_bytes(shapes: Mapping[str, Tuple[int, int]]) -> int:

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ...errors import EmptyInputError, InvalidArgumentError
+from ...linalg import CovarianceDtype
 from ...training.distributed import Distributed, agree, all_reduce_sum, gather_owned, reduce_to_owners
 from .calibrate import CalibrationPlan, CalibrationStatistics, collect_statistics, warn_low_gradient_share
 from .config import TLoraConfig
@@ -76,8 +77,8 @@ class _Reduced(CalibrationStatistics):
         self.covariances: Dict[str, np.ndarray] = {}
         self.groups: List[Tuple[str, ...]] = []
 
-    def covariance(self, name: str) -> np.ndarray:
-        return self.covariances[name]
+    def covariance(self, name: str, dtype: CovarianceDtype = "float64") -> np.ndarray:
+        return self.covariances[name].astype(dtype, copy=False)
 
     def prepare(self, name: str) -> None:
         """Nothing to merge: the reduced covariances are final."""

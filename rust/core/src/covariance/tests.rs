@@ -194,6 +194,23 @@ fn tiled_product_matches_oracle() {
 }
 
 #[test]
+fn f32_readout_is_the_f64_covariance_rounded_once() {
+    let dim = 130;
+    let mut rng = Rng(7);
+    let s = stream(&mut rng, dim);
+    for center in MODES {
+        let mut acc = CovarianceAccumulator::new(dim, center).unwrap();
+        feed(&mut acc, &s);
+        let wide = acc.covariance().unwrap();
+        let narrow = acc.covariance_as::<f32>().unwrap();
+        assert_eq!(narrow.len(), wide.len());
+        assert!(wide.iter().zip(&narrow).all(|(&w, &n)| (w as f32).to_bits() == n.to_bits()));
+    }
+    let empty = CovarianceAccumulator::new(3, Center::None).unwrap();
+    assert!(matches!(empty.covariance_as::<f32>(), Err(Error::Empty(_))));
+}
+
+#[test]
 fn tile_sizes() {
     assert_eq!(tile_size(4096, 2), 512);
     assert_eq!(tile_size(4096, 16), 256);
