@@ -156,6 +156,10 @@ class PeakRss:
     def peak_mib(self) -> float:
         return (self._status("VmHWM") - self.baseline) / 1024
 
+    def resident_mib(self) -> float:
+        """What is resident now, in MiB above the resident size at :meth:`reset`."""
+        return (self._status("VmRSS") - self.baseline) / 1024
+
 
 # glibc serves blocks below its mmap threshold from heaps it can only trim from the top, and raises that threshold to
 # the largest mmapped block freed so far (up to 32 MiB). Work that frees tens-of-MiB blocks of varying sizes, or
