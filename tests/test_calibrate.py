@@ -595,3 +595,19 @@ def test_progress_bar_runs():
     model = tiny("llama")
     plan = lr.calibrate(model, examples("llama", n=2), config("llama"), progress=True)
     assert plan.num_examples == 2
+
+
+def test_scores_and_gradient_share_summed_in_blocks_match(monkeypatch):
+    # Wide gradients are summed in float64 block by block (a whole-tensor cast would double a pass's peak memory);
+    # blocks far smaller than the tiny model's weights must give the same scores and shares.
+    model = tiny("llama")
+    exs = examples("llama", n=4, seed=9)
+    cfg = config("llama", gradient_share=True)
+    whole = lr.calibrate(model, exs, cfg, progress=False)
+    monkeypatch.setattr(calibrate_module, "_SUM_BLOCK", 7)
+    blocked = lr.calibrate(model, exs, cfg, progress=False)
+    for name, m in whole.modules.items():
+        assert blocked.modules[name].score == pytest.approx(m.score, rel=1e-12)
+        assert blocked.modules[name].gradient_share == pytest.approx(m.gradient_share, rel=1e-6)
+    values = torch.randn(1000, dtype=torch.float32)
+    assert float(calibrate_module._wide_sum(values, torch.float64)) == pytest.approx(float(values.double().sum()))

@@ -599,10 +599,26 @@ def _score(kind: str, weight: torch.Tensor, gradient: torch.Tensor, dtype: Any) 
     ``Σ|W ⊙ G|`` (``"reference"``), ``Σ|G|`` (``"grad"``) or ``Σ G²`` (``"fisher"``)."""
     if kind == "reference":
         gradient.mul_(weight)
-        return gradient.abs_().sum(dtype=dtype)
+        return _wide_sum(gradient.abs_(), dtype)
     if kind == "grad":
-        return gradient.abs_().sum(dtype=dtype)
-    return gradient.square_().sum(dtype=dtype)
+        return _wide_sum(gradient.abs_(), dtype)
+    return _wide_sum(gradient.square_(), dtype)
+
+
+# Elements per block of _wide_sum: an 8 MiB float64 temporary at most.
+_SUM_BLOCK = 1 << 20
+
+
+def _wide_sum(values: torch.Tensor, dtype: Any) -> torch.Tensor:
+    """``values.sum(dtype=dtype)`` in blocks: torch casts the whole tensor to ``dtype`` first (measured: an 88 MiB
+    float64 copy of a 5632 × 2048 float32 gradient), which was the largest transient of a LLaMA-shaped pass."""
+    flat = values.reshape(-1)
+    if flat.numel() <= _SUM_BLOCK:
+        return flat.sum(dtype=dtype)
+    total = torch.zeros((), dtype=dtype, device=values.device)
+    for block in flat.split(_SUM_BLOCK):
+        total += block.sum(dtype=dtype)
+    return total
 
 
 def _trim_host_heap() -> None:
@@ -1465,7 +1481,9 @@ def _gradient_share(gradient: Optional[torch.Tensor], a: np.ndarray) -> float:
         return 1.0  # the module's output never reached the loss: G = 0
     basis = torch.from_numpy(a).to(device=gradient.device, dtype=gradient.dtype)
     inside = float(torch.sum(torch.square(gradient @ basis.T), dtype=torch.float64))
-    total = float(torch.sum(torch.square(gradient), dtype=torch.float64))
+    # Squared block by block: neither the squares nor their float64 cast exist at full size.
+    blocks = gradient.reshape(-1).split(_SUM_BLOCK)
+    total = float(sum(float(_wide_sum(torch.square(b), torch.float64)) for b in blocks))
     # A module the loss does not depend on has nothing to miss.
     return min(inside / total, 1.0) if total > 0 else 1.0
 
