@@ -614,8 +614,8 @@ def main() -> None:
             "† default glibc / with its mmap threshold pinned at 1 MiB (`MALLOC_MMAP_THRESHOLD_`), which separates "
             "what the calibration needs from what the allocator kept resident; the target is judged on the default.\n",
             "‡ `gradient_share=False`: the plan's gradient-share diagnostic (issue 13, item 7) keeps `Σ ∂L/∂W` per "
-            "target in float32 — as much memory as the target weights — and is on by default when that is at most "
-            "1 GiB; the reference has no such statistic.\n",
+            "target in float32 (a 256-row sketch of it for targets with more outputs), on by default when that takes "
+            "at most 2 GiB; the reference has no such statistic.\n",
             "Peak memory of ours by phase (MiB above the loaded model, default glibc): the passes' peak, what stays "
             "held after them (covariance sums, and gradient sums when measured), and the whole run's peak:\n",
             phases,

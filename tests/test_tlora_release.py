@@ -105,6 +105,39 @@ def test_gradient_share_matches_numpy(family, per_example):
         assert 0.0 <= m.gradient_share <= 1.0
 
 
+@pytest.mark.parametrize("family", ["llama", "bert"])
+@pytest.mark.parametrize("per_example", [True, False])
+def test_wide_modules_keep_a_sketch_whose_share_is_the_sketched_formula(family, per_example, monkeypatch):
+    # Modules with more outputs than GRADIENT_SKETCH_ROWS keep Ψ·ΣG, not ΣG: the sums must be exactly Ψ times the
+    # oracle's, the share exactly ‖ΨG Aᵀ‖²/‖ΨG‖², and narrower modules stay exact.
+    from lowrank_rs.methods.tlora.calibrate import gradient_sketch
+
+    monkeypatch.setattr(memory_module, "GRADIENT_SKETCH_ROWS", 24)
+    model = tiny_model(family, vocab=VOCAB)
+    exs = examples(family, n=5, seed=1)
+    batches = exs if family == "llama" else [padded(exs[:3]), padded(exs[3:])]
+    cfg = config(family, per_example_scores=per_example, budget=4 * len(TARGETS[family]), gradient_share=True)
+    stats = collect_statistics(model, batches, cfg, progress=False)
+    plan = build_plan(model, stats, cfg, progress=False)
+    grads, _ = oracle_gradients(model, exs, list(plan.modules))
+    sketched = 0
+    for name, m in plan.modules.items():
+        total = sum(g[name] for g in grads)
+        d_out = total.shape[0]
+        if d_out > 24:
+            psi = gradient_sketch(d_out).double().numpy()
+            assert psi.shape == (24, d_out)
+            np.testing.assert_allclose(psi @ psi.T, np.eye(24) * d_out / 24, atol=1e-5)
+            total = psi @ total
+            sketched += 1
+        kept = stats.gradients[name].double().numpy()
+        assert kept.shape == total.shape
+        np.testing.assert_allclose(kept, total, rtol=1e-4, atol=1e-6 * np.abs(total).max())
+        assert m.gradient_share == pytest.approx(share_oracle(total, m.a), rel=1e-4, abs=1e-7), name
+    assert sketched > 0
+    assert memory_module.gradient_sums_bytes(stats.shapes) == sum(4 * g.numel() for g in stats.gradients.values())
+
+
 def test_gradient_share_is_one_for_a_full_basis_and_zero_for_rank_zero():
     model = tiny_model("llama", vocab=VOCAB)
     # hidden 32: q_proj is 32×32, so rank 32 spans every input direction; min_rank 0 lets others get none.
@@ -170,12 +203,19 @@ def test_plan_memory_counts_the_gradient_sums():
     assert plan.gradient_bytes == 4 * sum(a * b for a, b in shapes.values())
     assert "gradient sums" in str(plan)
     assert plan_memory(model, config("llama", gradient_share=False)).gradient_bytes == 0
-    # LLaMA-7B's seven projections: 24 GiB of sums, over the automatic limit.
-    square, wide = (4096, 4096), (11008, 4096)
+    # LLaMA-7B's seven projections: 24 GiB of whole sums; sketched (256 rows each) 1.09 GiB, within the automatic
+    # limit. LLaMA-70B's (80 layers, 8192 wide, FFN 28672, grouped k/v): 6 GiB, over it.
+    square, up, down = (4096, 4096), (11008, 4096), (4096, 11008)
     llama7b = {f"{i}.{p}": square for i in range(32) for p in ("q", "k", "v", "o")}
-    llama7b.update({f"{i}.{p}": wide for i in range(32) for p in ("gate", "up", "down")})
-    assert plan_memory(llama7b, config("llama")).gradient_bytes == 0
-    assert plan_memory(llama7b, config("llama", gradient_share=True)).gradient_bytes > 20 * 2**30
+    llama7b.update({f"{i}.{p}": up for i in range(32) for p in ("gate", "up")})
+    llama7b.update({f"{i}.down": down for i in range(32)})
+    assert plan_memory(llama7b, config("llama")).gradient_bytes == 4 * 256 * 32 * (6 * 4096 + 11008)
+    llama70b = {f"{i}.{p}": (8192, 8192) for i in range(80) for p in ("q", "o")}
+    llama70b.update({f"{i}.{p}": (1024, 8192) for i in range(80) for p in ("k", "v")})
+    llama70b.update({f"{i}.{p}": (28672, 8192) for i in range(80) for p in ("gate", "up")})
+    llama70b.update({f"{i}.down": (8192, 28672) for i in range(80)})
+    assert plan_memory(llama70b, config("llama")).gradient_bytes == 0
+    assert plan_memory(llama70b, config("llama", gradient_share=True)).gradient_bytes > 5 * 2**30
 
 
 def test_share_is_shown_in_the_table_and_repr():
@@ -209,8 +249,12 @@ def test_running_out_of_memory_drops_the_share_and_keeps_the_scores(monkeypatch)
     assert stats.scores == pytest.approx(single.scores, rel=1e-6)
 
 
-def test_sharded_path_reduces_the_gradient_sums():
-    # One process through the sharded code: the sums travel packed behind the covariance and are unpacked again.
+@pytest.mark.parametrize("sketch_rows", [None, 24])
+def test_sharded_path_reduces_the_gradient_sums(sketch_rows, monkeypatch):
+    # One process through the sharded code: the sums (or, for modules wider than the sketch, the sketches) travel
+    # packed behind the covariance and are unpacked again.
+    if sketch_rows is not None:
+        monkeypatch.setattr(memory_module, "GRADIENT_SKETCH_ROWS", sketch_rows)
     model = tiny_model("llama", vocab=VOCAB)
     exs = examples("llama", 5)
     cfg = config("llama", budget=12)

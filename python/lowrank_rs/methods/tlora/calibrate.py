@@ -55,7 +55,14 @@ from ...package import read_adapter, write_adapter
 from ...statistics import StatisticsAccumulator, empty_like, make_accumulator, merge_into, resolve_backend
 from ...training.collate import batch_iterator
 from .config import TLoraConfig
-from .memory import check_memory, energy_is_exact, format_bytes, measures_gradient_share, plan_memory
+from .memory import (
+    check_memory,
+    energy_is_exact,
+    format_bytes,
+    gradient_sum_shape,
+    measures_gradient_share,
+    plan_memory,
+)
 
 __all__ = [
     "GRADIENT_SHARE_WARNING",
@@ -92,7 +99,8 @@ class CalibrationStatistics:
     Modules that read the same tensor share one accumulator (``accumulator(name)`` returns the same object for
     them; :attr:`shared` lists the groups). ``scores[name]`` is ``mean over examples of Σ|W ⊙ ∂L/∂W| / |W|`` (or
     the ``config.score`` variant). ``gradients[name]``: ``Σ ∂L/∂W`` over the examples, float32 ``[d_out, d_in]`` on
-    the model's device, or ``None`` when the gradient share is not measured (``config.gradient_share``).
+    the model's device — for a module with more than ``GRADIENT_SKETCH_ROWS`` outputs its sketch ``Ψ Σ ∂L/∂W``
+    (:func:`gradient_sketch`) — or ``None`` when the gradient share is not measured (``config.gradient_share``).
     """
 
     def __init__(
@@ -204,6 +212,7 @@ class _Session:
         # Σ ∂L/∂W per module for the gradient share; dropped (None) when not measured or memory ran out.
         shapes = {n: (m.out_features, m.in_features) for n, m in targets.items()}
         self.gradients: Optional[Dict[str, torch.Tensor]] = {} if measures_gradient_share(config, shapes) else None
+        self.sketches: Dict[int, torch.Tensor] = {}  # Ψ per output width (gradient_sketch)
         self.seen: Dict[str, bool] = dict.fromkeys(self.targets, False)
         self.warned: Dict[str, bool] = {}
         self.num_examples = 0
@@ -528,7 +537,7 @@ class _Session:
             gradient = _weight_gradient(pairs)
             if sums is not None:
                 # A per-batch pass's loss is the batch's mean: times its rows, the sum of its examples' gradients.
-                _add_gradient(sums, name, gradient, forward.weight)
+                _add_gradient(sums, name, self._gradient_part(pairs, gradient), forward.weight)
             score = _score(kind, weight, gradient, total_dtype) * forward.weight
         else:
             # Example n's gradient is Σ_calls G[n]ᵀ X[n] over its own tokens (padding zeroed: its values are not
@@ -544,9 +553,21 @@ class _Session:
                     pairs.append((x.reshape(-1, d_in), g.reshape(-1, d_out)))
                 gradient = _weight_gradient(pairs)
                 if sums is not None:
-                    _add_gradient(sums, name, gradient, 1.0)
+                    _add_gradient(sums, name, self._gradient_part(pairs, gradient), 1.0)
                 score += _score(kind, weight, gradient, total_dtype)
         forward.scores[name] = forward.scores.get(name, 0) + score
+
+    def _gradient_part(self, pairs: Sequence[Tuple[torch.Tensor, torch.Tensor]], gradient: torch.Tensor) -> Any:
+        """What one pass adds to a module's gradient sum: its gradient ``G``, or for a module with more than
+        ``GRADIENT_SKETCH_ROWS`` outputs the sketch ``Ψ G = Σ (g Ψᵀ)ᵀ x``, formed from the tokens (``k·T·(d_out +
+        d_in)`` multiply-adds, against ``k·d_out·d_in`` from ``G``)."""
+        d_out = gradient.shape[0]
+        psi = self.sketches.get(d_out)
+        if psi is None:
+            if gradient_sum_shape(d_out, 1)[0] == d_out:
+                return gradient
+            psi = self.sketches[d_out] = gradient_sketch(d_out, gradient.device)
+        return _weight_gradient([(x, g.float() @ psi.T) for x, g in pairs])
 
     def statistics(self) -> CalibrationStatistics:
         shapes = {n: (m.out_features, m.in_features) for n, m in self.targets.items()}
@@ -584,6 +605,16 @@ def _weight_gradient(pairs: Sequence[Tuple[torch.Tensor, torch.Tensor]]) -> torc
     xs = torch.cat([x.float() for x, _ in pairs]) if len(pairs) > 1 else pairs[0][0].float()
     gs = torch.cat([g.float() for _, g in pairs]) if len(pairs) > 1 else pairs[0][1].float()
     return gs.T @ xs
+
+
+def gradient_sketch(d_out: int, device: Any = "cpu") -> torch.Tensor:
+    """``Ψ``: ``[GRADIENT_SKETCH_ROWS, d_out]`` float32 with orthonormal rows scaled by ``√(d_out / k)``, so that
+    ``E‖Ψ M‖² = ‖M‖²``. Fixed by ``d_out`` alone: every module of a width, every run and every rank of a sharded
+    calibration use the same one (sketches of one module add across ranks)."""
+    rows = gradient_sum_shape(d_out, 1)[0]
+    gen = torch.Generator().manual_seed(0x5EED + d_out)
+    q, _ = torch.linalg.qr(torch.randn(d_out, rows, generator=gen, dtype=torch.float64))
+    return (q.T * math.sqrt(d_out / rows)).to(device=device, dtype=torch.float32).contiguous()
 
 
 def _add_gradient(sums: Dict[str, torch.Tensor], name: str, gradient: torch.Tensor, weight: float) -> None:
@@ -1476,7 +1507,8 @@ def _captured_energy(weight: np.ndarray, covariance: np.ndarray, a: np.ndarray, 
 
 
 def _gradient_share(gradient: Optional[torch.Tensor], a: np.ndarray) -> float:
-    """``‖G Aᵀ‖²_F / ‖G‖²_F`` (``A``'s rows are orthonormal, so the numerator is ``G``'s energy in their span)."""
+    """``‖G Aᵀ‖²_F / ‖G‖²_F`` (``A``'s rows are orthonormal, so the numerator is ``G``'s energy in their span); with
+    a sketch ``Ψ G`` for ``G``, its estimate ``‖Ψ G Aᵀ‖² / ‖Ψ G‖²``."""
     if gradient is None:
         return 1.0  # the module's output never reached the loss: G = 0
     basis = torch.from_numpy(a).to(device=gradient.device, dtype=gradient.dtype)

@@ -38,8 +38,10 @@ class TLoraConfig(LoraConfig):
       averaged over the calibration examples, ``G = ∂L/∂W`` of one example.
     - ``gradient_share``: measure each module's share of the calibration gradient inside ``A``'s row space
       (``ModulePlan.gradient_share``). It holds ``Σ G`` per module in float32 on the model's device until the plan
-      is built: as much memory as the target weights in float32. ``None`` (default): measured when that is at most
-      1 GiB; ``True``: always; ``False``: never.
+      is built — for a module with more than 256 outputs a 256-row sketch ``Ψ Σ G`` instead, whose share is an
+      estimate (within 0.012 of the exact one on all-MiniLM-L6-v2's 36 modules, mean 0.003). ``None`` (default):
+      measured when those sums take at most 2 GiB (LLaMA-7B's seven projections: 1.09 GiB); ``True``: always;
+      ``False``: never.
     - ``oversample``, ``power_iters``: randomized SVD settings for the basis.
     - ``per_example_scores``: sensitivity per example, as the reference, or per batch.
     - ``calibration_batch_size``: examples per forward and backward when scoring per example (each example's

@@ -7,6 +7,7 @@ refuses to start when it exceeds ``config.max_covariance_bytes``.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Dict, List, Mapping, Tuple, Union
 
 from torch import nn
@@ -19,15 +20,28 @@ from .config import TLoraConfig
 __all__ = [
     "MemoryPlan",
     "energy_is_exact",
+    "gradient_sum_shape",
     "gradient_sums_bytes",
     "measures_gradient_share",
     "plan_memory",
     "format_bytes",
 ]
 
-# gradient_share=None measures the share when the gradient sums (float32, one per target) take at most this much:
-# 40.5 MiB for all-MiniLM-L6-v2's 36 block linears, 24 GiB for LLaMA-7B's 224.
-GRADIENT_SUMS_AUTO_BYTES = 1 << 30
+# gradient_share=None measures the share when the gradient sums (float32, one per target, sketched as below) take
+# at most this much: 20 MiB for all-MiniLM-L6-v2's 36 block linears, 1.09 GiB for LLaMA-7B's 224 and 1.7 GiB for
+# LLaMA-13B's 280 — beside the 20 GiB and more their covariances take.
+GRADIENT_SUMS_AUTO_BYTES = 2 << 30
+
+# A target with more outputs keeps a sketch Ψ·Σ∂L/∂W of this many rows instead of the whole [d_out, d_in] sum
+# (Ψ: scaled orthonormal rows, shared by the targets of one width); the share ‖ΨG Aᵀ‖²/‖ΨG‖² is then an estimate of
+# ‖G Aᵀ‖²/‖G‖² (the appendix of docs/methods.md measures its error). Narrower targets keep G itself: exact.
+GRADIENT_SKETCH_ROWS = 256
+
+
+def gradient_sum_shape(d_out: int, d_in: int) -> Tuple[int, int]:
+    """Shape of the gradient sum kept for a ``[d_out, d_in]`` target: ``G`` itself, or its sketch's."""
+    return min(d_out, GRADIENT_SKETCH_ROWS), d_in
+
 
 # build_plan checks the energy its bases capture exactly (forming W·C in float64) up to d_out·d_in² multiply-adds of
 # this: exactly, it costs several times the randomized SVD itself on a 7B model's MLP. Above it the part of W·C
@@ -38,6 +52,7 @@ EXACT_ENERGY_LIMIT = 1 << 30
 def energy_is_exact(d_out: int, d_in: int) -> bool:
     """Whether the plan's energy check for a ``[d_out, d_in]`` weight is exact (float64 ``W·C``)."""
     return d_out * d_in * d_in <= EXACT_ENERGY_LIMIT
+
 
 # Sibling modules that read one tensor in the architectures this project knows (LLaMA/Qwen/Mistral attention and
 # MLP, BERT, DeBERTa, Mixtral-style experts, GPT-NeoX-like "q/k/v"); they share one accumulator at run time, where
@@ -156,8 +171,8 @@ def _packed_bytes(groups: Tuple[Tuple[Tuple[str, ...], int], ...]) -> int:
 
 
 def gradient_sums_bytes(shapes: Mapping[str, Tuple[int, int]]) -> int:
-    """Memory of the float32 gradient sums for targets of these ``(d_out, d_in)`` shapes."""
-    return sum(4 * d_out * d_in for d_out, d_in in shapes.values())
+    """Memory of the float32 gradient sums (or sketches) for targets of these ``(d_out, d_in)`` shapes."""
+    return sum(4 * math.prod(gradient_sum_shape(d_out, d_in)) for d_out, d_in in shapes.values())
 
 
 def measures_gradient_share(config: TLoraConfig, shapes: Mapping[str, Tuple[int, int]]) -> bool:

@@ -8,8 +8,9 @@ Each rank measures its own share of the calibration examples (whole batches, dea
   accumulators first, each to the least-loaded rank), so after reduction a rank holds about ``1/W`` of them. While
   measuring, each rank still holds every accumulator for its own examples (``docs/distributed.md``, memory);
 - per module, the score sum ``score · examples`` and the example and token counts, all-reduced (a few numbers);
-- per module, when the gradient share is measured, the gradient sum ``Σ ∂L/∂W`` (``d_out·d_in`` numbers), appended
-  to its accumulator's vector, so it reaches the rank that computes the module's ``A`` and share, and no other.
+- per module, when the gradient share is measured, the gradient sum ``Σ ∂L/∂W`` or its sketch
+  (``memory.gradient_sum_shape``), appended to its accumulator's vector, so it reaches the rank that computes the
+  module's ``A`` and share, and no other.
 
 Ranks first agree on the accumulators' layout (names, sharing, dims, centring), so a mismatch is an error on every
 rank, never a hang. Every rank then allocates ranks and scales from the same global scores (deterministic), each
@@ -30,6 +31,7 @@ from ...linalg import CovarianceDtype
 from ...training.distributed import Distributed, agree, all_reduce_sum, gather_owned, reduce_to_owners
 from .calibrate import CalibrationPlan, CalibrationStatistics, collect_statistics, warn_low_gradient_share
 from .config import TLoraConfig
+from .memory import gradient_sum_shape
 
 __all__ = ["calibrate_sharded", "reduce_statistics", "shard_batches"]
 
@@ -121,7 +123,7 @@ def reduce_statistics(local: CalibrationStatistics, ctx: Distributed) -> Tuple[_
         # The matrix is symmetric: its upper triangle is all that needs to travel (half the bytes).
         parts: List[np.ndarray] = [np.array([n]), n * mean, second[np.triu_indices(acc.dim)]]
         if gradients is not None:
-            parts += [_gradient_of(gradients, name, local.shapes[name]) for name in keys[key][1]]
+            parts += [_gradient_of(gradients, name, gradient_sum_shape(*local.shapes[name])) for name in keys[key][1]]
         return torch.from_numpy(np.concatenate(parts))
 
     # Where this rank's sums live (the model's device); the reduced ones go back there.
@@ -139,10 +141,10 @@ def reduce_statistics(local: CalibrationStatistics, ctx: Distributed) -> Tuple[_
         if reduced.gradients is not None:
             at = end
             for name in group:
-                d_out, d_in = local.shapes[name]
-                block = packed[at : at + d_out * d_in].reshape(d_out, d_in)
+                rows, d_in = gradient_sum_shape(*local.shapes[name])
+                block = packed[at : at + rows * d_in].reshape(rows, d_in)
                 reduced.gradients[name] = block.to(device=device, dtype=torch.float32)
-                at += d_out * d_in
+                at += rows * d_in
         scatter = np.zeros((d, d))
         scatter[np.triu_indices(d)] = packed[1 + d : end].numpy()
         scatter = scatter + np.triu(scatter, 1).T
