@@ -48,9 +48,8 @@ reference's passes at 59% of its time on ``llama`` (measured) even free bases le
 (``minilm``), leaves more room.
 
 **Time**: wall clock of each whole calibration, the two run alternately, median of ``--repeats`` runs (default 3).
-**Peak memory**: each method in a fresh subprocess; after the model and the examples are loaded, and one forward and
-backward has run (:func:`warm_up`: the runtime's one-time set-up is no method's), the kernel's peak-RSS counter is
-reset (``/proc/self/clear_refs``), and the peak is ``VmHWM`` after calibration minus ``VmRSS`` at the reset:
+**Peak memory**: each method in a fresh subprocess; after the model and the examples are loaded the kernel's peak-RSS
+counter is reset (``/proc/self/clear_refs``), and the peak is ``VmHWM`` after calibration minus ``VmRSS`` at the reset:
 everything the calibration itself held at its worst moment (for the reference: every weight's gradient, every
 module's covariance, the SVD workspace; for ours: the shared float64 accumulators, one module's gradient, the
 gradient sums of the gradient share where it is measured, the bases). Ours is also measured with
@@ -73,7 +72,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import json
 import statistics
 import sys
@@ -424,7 +422,6 @@ def child(key: str, method: str, quick: bool) -> Dict[str, float]:
     w = WORKLOADS[key](quick)
     assert w is not None
     model, examples = w.build()
-    warm_up(model, examples[0])
     rss = PeakRss()
     rss.reset()
     if method == "reference":
@@ -438,19 +435,6 @@ def child(key: str, method: str, quick: bool) -> Dict[str, float]:
         held = rss.resident_mib()
         build_plan(model, stats, config, progress=False)
     return {"peak_mib": rss.peak_mib(), "passes_mib": passes, "held_mib": held}
-
-
-def warm_up(model: nn.Module, example: Example) -> None:
-    """One forward and backward before the baseline, so that neither method's figure carries the runtime's one-time
-    set-up (autograd's and the BLAS's threads and workspaces: tens of MiB, as much as MiniLM's covariances). Only the
-    input embeddings require grad: no weight gradient is allocated, whose freed pages one method could then reuse."""
-    ids = example["input_ids"].unsqueeze(0)
-    embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
-    out = model(inputs_embeds=embeds, labels=example["labels"].unsqueeze(0))
-    out.loss.backward()
-    del out, embeds
-    # Its freed pages go back to the OS as calibration's own passes give theirs back (glibc's malloc_trim).
-    importlib.import_module("lowrank_rs.methods.tlora.calibrate")._trim_host_heap()
 
 
 def measure_memory(key: str, method: str, quick: bool, pinned: bool) -> Optional[Dict[str, float]]:
