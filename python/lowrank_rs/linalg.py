@@ -127,7 +127,7 @@ class CovarianceAccumulator:
     def covariance(self, dtype: CovarianceDtype = "float64") -> np.ndarray:
         """``[dim, dim]``, exactly symmetric; ``dtype="float32"`` rounds each float64 entry once, without holding the
         float64 matrix (half the peak memory of converting afterwards)."""
-        return self._inner.covariance(_covariance_dtype(dtype))
+        return self._inner.covariance(covariance_dtype(dtype))
 
     def __repr__(self) -> str:
         return f"CovarianceAccumulator(dim={self.dim}, center={self.center!r}, count={self.count})"
@@ -235,7 +235,7 @@ def _scores(scores: Any) -> List[float]:
 CovarianceDtype = Literal["float64", "float32"]
 
 
-def _covariance_dtype(dtype: Any) -> CovarianceDtype:
+def covariance_dtype(dtype: Any) -> CovarianceDtype:
     """``"float64"`` or ``"float32"`` from either spelling (a string or a numpy dtype)."""
     try:
         name = np.dtype(dtype).name

@@ -27,7 +27,7 @@ import numpy as np
 
 from ._arrays import bool_mask, is_torch
 from .errors import DtypeError, EmptyInputError, InvalidArgumentError, NonFiniteError, ShapeError
-from .linalg import CovarianceAccumulator, CovarianceDtype, _covariance_dtype
+from .linalg import CovarianceAccumulator, CovarianceDtype, covariance_dtype
 
 __all__ = [
     "AccumulatorState",
@@ -296,7 +296,7 @@ class TorchCovarianceAccumulator:
         transpose)."""
         import torch
 
-        dtype = _covariance_dtype(dtype)
+        dtype = covariance_dtype(dtype)
 
         self._require_tokens()
         scatter = _settled(self._scatter, self._scatter_comp, torch.float64).numpy()
