@@ -22,9 +22,10 @@ Each run records its validation curve (accuracy after each epoch), its trainable
 Cost, measured on 2 CPU cores (two runs side by side, one thread each; 64 tokens, 3 epochs — the validation curves
 in the tables show where they flatten): a package-task run takes about 2 minutes, so one method (3 rates, one
 edge extension at most, 4 more seeds) about 9 minutes of wall time with the two workers, and the package study of the
-default grid (8 methods) about 75 minutes; a multi-task run trains on three tasks' examples and costs about three
-package runs. The default grid (package study, learnability check, multi-task study and few-shot transfer) is about
-3.5 hours on such a machine — over the two hours the issue asked for; ``--tasks``/``--methods`` select parts and
+default grid (8 methods) about 75 minutes; a multi-task run trains on three tasks' examples and took 7–10 minutes
+(TA-LoRA, the shared LoRA) and 14–24 minutes for prompt tuning, whose 50 virtual tokens nearly double each sequence.
+The default grid (package study, learnability check, multi-task study and few-shot transfer) is about 4.5 hours on
+such a machine — over the two hours the issue asked for; ``--tasks``/``--methods`` select parts and
 ``--seeds 0,1,2`` trims it. ``--grid full`` adds AdaLoRA, LoRA-GA, full fine-tuning, the head alone, DoRA, LoRA r = 4,
 PEFT's LoRA, multitask prompt tuning, the SymPy task, and the variant studies of TLoRA's and TA-LoRA's own choices.
 On a GPU the same grid runs unchanged (one run at a time, all of it on the GPU).
