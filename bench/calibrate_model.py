@@ -529,7 +529,7 @@ def run(keys: List[str], quick: bool, repeats: int):
             "model",
             "ours: s (passes + bases)",
             "reference: s (passes + bases)",
-            "speed-up (target ≥ 5×)",
+            "speed-up (target per row)",
             "ours: peak MiB (†); without the gradient share (‡)",
             "reference: peak MiB (†)",
             "memory (target ≤ 0.5×) (†); without the gradient share (‡)",

@@ -34,7 +34,8 @@ GRADIENT_SUMS_AUTO_BYTES = 2 << 30
 
 # A target with more outputs keeps a sketch Ψ·Σ∂L/∂W of this many rows instead of the whole [d_out, d_in] sum
 # (Ψ: scaled orthonormal rows, shared by the targets of one width); the share ‖ΨG Aᵀ‖²/‖ΨG‖² is then an estimate of
-# ‖G Aᵀ‖²/‖G‖² (the appendix of docs/methods.md measures its error). Narrower targets keep G itself: exact.
+# ‖G Aᵀ‖²/‖G‖² (docs/methods.md, the gradient share's cost, gives its measured error). Narrower targets keep G
+# itself: exact.
 GRADIENT_SKETCH_ROWS = 256
 
 
@@ -140,7 +141,7 @@ def plan_memory(
     backend = resolve_backend(config.statistics_backend, device)
     plan_groups = _groups(shapes)
     if backend == "core":
-        accumulators = _packed_bytes(plan_groups)
+        accumulators = sum(8 * (d * (d + 1) // 2 + d) for _, d in plan_groups)
         update = 0
     else:
         accumulators = sum(8 * (d * d + d) for _, d in plan_groups)
@@ -164,10 +165,6 @@ def _groups(shapes: Mapping[str, Tuple[int, int]]) -> Tuple[Tuple[Tuple[str, ...
         groups.setdefault(key, []).append(name)
         dims[key] = d_in
     return tuple((tuple(names), dims[key]) for key, names in groups.items())
-
-
-def _packed_bytes(groups: Tuple[Tuple[Tuple[str, ...], int], ...]) -> int:
-    return sum(8 * (d * (d + 1) // 2 + d) for _, d in groups)
 
 
 def gradient_sums_bytes(shapes: Mapping[str, Tuple[int, int]]) -> int:
