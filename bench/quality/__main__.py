@@ -51,6 +51,7 @@ sys.path.insert(0, str(HERE.parent))
 
 import entries  # noqa: E402
 from _common import machine, table, write_section  # noqa: E402
+from unit import TRANSFER_BATCH, TRANSFER_STEPS, transfer_epochs  # noqa: E402
 
 RUNS = HERE.parent / "quality-runs"
 SEEDS = (0, 1, 2, 3, 4)
@@ -109,7 +110,7 @@ TRANSFER = ("talora", "mpt", "prompt", "shared-lora", "lora")  # "lora" starts f
 def _key(spec: Dict[str, Any]) -> str:
     parts = [spec["task"], spec["method"], f"lr{spec['lr']:g}", f"s{spec['seed']}"]
     if spec.get("shots"):
-        parts.append(f"k{spec['shots']}")
+        parts.append(f"k{spec['shots']}e{spec['epochs']}")
     return "/".join(parts)
 
 
@@ -288,9 +289,8 @@ def run_transfer(runner: Runner, study: Study) -> None:
                 start = None if m == "lora" else saved_path(runner, study, m, rate, seed)
                 if start is not None and not Path(start).exists():
                     continue
-                epochs = max(2, 160 // shots)
                 spec = runner.spec("multitask", m, rate, seed, shots=shots, start=start)
-                spec["epochs"] = epochs
+                spec["epochs"] = transfer_epochs(shots)
                 specs.append(spec)
     runner.run_all(specs)
 
@@ -435,7 +435,7 @@ def report_transfer(runner: Runner, study: Study) -> str:
             for seed in study.seeds:
                 start = None if m == "lora" else saved_path(runner, study, m, rate, seed)
                 spec = runner.spec("multitask", m, rate, seed, shots=shots, start=start)
-                spec["epochs"] = max(2, 160 // shots)
+                spec["epochs"] = transfer_epochs(shots)
                 res = runner.result(spec)
                 if res is not None:
                     accs.append(res["test_mean"])
@@ -448,8 +448,9 @@ def report_transfer(runner: Runner, study: Study) -> str:
     return (
         f"### Few-shot transfer to the held-out task (`returns`, majority class {_pct(majority)}%)\n\n"
         "Each seed's multi-task run continues on k examples (TA-LoRA: `add_task`, mean init; the others: the task "
-        "prefix `task: returns.`) for max(2, 160 / k) epochs at batch 8, at the rate chosen for it in the multi-task "
-        "study.\n\n" + table(["method", *[f"{k} examples" for k in SHOTS]], rows)
+        f"prefix `task: returns.`) for {TRANSFER_STEPS} steps at batch {TRANSFER_BATCH} "
+        f"({TRANSFER_STEPS * TRANSFER_BATCH} / k epochs), at the rate chosen for it in the multi-task study.\n\n"
+        + table(["method", *[f"{k} examples" for k in SHOTS]], rows)
     )
 
 

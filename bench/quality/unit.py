@@ -21,6 +21,15 @@ from lowrank_rs.workflows.finetune import default_model_path
 
 Examples = List[Dict[str, torch.Tensor]]
 BATCH = 16
+# Few-shot transfer trains for a fixed number of steps whatever k is: at 16-64 examples a fixed number of epochs
+# means a dozen or two steps, too few for even a fresh head to leave the majority class (measured: every method sat
+# at it after 16-20 steps, while a fresh LoRA on the whole training set clears it after about 100).
+TRANSFER_BATCH = 8
+TRANSFER_STEPS = 200
+
+
+def transfer_epochs(shots: int) -> int:
+    return max(2, TRANSFER_STEPS * TRANSFER_BATCH // shots)
 
 
 def _quiet() -> None:
@@ -149,7 +158,7 @@ def run(spec: Dict[str, Any]) -> Dict[str, Any]:
         train_rows = data.train_rows(data.sources)
         judged = data.sources
     epochs = spec["epochs"]
-    batch = 8 if shots else BATCH
+    batch = TRANSFER_BATCH if shots else BATCH
     steps_per_epoch = math.ceil(len(train_rows) / batch)
     total = steps_per_epoch * epochs
     model = _model(len(data.labels), spec["seed"])
@@ -173,7 +182,7 @@ def run(spec: Dict[str, Any]) -> Dict[str, Any]:
     calibrated = time.perf_counter() - started
     config = lr.TrainConfig(
         lr=spec["lr"], epochs=epochs, batch_size=batch, warmup_ratio=0.1, seed=spec["seed"],
-        eval_every=steps_per_epoch, eval_batch_size=64,
+        eval_every=steps_per_epoch * max(1, epochs // 10), eval_batch_size=64,
     )  # fmt: skip
     val_rows = [row for name in judged for row in data.splits["val"][name]]
     trace: List[List[float]] = []
