@@ -101,7 +101,9 @@ GRIDS["quick"] = [
     Study("sympy", ("lora",), "lora", seeds=(0,)),
     Study("multitask", ("shared-lora", "talora", "prompt", "mpt"), "shared-lora", seeds=(0, 1), save=True),
 ]
-TRANSFER = ("talora", "mpt", "prompt", "shared-lora", "lora")  # "lora" starts fresh; the others from the multi-task run
+# "lora" starts fresh; the others continue their multi-task runs. "talora+shared" is TA-LoRA's add_task with
+# train_shared=True: the shared weights and gates train too, not only the new task's rank-1 fast weights.
+TRANSFER = ("talora", "talora+shared", "mpt", "prompt", "shared-lora", "lora")
 
 
 # -- running units ---------------------------------------------------------------------------------------------------
@@ -110,7 +112,7 @@ TRANSFER = ("talora", "mpt", "prompt", "shared-lora", "lora")  # "lora" starts f
 def _key(spec: Dict[str, Any]) -> str:
     parts = [spec["task"], spec["method"], f"lr{spec['lr']:g}", f"s{spec['seed']}"]
     if spec.get("shots"):
-        parts.append(f"k{spec['shots']}e{spec['epochs']}")
+        parts.append(f"k{spec['shots']}e{spec['epochs']}" + ("-shared" if spec.get("train_shared") else ""))
     return "/".join(parts)
 
 
@@ -275,23 +277,30 @@ def best_lr(runner: Runner, study: Study, method: str) -> Optional[float]:
     return best
 
 
+def _transfer_specs(runner: Runner, study: Study, name: str) -> List[Dict[str, Any]]:
+    """One transfer row's runs (every shot count and seed), each continuing its seed's saved multi-task run."""
+    method, _, mode = name.partition("+")
+    source = "shared-lora" if method == "lora" else method
+    rate = best_lr(runner, study, source)
+    if rate is None:
+        return []
+    specs = []
+    for shots in SHOTS:
+        for seed in study.seeds:
+            start = None if method == "lora" else saved_path(runner, study, method, rate, seed)
+            spec = runner.spec("multitask", method, rate, seed, shots=shots, start=start)
+            spec["epochs"] = transfer_epochs(shots)
+            if mode == "shared":
+                spec["train_shared"] = True
+            specs.append(spec)
+    return specs
+
+
 def run_transfer(runner: Runner, study: Study) -> None:
     specs = []
-    for m in TRANSFER:
-        if not _selected(runner.args, m):
-            continue
-        source = "shared-lora" if m == "lora" else m
-        rate = best_lr(runner, study, source)
-        if rate is None:
-            continue
-        for shots in SHOTS:
-            for seed in study.seeds:
-                start = None if m == "lora" else saved_path(runner, study, m, rate, seed)
-                if start is not None and not Path(start).exists():
-                    continue
-                spec = runner.spec("multitask", m, rate, seed, shots=shots, start=start)
-                spec["epochs"] = transfer_epochs(shots)
-                specs.append(spec)
+    for name in TRANSFER:
+        if _selected(runner.args, name.partition("+")[0]):
+            specs += [s for s in _transfer_specs(runner, study, name) if not s["start"] or Path(s["start"]).exists()]
     runner.run_all(specs)
 
 
@@ -424,24 +433,23 @@ def _against_best_peer(runner: Runner, study: Study) -> str:
 def report_transfer(runner: Runner, study: Study) -> str:
     rows = []
     majority = None
-    for m in TRANSFER:
-        source = "shared-lora" if m == "lora" else m
-        rate = best_lr(runner, study, source)
-        if rate is None:
+    for name in TRANSFER:
+        specs = _transfer_specs(runner, study, name)
+        if not specs:
             continue
         cells = []
         for shots in SHOTS:
             accs = []
-            for seed in study.seeds:
-                start = None if m == "lora" else saved_path(runner, study, m, rate, seed)
-                spec = runner.spec("multitask", m, rate, seed, shots=shots, start=start)
-                spec["epochs"] = transfer_epochs(shots)
-                res = runner.result(spec)
+            for spec in specs:
+                res = runner.result(spec) if spec["shots"] == shots else None
                 if res is not None:
                     accs.append(res["test_mean"])
                     majority = res["majority"]["returns"]
             cells.append(_mean_std(accs) + (f" (n={len(accs)})" if accs else ""))
-        title = "fresh LoRA r = 8" if m == "lora" else entries.ENTRIES[m].title + " (from its multi-task run)"
+        method, _, mode = name.partition("+")
+        title = "fresh LoRA r = 8" if method == "lora" else entries.ENTRIES[method].title + " (from its multi-task run)"
+        if mode == "shared":
+            title = f"{entries.ENTRIES[method].title}, `add_task(train_shared=True)` (from its multi-task run)"
         rows.append([title, *cells])
     if not rows or majority is None:
         return ""

@@ -236,7 +236,8 @@ def _save(model: torch.nn.Module, path: str, entry: entries.Entry) -> None:
 
 def _resume(ctx: entries.Context, spec: Dict[str, Any], entry: entries.Entry) -> torch.nn.Module:
     """Few-shot transfer from a saved multi-task run: the saved adapter (and head) continue on the new task's
-    examples; TA-LoRA adds the task (mean init) and trains its fast weights with the rest."""
+    examples; TA-LoRA adds the task (mean init) and trains its fast weights and the head (with ``train_shared``,
+    the shared weights and gates as well)."""
     if entry.family == "peer":
         import peft
         from peft.utils import load_peft_weights, set_peft_model_state_dict
@@ -250,7 +251,8 @@ def _resume(ctx: entries.Context, spec: Dict[str, Any], entry: entries.Entry) ->
     model = ctx.model
     lr.load_adapter(model, spec["start"])
     if entry.multitask:
-        lr.add_task(model, task_data.TRANSFER_TASK, init="mean", train_saved=True)
+        lr.add_task(model, task_data.TRANSFER_TASK, init="mean", train_saved=True,
+                    train_shared=bool(spec.get("train_shared")))  # fmt: skip
     return model
 
 
