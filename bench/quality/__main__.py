@@ -13,7 +13,8 @@ How a study runs (one task, several methods):
    paired: each row reports its mean ± std and its mean paired difference from the study's reference (LoRA r = 8, or
    the shared LoRA in the multi-task study) with a 95% t-interval.
 3. **Few-shot transfer** (after the multi-task study) — each seed's saved multi-task run continues on 16 / 32 / 64
-   examples of the held-out ``returns`` task, against a fresh LoRA.
+   examples of the held-out ``returns`` task for a fixed 200 steps (a fixed number of epochs would give the
+   16-example runs a dozen steps), against a fresh LoRA; TA-LoRA also with ``add_task(train_shared=True)``.
 
 Every run is a subprocess with a time limit that writes one JSON file under ``bench/quality-runs/``; an interrupted
 sweep resumes where it stopped (finished runs are not repeated), and ``--report`` rebuilds the tables from the files.
