@@ -309,7 +309,7 @@ _TLORA_CHOICES = [
     ("tlora8-per-rank", "scaling per_rank", {"scaling": "per_rank"}, 64),
     ("tlora8-global", "centre global", {"center": "global"}, 64),
     ("tlora8-none", "centre none", {"center": "none"}, 64),
-    ("tlora8-grad", "score |G|", {"score": "grad"}, 64),
+    ("tlora8-grad", "score \\|G\\|", {"score": "grad"}, 64),  # escaped: the title lands in a Markdown table
     ("tlora8-fisher", "score G² (Fisher)", {"score": "fisher"}, 64),
 ]
 for _name, _what, _fields, _n in _TLORA_CHOICES:
