@@ -1,6 +1,6 @@
 """Whole-model TLoRA calibration on the CPU: ``lr.calibrate`` against the reference recipe, same model, same examples.
 
-Target (DESIGN.md): ≥ 5× faster and ≤ 0.5× peak memory. The two must also agree: the same sensitivity scores, ranks
+Target (issue 11): ≥ 5× faster and ≤ 0.5× peak memory. The two must also agree: the same sensitivity scores, ranks
 and scales, and bases ``A`` spanning the same subspace; the agreement is reported beside the timings.
 
 **The reference recipe** is the TLoRA authors' code (a patched PEFT 0.14: ``tuners/lora/tlora.py`` and
@@ -13,7 +13,7 @@ and scales, and bases ``A`` spanning the same subspace; the agreement is reporte
    q, k and v (and gate, up) each compute and keep their own copy of the same matrix;
 3. after backward, each target's score is ``mean |W ⊙ ∂L/∂W|``, averaged over examples;
 4. ranks ``round(R · s_i / Σ s)`` with the sum fixed up on the currently largest rank; ``α_i = max(α, round(N α s_i /
-   Σ s))`` (METHODS.md §2 records both rules);
+   Σ s))`` (docs/methods.md records both rules);
 5. per module: ``C`` in float32, ``W·C`` formed explicitly, its SVD, ``A`` = the top ``r_i`` right singular vectors.
 
 Two deliberate departures, both in the reference's favour: the SVD is thin (``full_matrices=False``; the reference
@@ -66,7 +66,7 @@ first figure is memory the allocator kept resident rather than memory the calibr
 all, max rank difference: the allocation rules differ only in how they round), and for each module the overlap
 ``‖A_ours[:k] A_refᵀ[:k]‖²_F / k`` of the two top-``k`` subspaces, ``k = min(r_ours, r_ref)`` (1 = the same
 subspace), and the energy ``‖W C A_oursᵀ‖² / ‖W C A_refᵀ‖²`` that ours captures relative to the exact top-``k``
-(METHODS.md allows 0.5% less).
+(the specification allows 0.5% less).
 
 Usage: ``python bench/calibrate_model.py [--quick] [--no-write] [--models llama,minilm,minilm256] [--repeats N]``.
 ``--quick`` runs a tiny decoder and MiniLM on 4 examples to check that everything works; only a full run writes its

@@ -10,7 +10,7 @@ many runs at batch 1 and 8, sequence 128, on the CPU (and on CUDA where ``onnxru
 for the graphs in ONNX Runtime and for the adapted model (LoRA unmerged) in torch eager mode under
 ``torch.inference_mode``.
 
-Targets (DESIGN.md): merged ≤ 1.05× base; adapter-attached ≤ 1.3× merged. ``eager / merged`` is ONNX Runtime's
+Targets (the design): merged ≤ 1.05× base; adapter-attached ≤ 1.3× merged. ``eager / merged`` is ONNX Runtime's
 speed-up over torch eager.
 
 A second table has the merged graphs of the two methods whose merged graphs are not the base graph's ops: LoRATRF

@@ -1,7 +1,7 @@
 """Training-step benchmark: our LoRA and TLoRA layers against Hugging Face PEFT's LoRA, on the same models and inputs.
 
 One training step is ``zero_grad(set_to_none) → forward → loss → backward → AdamW.step()`` with only the adapter
-parameters (and a classifier head, where there is one) trainable. Rows and targets (DESIGN.md, issue 3 and 4):
+parameters (and a classifier head, where there is one) trainable. Rows and targets (issues 3 and 4):
 
 1. **LoRA (ours) vs PEFT LoRA**: same targets, rank 16, alpha 32, dropout 0. Target ≤ 1.0× step time.
 2. **TLoRA, A frozen (ours) vs PEFT LoRA at the same rank**: ``attach`` with a ``TLoraConfig`` (``train_a=False``) at

@@ -1,4 +1,4 @@
-"""CovarianceAccumulator against a float64 numpy oracle of METHODS.md §2."""
+"""CovarianceAccumulator against a float64 numpy oracle of docs/methods.md."""
 
 import threading
 

@@ -1,4 +1,4 @@
-"""DoRA (METHODS.md §5): the output against the equation and against PEFT's ``use_dora=True``, merge and unmerge,
+"""DoRA (docs/methods.md): the output against the equation and against PEFT's ``use_dora=True``, merge and unmerge,
 files both ways with PEFT, training, a TLoRA plan's frozen ``A``, and the merged ONNX graph."""
 
 import copy

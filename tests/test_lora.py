@@ -212,7 +212,7 @@ def run_layer(layer, x, grad, path):
 
 
 def oracle(layer, x, grad):
-    """The equations of METHODS.md §1 in float64, with gradients from autograd on the plain expression."""
+    """The equations of docs/methods.md in float64, with gradients from autograd on the plain expression."""
     w, a, b = (t.detach().double().requires_grad_(True) for t in (layer.weight, layer.lora_A.weight,
                                                                     layer.lora_B.weight))  # fmt: skip
     x64 = x.detach().double().requires_grad_(True)

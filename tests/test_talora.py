@@ -1,4 +1,4 @@
-"""TA-LoRA (METHODS.md §4): the attention output against a plain-torch oracle of the equation for mixed-task batches,
+"""TA-LoRA (docs/methods.md): the attention output against a plain-torch oracle of the equation for mixed-task batches,
 exact identity at init, eager = SDPA, padding invariance, the orthogonality penalty against its closed and general
 forms, which parameters get gradient when, the two learning rates, add_task transfer that leaves the other tasks
 alone, the training loop's seam (task names in the data, the regulariser, exact resume), adapter files, and every
@@ -76,7 +76,7 @@ def test_config_round_trip_and_defaults():
     config = lr.TaLoraConfig(tasks=["sst-2", "topic_4"], layers=[-1, 0], modules_to_save=["classifier"])
     assert config.tasks == ("sst-2", "topic_4") and config.layers == (-1, 0)
     assert lr.TaLoraConfig.from_json(config.to_json()) == config
-    assert config.fast_lr == pytest.approx(10 * config.slow_lr)  # METHODS.md: fast ≈ 10× slow
+    assert config.fast_lr == pytest.approx(10 * config.slow_lr)  # docs/methods.md: fast ≈ 10× slow
 
 
 @pytest.mark.parametrize(
@@ -144,7 +144,7 @@ def _linear(x, layer):
 
 
 def oracle(family, attention, layer, hidden, mask, task_ids):
-    """The attention output ``O`` of METHODS.md §4, in float64, with nothing from the model but its weights."""
+    """The attention output ``O`` of docs/methods.md, in float64, with nothing from the model but its weights."""
     if family == "bert":
         q_lin, k_lin, v_lin = attention.self.query, attention.self.key, attention.self.value
     else:

@@ -1,4 +1,4 @@
-"""LoRATRF: the filter against a plain-torch oracle of METHODS.md §3, its place in the model, gradients, padding, NaN
+"""LoRATRF: the filter against a plain-torch oracle of docs/methods.md, its place in the model, gradients, padding, NaN
 safety, attach/train/save/load/merge through the one adapter code path, PEFT loading the LoRA part, composition with a
 TLoRA plan, the parameter count on a DeBERTaV3-base-shaped model, export, and errors.
 
@@ -74,7 +74,7 @@ def randomise(model, seed=7):
 
 
 def oracle(h, t, c, d):
-    """METHODS.md §3 as written, in float64: s = clamp(cos(h, t), 0, 1); h + (s·h) C D."""
+    """docs/methods.md as written, in float64: s = clamp(cos(h, t), 0, 1); h + (s·h) C D."""
     h, t, c, d = (x.detach().double() for x in (h, t, c, d))
     s = F.cosine_similarity(h, t.expand_as(h), dim=-1).clamp(0, 1)
     return h + (s.unsqueeze(-1) * h) @ (c @ d)

@@ -3,7 +3,7 @@
 Every function accepts numpy arrays and CPU torch tensors; bfloat16 torch tensors are passed to the core as raw
 bits, never converted on the Python side. Results are numpy arrays.
 
-- :class:`CovarianceAccumulator` — streaming input-activation covariance (METHODS.md §2).
+- :class:`CovarianceAccumulator` — streaming input-activation covariance (docs/methods.md).
 - :func:`randomized_svd` — truncated SVD by Halko–Martinsson–Tropp.
 - :func:`task_aware_basis` — top right singular vectors of ``W·C`` without forming the product.
 - :func:`allocate_ranks`, :func:`allocate_alphas` — the TLoRA rank and scale budgets.

@@ -1,7 +1,7 @@
 """Input-covariance statistics with one interface and two backends: the Rust core on the host, torch on a device.
 
 A calibration accumulates, per group of modules reading one tensor, ``C = (1/n) Σ (x − μ)(x − μ)ᵀ`` over the
-counted tokens (METHODS.md §2). Where the activations are produced decides where that work belongs: for a model on
+counted tokens (docs/methods.md). Where the activations are produced decides where that work belongs: for a model on
 the CPU the core's :class:`~lowrank_rs.linalg.CovarianceAccumulator` (blocked f32 products, f64 sums, GIL released);
 for a model on an accelerator :class:`TorchCovarianceAccumulator`, which keeps its sums on that device, so no
 activation crosses to the host and only the final ``[d, d]`` matrix does.

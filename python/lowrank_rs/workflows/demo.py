@@ -122,7 +122,7 @@ def run_demo(out: str, layers: int, dim: int, rank: int, batches: int, seed: int
         "r": rank,
         "lora_alpha": float(rank),
         "target_modules": sorted({m.split(".")[-1] for ms in _GROUPS.values() for m in ms}),
-        # alpha_pattern stores γ_i·r_i so that PEFT's alpha/r_i reproduces γ_i = α_i / r (METHODS.md §2).
+        # alpha_pattern stores γ_i·r_i so that PEFT's alpha/r_i reproduces γ_i = α_i / r (docs/methods.md).
         "rank_pattern": {short[n]: r for n, r in zip(names, ranks) if r > 0},
         "alpha_pattern": {short[n]: a / rank * r for n, a, r in zip(names, alphas, ranks) if r > 0},
         "lowrank_rs": {"method": "tlora", "demo": True, "budget": budget, "scores": dict(zip(names, scores))},

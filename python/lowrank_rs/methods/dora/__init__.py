@@ -1,4 +1,4 @@
-"""DoRA (METHODS.md §5): weight-decomposed LoRA, PEFT's ``use_dora=True``, as a LoRA variant."""
+"""DoRA (docs/methods.md): weight-decomposed LoRA, PEFT's ``use_dora=True``, as a LoRA variant."""
 
 from ...adapters.registry import register
 from .config import DoraConfig

@@ -1,4 +1,4 @@
-"""The DoRA config (METHODS.md §5): LoRA's fields; ``train_a`` as TLoRA's for a task-aware frozen ``A``."""
+"""The DoRA config (docs/methods.md): LoRA's fields; ``train_a`` as TLoRA's for a task-aware frozen ``A``."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The DoRA layer: a :class:`~lowrank_rs.methods.lora.layer.LoraLinear` whose output rows are rescaled to a learned
-magnitude (METHODS.md §5), computed in PEFT's operation order so the two agree to rounding."""
+magnitude (docs/methods.md), computed in PEFT's operation order so the two agree to rounding."""
 
 from __future__ import annotations
 

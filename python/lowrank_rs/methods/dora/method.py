@@ -1,4 +1,4 @@
-"""DoRA as a method (METHODS.md §5): LoRA with DoRA layers, PEFT's ``use_dora`` files, and a TLoRA plan's ``A``.
+"""DoRA as a method (docs/methods.md): LoRA with DoRA layers, PEFT's ``use_dora`` files, and a TLoRA plan's ``A``.
 
 Everything but the layer, the magnitude tensor in the file and ``use_dora: true`` is LoRA's, inherited.
 """

@@ -1,4 +1,4 @@
-"""LoRA (METHODS.md §1): the config, the layer, the method (the base of TLoRA, LoRATRF and DoRA) and its export."""
+"""LoRA (docs/methods.md): the config, the layer, the method (the base of TLoRA, LoRATRF and DoRA) and its export."""
 
 from ...adapters.registry import register
 from .config import LoraConfig

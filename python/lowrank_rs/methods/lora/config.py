@@ -1,4 +1,4 @@
-"""The LoRA config (METHODS.md §1)."""
+"""The LoRA config (docs/methods.md)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ __all__ = ["LoraConfig"]
 
 @dataclasses.dataclass(frozen=True)
 class LoraConfig(JsonConfig):
-    """Plain LoRA (METHODS.md §1): ``y = W0 x + γ B A x`` on every target ``nn.Linear``.
+    """Plain LoRA (docs/methods.md): ``y = W0 x + γ B A x`` on every target ``nn.Linear``.
 
     - ``target_modules``: module-name suffixes (a module ``m`` matches ``t`` when ``m == t`` or ``m`` ends with
       ``"." + t``), or one regex string matched with ``re.fullmatch`` against the full module name — PEFT's rules.

@@ -1,4 +1,4 @@
-"""The LoRA layer (METHODS.md §1): a frozen ``nn.Linear`` plus a scaled low-rank update.
+"""The LoRA layer (docs/methods.md): a frozen ``nn.Linear`` plus a scaled low-rank update.
 
 Parameter names match Hugging Face PEFT's LoRA layer (``base_layer.weight``, ``lora_A.weight``, ``lora_B.weight``),
 so state dicts translate to PEFT's adapter files by adding a prefix and nothing else.

@@ -1,4 +1,4 @@
-"""LoRA as a method (METHODS.md §1): attach, merge, PEFT LoRA files, and the seams its variants override.
+"""LoRA as a method (docs/methods.md): attach, merge, PEFT LoRA files, and the seams its variants override.
 
 Adapter directories are PEFT LoRA directories. Tensors are named ``base_model.model.<module>.lora_A.weight`` /
 ``.lora_B.weight`` (``[r, d_in]`` / ``[d_out, r]``), and a ``modules_to_save`` module's state as

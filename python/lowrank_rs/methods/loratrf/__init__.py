@@ -1,4 +1,4 @@
-"""LoRATRF (METHODS.md §3): task-aware filters beside a LoRA (or TLoRA) part."""
+"""LoRATRF (docs/methods.md): task-aware filters beside a LoRA (or TLoRA) part."""
 
 from ...adapters.registry import register
 from .config import TrfConfig

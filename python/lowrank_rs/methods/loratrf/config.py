@@ -1,4 +1,4 @@
-"""The LoRATRF config (METHODS.md §3): a LoRA (or TLoRA) part plus the task-aware filters."""
+"""The LoRATRF config (docs/methods.md): a LoRA (or TLoRA) part plus the task-aware filters."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ __all__ = ["TrfConfig"]
 
 @dataclasses.dataclass(frozen=True)
 class TrfConfig(LoraConfig):
-    """LoRATRF (METHODS.md §3): LoRA plus task-aware filters ``h ← h + clamp(cos(h, t), 0, 1) · h C D``.
+    """LoRATRF (docs/methods.md): LoRA plus task-aware filters ``h ← h + clamp(cos(h, t), 0, 1) · h C D``.
 
     The LoRA part is this config's :class:`LoraConfig` fields. Three of them may stay ``None`` (the default) and are
     then filled in for the model's architecture family by :func:`lowrank_rs.attach` (``model.config.model_type``):

@@ -1,4 +1,4 @@
-"""Export hooks of LoRATRF (METHODS.md §3): LoRA layers plus task-aware filters ``h ← h + s(h) · (h C) D`` with
+"""Export hooks of LoRATRF (docs/methods.md): LoRA layers plus task-aware filters ``h ← h + s(h) · (h C) D`` with
 ``s(h) = clamp(cos(h, t), 0, 1)``.
 
 The LoRA part exports as LoRA does (:mod:`.lora`). A filter cannot fold into a weight (its gate depends on ``h``),

@@ -1,4 +1,4 @@
-"""LoRATRF's filters on a model (METHODS.md §3): where filters go, how they are built, hooked, initialised, saved.
+"""LoRATRF's filters on a model (docs/methods.md): where filters go, how they are built, hooked, initialised, saved.
 
 Users reach all of it through the one adapter code path — :func:`lowrank_rs.attach` with a
 :class:`~lowrank_rs.TrfConfig`, then ``train``, ``save_adapter``, ``load_adapter``, ``merge`` — plus two
@@ -69,7 +69,7 @@ PathLike = Union[str, "os.PathLike[str]"]
 FILTER_ATTR = "trf_filter"
 FILTER_TENSORS = ("task_vector", "C", "D")
 
-# Architecture families with a default LoRA part (METHODS.md §3). Encoders: the value projection's leaf name.
+# Architecture families with a default LoRA part (docs/methods.md). Encoders: the value projection's leaf name.
 _ENCODER_VALUE = {
     "bert": "value",
     "roberta": "value",

@@ -1,4 +1,4 @@
-"""LoRATRF's task-aware filter (METHODS.md §3): ``h ← h + s(h) · (h C) D`` with ``s(h) = clamp(cos(h, t), 0, 1)``.
+"""LoRATRF's task-aware filter (docs/methods.md): ``h ← h + s(h) · (h C) D`` with ``s(h) = clamp(cos(h, t), 0, 1)``.
 
 A :class:`TaskFilter` is an ``nn.Module`` that maps a hidden state to its filtered version. It does not replace the
 layer it filters: :mod:`lowrank_rs.trf` makes it a child of that layer (so its parameters are the layer's, for

@@ -1,4 +1,4 @@
-"""LoRATRF as a method (METHODS.md §3): the LoRA (or TLoRA) part plus task-aware filters.
+"""LoRATRF as a method (docs/methods.md): the LoRA (or TLoRA) part plus task-aware filters.
 
 It is :class:`~lowrank_rs.methods.lora.method.LoraMethod` with its seams filled in: ``attach`` resolves the
 per-family defaults (and takes a TLoRA plan for the LoRA part), the filters are built beside the LoRA layers and

@@ -1,4 +1,4 @@
-"""TA-LoRA (METHODS.md §4): multi-task low-rank prompts with zero-initialised gated attention."""
+"""TA-LoRA (docs/methods.md): multi-task low-rank prompts with zero-initialised gated attention."""
 
 from ...adapters.registry import register
 from .config import TaLoraConfig

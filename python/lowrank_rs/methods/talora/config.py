@@ -1,4 +1,4 @@
-"""The TA-LoRA config (METHODS.md §4)."""
+"""The TA-LoRA config (docs/methods.md)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ PEFT_TYPE = "LOWRANK_RS_TA_LORA"
 
 @dataclasses.dataclass(frozen=True)
 class TaLoraConfig(JsonConfig):
-    """TA-LoRA (METHODS.md §4): multi-task low-rank prompts with shared slow and per-task fast weights.
+    """TA-LoRA (docs/methods.md): multi-task low-rank prompts with shared slow and per-task fast weights.
 
     - ``tasks``: the task name_list, in task-id order (letters, digits, ``_`` and ``-``: they become tensor names).
     - ``layers``: indices of the transformer layers that get a prompt (negative counts from the end); ``None`` means

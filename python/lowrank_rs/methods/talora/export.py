@@ -1,4 +1,4 @@
-"""Export hooks of TA-LoRA (METHODS.md §4): per adapted attention layer, a gated prompt branch
+"""Export hooks of TA-LoRA (docs/methods.md): per adapted attention layer, a gated prompt branch
 ``tanh(g) · softmax(Q K_iᵀ · scaling) V_i`` added to the output projection's input, ``K_i = k_proj(P_i)``,
 ``V_i = v_proj(P_i)``, ``P_i = θ0 + (B u_i) v_iᵀ``.
 

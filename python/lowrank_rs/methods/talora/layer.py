@@ -1,4 +1,4 @@
-"""The TA-LoRA prompt branch of one attention layer (METHODS.md §4; the choices are in docs/methods.md, "TA-LoRA").
+"""The TA-LoRA prompt branch of one attention layer (docs/methods.md; the choices are in docs/methods.md, "TA-LoRA").
 
 Per adapted layer: a shared prompt ``θ0: [L_p, d]`` and a shared ``B: [L_p, r]`` (slow weights), per task ``i`` a
 rank-1 ``A_i = u_i v_iᵀ`` with ``u_i: [r]`` and ``v_i: [d]`` (fast weights), and a gate ``g: [H]`` at zero. Task

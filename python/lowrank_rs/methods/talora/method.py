@@ -1,4 +1,4 @@
-"""TA-LoRA on Hugging Face models (METHODS.md §4): attach, choose tasks per forward, add a task, the orthogonality
+"""TA-LoRA on Hugging Face models (docs/methods.md): attach, choose tasks per forward, add a task, the orthogonality
 penalty, adapter files, and what the training loop needs from the method.
 
 ``lr.attach(model, TaLoraConfig(...))`` puts a :class:`~lowrank_rs.TaLoraLayer` on each adapted attention

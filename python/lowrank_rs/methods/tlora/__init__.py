@@ -1,4 +1,4 @@
-"""TLoRA (METHODS.md §2): calibration (covariance, sensitivity, budgeted ranks and scales, task-aware ``A``), the
+"""TLoRA (docs/methods.md): calibration (covariance, sensitivity, budgeted ranks and scales, task-aware ``A``), the
 calibration plan, and the method — LoRA with the plan's frozen ``A``."""
 
 from ...adapters.registry import register

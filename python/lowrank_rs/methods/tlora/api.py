@@ -22,7 +22,7 @@ def calibrate(
     loss_fn: Optional[LossFn] = None,
     progress: bool = True,
 ) -> CalibrationPlan:
-    """Calibrate TLoRA on ``model``: per target module a rank, a scale and a task-aware frozen ``A`` (METHODS.md §2).
+    """Calibrate TLoRA on ``model``: per target module a rank, a scale and a task-aware frozen ``A`` (docs/methods.md).
 
     - ``model``: a torch model (transformers or any ``nn.Module``) without adapters, on any device and in any float
       dtype (bf16/fp16 activations reach the core as they are; weights are upcast to float32 for the basis only).

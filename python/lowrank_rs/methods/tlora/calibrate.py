@@ -1,4 +1,4 @@
-"""TLoRA calibration (METHODS.md §2): input covariances and sensitivity scores → ranks, scales and a frozen ``A``.
+"""TLoRA calibration (docs/methods.md): input covariances and sensitivity scores → ranks, scales and a frozen ``A``.
 
 ``calibrate(model, batches, config)`` runs the model on a few training examples and returns a
 :class:`CalibrationPlan`; ``lowrank_rs.attach(model, plan)`` then wraps every target with ``A`` from the plan and
@@ -238,7 +238,7 @@ class _Session:
         self.flags = {p: p.requires_grad for p in self.model.parameters()}
         try:
             # Dropout off; and no parameter requires grad, so backward never allocates a weight gradient: each
-            # module's gradient is formed from its own Gᵀ X and reduced at once (the memory rule of METHODS.md §2).
+            # module's gradient is formed from its own Gᵀ X and reduced at once (the memory rule of docs/methods.md).
             self.model.eval()
             for m in self.model.modules():
                 if getattr(m, "gradient_checkpointing", False) is True:
@@ -1337,7 +1337,7 @@ def build_plan(
     owned: Optional[AbstractSet[str]] = None,
     basis_workers: Optional[int] = None,
 ) -> CalibrationPlan:
-    """Ranks, scales and bases from ``statistics`` measured on ``model``'s targets (METHODS.md §2).
+    """Ranks, scales and bases from ``statistics`` measured on ``model``'s targets (docs/methods.md).
 
     - ranks: :func:`~lowrank_rs.linalg.allocate_ranks` over the scores, budget ``config.budget`` or ``r × N``, each
       within ``[min_rank, min(d_in, d_out, max_rank)]`` and a multiple of ``multiple_of``;

@@ -1,4 +1,4 @@
-"""The TLoRA config (METHODS.md §2): LoRA's fields plus calibration, allocation and basis settings."""
+"""The TLoRA config (docs/methods.md): LoRA's fields plus calibration, allocation and basis settings."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ SCORES = ("reference", "grad", "fisher")
 
 @dataclasses.dataclass(frozen=True)
 class TLoraConfig(LoraConfig):
-    """TLoRA (METHODS.md §2): task-aware frozen ``A``, budgeted rank and scale per module.
+    """TLoRA (docs/methods.md): task-aware frozen ``A``, budgeted rank and scale per module.
 
     - ``budget``: total rank over the ``N`` target modules; ``None`` means ``r × N`` (LoRA's parameter count).
     - ``min_rank``, ``max_rank``, ``multiple_of``: bounds and rounding of each module's rank; rank 0 (allowed with

@@ -1,4 +1,4 @@
-"""TLoRA as a method (METHODS.md §2): LoRA whose ``A`` comes from a calibration plan and stays frozen."""
+"""TLoRA as a method (docs/methods.md): LoRA whose ``A`` comes from a calibration plan and stays frozen."""
 
 from __future__ import annotations
 
