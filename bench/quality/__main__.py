@@ -28,7 +28,8 @@ default grid (8 methods) about 75 minutes; a multi-task run trains on three task
 The default grid (package study, learnability check, multi-task study and few-shot transfer) is about 4.5 hours on
 such a machine — over the two hours the issue asked for; ``--tasks``/``--methods`` select parts and
 ``--seeds 0,1,2`` trims it. ``--grid full`` adds AdaLoRA, LoRA-GA, full fine-tuning, the head alone, DoRA, LoRA r = 4,
-PEFT's LoRA, multitask prompt tuning, the SymPy task, and the variant studies of TLoRA's and TA-LoRA's own choices.
+PEFT's LoRA, multitask prompt tuning, the SymPy task (TLoRA's Fisher score among its methods: the second task on
+which that choice is checked), and the variant studies of TLoRA's and TA-LoRA's own choices.
 On a GPU the same grid runs unchanged (one run at a time, all of it on the GPU).
 """
 
@@ -88,7 +89,7 @@ GRIDS["full"] = [
     dataclasses.replace(GRIDS["default"][0], methods=PACKAGE_METHODS + PACKAGE_MORE),
     GRIDS["default"][1],
     dataclasses.replace(GRIDS["default"][2], methods=("shared-lora", "talora", "prompt", "mpt")),
-    Study("sympy", ("lora", "tlora8", "tlora16", "pissa", "eva", "loratrf"), "lora",
+    Study("sympy", ("lora", "tlora8", "tlora16", "tlora8-fisher", "eva", "pissa", "loratrf"), "lora",
           title="SymPy subpackage (8 labels)"),  # fmt: skip
     Study("package", TLORA_CHOICES, "tlora8", title="TLoRA's own choices (stdlib package)",
           rate_from=("package", "tlora8")),  # fmt: skip
