@@ -53,6 +53,7 @@ ZYGOTE = textwrap.dedent(
                 (work / "loops").write_text(str(i))
         print(pid, flush=True)
         os.waitpid(pid, 0)
+        print("reaped", flush=True)
     """
 )
 
@@ -123,6 +124,9 @@ def test_sigkill_during_writes_leaves_old_or_new_content(work):
             # The first trial kills before the first write has finished; later ones at random points of the loop.
             time.sleep(rng.uniform(0.0, 0.02) if trial == 0 else rng.uniform(0.05, 0.6))
             os.kill(writer, signal.SIGKILL)
+            # Until the zygote reaps it the killed writer is a zombie whose pid still answers, and the rerun in _check
+            # rightly keeps the temporary file of a writer that looks alive.
+            assert zygote.stdout.readline().strip() == b"reaped"
             loops.append(int((work / "loops").read_text() or 0))
             _check(work, refs, plans, trial, outcomes)
     finally:
