@@ -20,11 +20,11 @@ Two deliberate departures, both in the reference's favour: the SVD is thin (``fu
 code calls ``torch.linalg.svd(W @ C)`` with the default full ``U``, which costs more and yields the same rows of
 ``Vᴴ``), and its scores are read after ``backward`` rather than from a full backward hook (same numbers).
 
-**Ours**: ``lr.calibrate(model, batches, TLoraConfig(..., min_rank=0))`` with the same examples as right-padded
-batches of 8 (it runs them one at a time, as the reference, with the padding trimmed), timed as its two stages
-(:func:`~lowrank_rs.methods.tlora.collect_statistics`, :func:`~lowrank_rs.methods.tlora.build_plan`). ``min_rank=0``
-because the reference allows rank 0 too; everything else is the config's default (per-example scores, sequence
-centring, ``γ_i = α_i / r``).
+**Ours**: ``lr.calibrate(model, batches, TLoraConfig(..., min_rank=0, score="reference"))`` with the same examples
+as right-padded batches of 8 (it runs them one at a time, as the reference, with the padding trimmed), timed as its
+two stages (:func:`~lowrank_rs.methods.tlora.collect_statistics`, :func:`~lowrank_rs.methods.tlora.build_plan`).
+``min_rank=0`` because the reference allows rank 0 too, and the reference's score because it is the one compared;
+everything else is the config's default (per-example scores, sequence centring, ``γ_i = α_i / r``).
 
 **Models.** ``llama``: a LLaMA-shaped decoder, random init, hidden 2048, FFN 5632, 16 heads, 2 layers, vocabulary
 32000 (a TinyLlama/LLaMA-3.2-1B-sized layer), adapters on all seven projections, 32 examples of 64–128 random tokens,
@@ -216,6 +216,8 @@ WORKLOADS: Dict[str, Callable[[bool], Optional[Workload]]] = {
 
 
 def config_for(w: Workload, examples: int, **fields: Any) -> lr.TLoraConfig:
+    # The reference recipe allocates by |W ⊙ G|: the comparison is of that score, not of the default.
+    fields = {"score": "reference", **fields}
     return lr.TLoraConfig(w.targets, r=RANK, alpha=ALPHA, min_rank=0, num_examples=examples, init_seed=SEED, **fields)
 
 

@@ -46,6 +46,8 @@ def config(family, **kwargs):
     kwargs.setdefault("r", 4)
     kwargs.setdefault("alpha", 8)
     kwargs.setdefault("num_examples", 64)
+    # The oracles here compute the reference's score |W ⊙ G|, which is no longer the default.
+    kwargs.setdefault("score", "reference")
     return TLoraConfig(TARGETS[family], modules_to_save=SAVE[family], **kwargs)
 
 
@@ -281,7 +283,7 @@ def test_modules_reading_one_tensor_share_one_accumulator():
     assert len(stats.shared) == 4
     # The shared statistics equal what each module gets when it is calibrated alone.
     for alone in ("v_proj", "up_proj"):
-        solo = collect_statistics(model, exs, TLoraConfig([alone], num_examples=64), progress=False)
+        solo = collect_statistics(model, exs, TLoraConfig([alone], num_examples=64, score="reference"), progress=False)
         for name in solo.modules:
             np.testing.assert_array_equal(solo.covariance(name), stats.covariance(name))
             assert solo.scores[name] == pytest.approx(stats.scores[name], rel=1e-6)

@@ -92,6 +92,10 @@ def _dora(ctx: Context):
 
 
 def _tlora(budget_rank: int, **fields: Any):
+    # The rows are the paper's TLoRA (the reference's score) unless a variant names another score; the runs on disk
+    # were made so before the default became "fisher".
+    fields = {"score": "reference", **fields}
+
     def build(ctx: Context):
         config = lr.TLoraConfig(
             target_modules=ctx.targets, r=8, alpha=16, budget=budget_rank * ctx.n_modules, modules_to_save=ctx.heads,
