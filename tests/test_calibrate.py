@@ -450,6 +450,7 @@ def test_plan_save_load_table_and_plot(tmp_path):
         row = next(line for line in text.splitlines() if line.startswith(name + " "))
         assert f" {m.rank} " in row
     assert "total rank 24" in text
+    assert "score 'reference', scaling 'per_rank'" in text  # the score is named whichever it is
 
     png = tmp_path / "plan.png"
     plan.plot(png)

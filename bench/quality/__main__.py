@@ -442,8 +442,8 @@ def report_transfer(runner: Runner, study: Study) -> str:
         cells = []
         for shots in SHOTS:
             accs = []
-            for spec in specs:
-                res = runner.result(spec) if spec["shots"] == shots else None
+            for spec in (s for s in specs if s["shots"] == shots):
+                res = runner.result(spec)
                 if res is not None:
                     accs.append(res["test_mean"])
                     majority = res["majority"]["returns"]

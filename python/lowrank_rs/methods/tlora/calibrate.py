@@ -1173,10 +1173,9 @@ class CalibrationPlan:
         head = (
             f"TLoRA calibration plan: {len(self.modules)} modules ({adapted} adapted), total rank {self.budget}, "
             f"{self.trainable_parameters:,} trainable parameters; {self.num_examples} examples, "
-            f"{self.num_tokens} tokens; scaling {self.config.scaling!r}, centring {self.config.center!r}"
+            f"{self.num_tokens} tokens; score {self.config.score!r}, scaling {self.config.scaling!r}, "
+            f"centring {self.config.center!r}"
         )
-        if self.config.score != "reference":
-            head += f"; score {self.config.score!r}"
         if self.covariance_bytes is not None:
             head += f"; covariance memory {format_bytes(self.covariance_bytes)}"
         head += "; " + self._share_summary()
