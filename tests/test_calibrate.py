@@ -614,3 +614,33 @@ def test_scores_and_gradient_share_summed_in_blocks_match(monkeypatch):
         assert blocked.modules[name].gradient_share == pytest.approx(m.gradient_share, rel=1e-6)
     values = torch.randn(1000, dtype=torch.float32)
     assert float(calibrate_module._wide_sum(values, torch.float64)) == pytest.approx(float(values.double().sum()))
+
+
+@pytest.mark.parametrize("score", ["reference", "grad", "fisher"])
+@pytest.mark.parametrize("batch_size", [1, 3])
+@pytest.mark.parametrize("share", ["off", "sketched"])
+def test_scores_reduced_in_tiles_match_the_whole_gradient(monkeypatch, score, batch_size, share):
+    # The tiny model's gradients fit one tile; tiles of a few elements (one output row, or several rows per tile)
+    # must give the scores of the whole gradient, per example and in batches. A module whose gradient share keeps
+    # G itself forms it whole; with sketches for every module (as for wide ones) no gradient is formed whole.
+    import lowrank_rs.methods.tlora.memory as memory_module
+
+    if share == "sketched":
+        monkeypatch.setattr(memory_module, "GRADIENT_SKETCH_ROWS", 4)
+    model = tiny("llama")
+    exs = pad(examples("llama", n=4, seed=3), "llama")
+    cfg = config("llama", score=score, gradient_share=share != "off", calibration_batch_size=batch_size)
+    whole = lr.calibrate(model, [exs], cfg, progress=False)
+    products = []
+    real = calibrate_module._weight_gradient
+    monkeypatch.setattr(calibrate_module, "_weight_gradient", lambda pairs: products.append(1) or real(pairs))
+    for elements in (1, 40):
+        monkeypatch.setattr(calibrate_module, "_TILE_ELEMENTS_CPU", elements)
+        tiled = lr.calibrate(model, [exs], cfg, progress=False)
+        for name, m in whole.modules.items():
+            assert tiled.modules[name].score == pytest.approx(m.score, rel=1e-6)
+            if share != "off":
+                assert tiled.modules[name].gradient_share == pytest.approx(m.gradient_share, rel=1e-6)
+            assert tiled.modules[name].rank == m.rank
+    # Only the sketches' [k, d_in] products remain.
+    assert len(products) == (0 if share == "off" else 2 * 4 * len(whole.modules))

@@ -38,11 +38,13 @@ def calibrate(
 
     Covariance: each target's input tokens (``config.center`` centring), accumulated by the Rust core on a background
     thread for a CPU model, by torch on the model's device otherwise (``config.statistics_backend``); modules reading
-    one tensor (q/k/v, gate/up) share one accumulator. Sensitivity: ``mean over examples of Σ|W ⊙ ∂L/∂W| / |W|``, per
-    example (``per_example_scores``, the reference's way) with ``calibration_batch_size`` examples per forward and
-    backward and per-example losses summed, so each example's gradient ``Gₙᵀ Xₙ`` is formed from its own tokens; or
-    one batch (weighted by its rows). Each gradient is reduced on the spot, so at most one weight-sized gradient
-    exists at a time. Then :func:`build_plan`.
+    one tensor (q/k/v, gate/up) share one accumulator. Sensitivity: the mean over examples of ``config.score``'s
+    reduction of each example's gradient (``"fisher"``, the default: ``Σ (∂L/∂W)²``; ``"reference"``: the TLoRA
+    authors' ``Σ|W ⊙ ∂L/∂W| / |W|``; ``"grad"``: ``Σ|∂L/∂W|``), per example (``per_example_scores``, the reference's
+    way) with ``calibration_batch_size`` examples per forward and backward and per-example losses summed, so each
+    example's gradient ``Gₙᵀ Xₙ`` is formed from its own tokens; or one batch (weighted by its rows). Each gradient
+    is formed and reduced a block of rows at a time, so no weight-sized gradient exists (except ``G`` itself for the
+    gradient share of modules with at most 256 outputs). Then :func:`build_plan`.
     """
     first = next(iter(model.parameters()), None)
     ctx = detect(first.device if first is not None else None)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Dict, List, Mapping, Tuple, Union
+import os
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 from torch import nn
 
@@ -20,6 +21,7 @@ from .config import TLoraConfig
 __all__ = [
     "MemoryPlan",
     "energy_is_exact",
+    "default_basis_workers",
     "gradient_sum_shape",
     "gradient_sums_bytes",
     "measures_gradient_share",
@@ -107,6 +109,14 @@ class MemoryPlan:
         )
 
 
+def default_basis_workers() -> int:
+    """Bases computed at once by default: half the cores, at most 4. Each basis's products already use every core
+    of the core's pool, so concurrent bases only overlap their serial parts; measured on 2 cores (all-MiniLM-L6-v2,
+    bench/RESULTS.md) two workers took as long as one and held a second covariance. Beyond 4 they multiply the
+    covariances held for little gain."""
+    return max(1, min(4, (os.cpu_count() or 1) // 2))
+
+
 def format_bytes(n: int) -> str:
     value = float(n)
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -121,14 +131,15 @@ def plan_memory(
     config: TLoraConfig,
     *,
     device: Any = None,
-    basis_workers: int = 1,
+    basis_workers: Optional[int] = None,
 ) -> MemoryPlan:
     """The covariance memory ``config``'s targets need, from shapes alone (nothing runs).
 
     ``model_or_shapes``: the model (targets resolved as calibration resolves them) or a mapping
     ``module name → (d_out, d_in)`` (e.g. LLaMA-7B's without loading it). ``device``: where the activations will
     live (default: the model's, or the CPU for shapes); with ``config.statistics_backend="auto"`` it picks the
-    backend. ``basis_workers``: bases computed at once (each holds one covariance).
+    backend. ``basis_workers``: bases computed at once (each holds one covariance); default as
+    :func:`~lowrank_rs.methods.tlora.build_plan`'s, :func:`default_basis_workers`.
 
     Modules known to read one tensor (:data:`SHARED_INPUTS`: q/k/v, gate/up under one parent) share an accumulator;
     others are counted alone, so the estimate is an upper bound when a model shares more.
@@ -149,7 +160,8 @@ def plan_memory(
     # A basis worker holds its module's covariance in float32, or in float64 plus the float32 copy the core makes
     # where the energy check is exact (small modules).
     held = sorted(((12 if energy_is_exact(d_out, d_in) else 4) * d_in * d_in for d_out, d_in in shapes.values()))
-    basis = sum(held[::-1][: max(1, basis_workers)])
+    workers = default_basis_workers() if basis_workers is None else basis_workers
+    basis = sum(held[::-1][: max(1, workers)])
     gradients = gradient_sums_bytes(shapes) if measures_gradient_share(config, shapes) else 0
     return MemoryPlan(plan_groups, accumulators, max(update, basis), backend, str(device), gradients)
 
