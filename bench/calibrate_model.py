@@ -354,7 +354,30 @@ def target_names(model: nn.Module, w: Workload) -> List[str]:
     return out
 
 
-METHODS = {"ours": ours, "reference": reference}
+def floor(model: nn.Module, examples: List[Example], w: Workload) -> Result:
+    """The least any per-example calibration must do: each example forward and backward alone, as both methods run
+    them, with no statistic, no hook and no weight gradient (only the input gradients that reach every target).
+
+    Its time bounds the speed-up from above whatever the statistics and bases cost (``reference / floor``), and its
+    peak memory above the loaded model is the runtime's own (autograd, the thread pools, the allocator), which both
+    methods pay on top of what they keep.
+    """
+    flags = {p: p.requires_grad for p in model.parameters()}
+    model.requires_grad_(False)
+    # Nothing upstream needs a gradient: a leaf at the embeddings' output lets backward reach every layer.
+    leaf = model.get_input_embeddings().register_forward_hook(lambda m, a, out: out.detach().requires_grad_(True))
+    t0 = time.perf_counter()
+    try:
+        for example in examples:
+            model(**{key: v.unsqueeze(0) for key, v in example.items()}).loss.backward()
+    finally:
+        leaf.remove()
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+    return Result({}, {}, {}, {}, time.perf_counter() - t0, 0.0)
+
+
+METHODS = {"ours": ours, "reference": reference, "floor": floor}
 
 
 # --- agreement ------------------------------------------------------------------------------------------------------
@@ -431,8 +454,8 @@ def child(key: str, method: str, quick: bool) -> Dict[str, float]:
     model, examples = w.build()
     rss = PeakRss()
     rss.reset()
-    if method == "reference":
-        reference(model, examples, w)
+    if method in ("reference", "floor"):
+        METHODS[method](model, examples, w)
         return {"peak_mib": rss.peak_mib()}
     config = config_for(w, len(examples), **({"gradient_share": False} if method == "ours-lean" else {}))
     with warnings.catch_warnings():
@@ -476,7 +499,7 @@ def memory_cells(measured: Dict[str, Optional[Dict[str, float]]], pinned: Dict[s
 
 
 def run(keys: List[str], quick: bool, repeats: int):
-    rows, agree_rows, phase_rows, notes = [], [], [], []
+    rows, agree_rows, phase_rows, floor_rows, notes = [], [], [], [], []
     for key in keys:
         w = WORKLOADS[key](quick)
         if w is None:
@@ -484,11 +507,11 @@ def run(keys: List[str], quick: bool, repeats: int):
             continue
         print(f"== {w.title}", flush=True)
         model, examples = w.build()
-        times: Dict[str, List[float]] = {"ours": [], "reference": []}
+        times: Dict[str, List[float]] = {m: [] for m in METHODS}
         last: Dict[str, Result] = {}
-        parts: Dict[str, List[Tuple[float, float]]] = {"ours": [], "reference": []}
+        parts: Dict[str, List[Tuple[float, float]]] = {m: [] for m in METHODS}
         for i in range(repeats):
-            for method in ("ours", "reference") if i % 2 == 0 else ("reference", "ours"):
+            for method in ("ours", "reference", "floor") if i % 2 == 0 else ("floor", "reference", "ours"):
                 t0 = time.perf_counter()
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
@@ -496,7 +519,9 @@ def run(keys: List[str], quick: bool, repeats: int):
                 times[method].append(time.perf_counter() - t0)
                 parts[method].append((last[method].seconds_passes, last[method].seconds_bases))
                 print(f"  {method}: {times[method][-1]:.2f} s", flush=True)
-        measured = {m: measure_memory(key, m, quick, pinned=False) for m in ("ours", "ours-lean", "reference")}
+        measured = {
+            m: measure_memory(key, m, quick, pinned=False) for m in ("ours", "ours-lean", "reference", "floor")
+        }
         pinned = {m: measure_memory(key, m, quick, pinned=True) for m in ("ours", "reference")}
         t = {m: statistics.median(v) for m, v in times.items()}
         split = {m: tuple(statistics.median(p[j] for p in parts[m]) for j in range(2)) for m in parts}
@@ -511,6 +536,18 @@ def run(keys: List[str], quick: bool, repeats: int):
             ]
         )
         print(rows[-1], flush=True)
+        floor_mem = (measured["floor"] or {}).get("peak_mib", float("nan"))
+        ref_mem = (measured["reference"] or {}).get("peak_mib", float("nan"))
+        floor_rows.append(
+            [
+                key,
+                f"{t['floor']:.2f}",
+                f"{t['reference'] / t['floor']:.2f}×",
+                f"{floor_mem:.0f}",
+                f"{0.5 * ref_mem:.0f}",
+                f"{0.5 * ref_mem - floor_mem:.0f}",
+            ]
+        )
         ours_mem = measured["ours"]
         if ours_mem is not None:
             phase_rows.append(
@@ -565,7 +602,18 @@ def run(keys: List[str], quick: bool, repeats: int):
         ],
         agree_rows,
     )
-    return timing, phases, agree, notes
+    floors = table(
+        [
+            "model",
+            "floor: s",
+            "speed-up ceiling (reference / floor)",
+            "floor: peak MiB",
+            "the memory target: 0.5 × reference, MiB",
+            "left for the calibration's own data, MiB",
+        ],
+        floor_rows,
+    )
+    return timing, phases, agree, floors, notes
 
 
 def main() -> None:
@@ -588,7 +636,7 @@ def main() -> None:
     repeats = args.repeats or (1 if args.quick else 3)
     desc = machine()
     print(desc, flush=True)
-    timing, phases, agree, notes = run(keys, args.quick, repeats)
+    timing, phases, agree, floors, notes = run(keys, args.quick, repeats)
     titles = [f"- `{k}`: {w.title}" for k in keys if (w := WORKLOADS[k](args.quick)) is not None]
     text = "\n".join(
         [
@@ -610,6 +658,13 @@ def main() -> None:
             "Peak memory of ours by phase (MiB above the loaded model, default glibc): the passes' peak, what stays "
             "held after them (covariance sums, and gradient sums when measured), and the whole run's peak:\n",
             phases,
+            "",
+            "**The floor** (`floor` in the script): every example forward and backward alone, as both methods run "
+            "them, with no statistic and no weight gradient — less than any per-example calibration can do. Its time "
+            "bounds the speed-up from above even if statistics and bases were free; its peak memory is the runtime's "
+            "(autograd, thread pools, allocator), paid by both methods on top of what they keep. Timed alternately "
+            "with the two methods; memory in a fresh process:\n",
+            floors,
             "",
             "Agreement of the two plans:\n",
             agree,
