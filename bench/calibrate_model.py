@@ -38,19 +38,21 @@ reference recipe fails on it); ``minilm256``: the same on 256 docstrings. Rank 1
 ``16 × N``), alpha 16.
 
 **What bounds the speed-up.** Both methods must run every example forward and backward and form each target's
-weight gradient ``Gₙᵀ Xₙ`` (the score is reduced from it), and both accumulate ``XᵀX``. Counted in multiply-adds per
-token on ``llama``: forward 168 M, input gradients 168 M, target weight gradients 103 M, shared covariances 44 M
-(lower triangle) for ours; the reference adds the weight gradients of the 65 M-parameter output layer and the
-embedding, and an unshared covariance per module (114 M, full squares). That is about 483 M against 618 M: at equal
-arithmetic speed the passes can be at most about 1.3× faster, however they are implemented, and with the
-reference's passes at 59% of its time on ``llama`` (measured) even free bases leave the whole run at most about
-2.2× faster there. On ``minilm`` (1,427 tokens in the 32 examples, 13,183 in the 256) the same count per token
-is 10.6 M for each of forward, input gradients and target weight gradients, plus 8.4 M for the shared covariances
-(three 384-wide inputs and one 1536-wide per layer, lower triangle): about 40 M for ours against about 50 M for the
-reference (its unshared full squares, 18.6 M, and the head's gradients) — again at most about 1.25× in the passes.
-Its passes sustain about 66 GFLOP/s here (143 GFLOP in 2.2 s); a whole run 5× faster than the reference's 3.1 s
-would need ours to do its 115 GFLOP of passes alone in about 0.6 s, near 190 GFLOP/s on products only 45 tokens
-long, about three times the rate the reference's passes sustain on the same products and cores.
+weight gradient ``Gₙᵀ Xₙ`` (the score is reduced from it), and both accumulate ``XᵀX``. The ``floor`` row measures
+the first part alone (:func:`floor`: the passes with no statistic and no weight gradient), so ``reference / floor``
+is the most any per-example calibration could gain, with statistics and bases for free. Measured quietly
+(2026-12-06, RESULTS.md): 6.4× on ``llama``, 5.1× on ``minilm``, 3.4× on ``minilm256`` — under the 15× and 5×
+targets, the last two with nothing left for the statistics, the bases or the weight gradients. The arithmetic says
+the same: counted in multiply-adds per token on ``llama``, forward 168 M, input gradients 168 M, target weight
+gradients 103 M, shared covariances 44 M (lower triangle) for ours; the reference adds the weight gradients of the
+65 M-parameter output layer and the embedding, and an unshared covariance per module (114 M, full squares): about
+483 M against 618 M, so at equal arithmetic speed the passes can be at most about 1.3× faster. On ``minilm`` the
+count per token is 10.6 M for each of forward, input gradients and target weight gradients, plus 8.4 M for the
+shared covariances: about 40 M against about 50 M for the reference. torch's float32 products of these shapes run
+at 210–280 GFLOP/s on this machine's two cores (256 for a ``[96, 2048] × [2048, 5632]`` product), so even ours at
+that rate throughout (``llama``: 3.0 TFLOP in its passes, about 12 s) would be about 5× the reference, not 15×.
+The same holds for memory on MiniLM: the floor's runtime share (autograd, thread pools, the allocator; 95 MiB on
+``minilm``) leaves 46 MiB under the 0.5× target, less than the float64 covariance sums alone (64 MiB).
 
 **Time**: wall clock of each whole calibration, the two run alternately, median of ``--repeats`` runs (default 3).
 **Peak memory**: each method in a fresh subprocess; after the model and the examples are loaded the kernel's peak-RSS
