@@ -277,6 +277,18 @@ def test_plan_memory_for_llama_7b_from_shapes():
     assert "GiB" in str(plan)
 
 
+@pytest.mark.parametrize("cores, workers", [(None, 1), (1, 1), (2, 1), (3, 1), (8, 4), (64, 4)])
+def test_basis_workers_default_to_half_the_cores_and_the_estimate_counts_them(monkeypatch, cores, workers):
+    import lowrank_rs.methods.tlora.memory as memory_module
+
+    monkeypatch.setattr(memory_module.os, "cpu_count", lambda: cores)
+    assert memory_module.default_basis_workers() == workers
+    cfg = TLoraConfig(["down_proj"])
+    # Each worker holds one of the 11008-wide float32 covariances while its basis is computed.
+    assert plan_memory(llama7b_shapes(), cfg).transient_bytes == workers * 4 * 11008**2
+    assert plan_memory(llama7b_shapes(), cfg, basis_workers=2).transient_bytes == 2 * 4 * 11008**2
+
+
 @pytest.mark.parametrize("backend", ["core", "torch"])
 def test_plan_memory_matches_what_calibration_holds_and_the_cap_refuses(backend, capsys):
     model = tiny("llama")
