@@ -89,7 +89,7 @@ GRIDS["full"] = [
     dataclasses.replace(GRIDS["default"][0], methods=PACKAGE_METHODS + PACKAGE_MORE),
     GRIDS["default"][1],
     dataclasses.replace(GRIDS["default"][2], methods=("shared-lora", "talora", "prompt", "mpt")),
-    Study("sympy", ("lora", "tlora8", "tlora16", "tlora8-fisher", "eva", "pissa", "loratrf"), "lora",
+    Study("sympy", ("lora", "tlora8", "tlora16", "tlora8-fisher", "eva", "pissa", "loratrf", "corda"), "lora",
           title="SymPy subpackage (8 labels)"),  # fmt: skip
     Study("package", TLORA_CHOICES, "tlora8", title="TLoRA's own choices (stdlib package)",
           rate_from=("package", "tlora8")),  # fmt: skip
