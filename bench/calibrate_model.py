@@ -54,7 +54,8 @@ that rate throughout (``llama``: 3.0 TFLOP in its passes, about 12 s) would be a
 The same holds for memory on MiniLM: the floor's runtime share (autograd, thread pools, the allocator; 95 MiB on
 ``minilm``) leaves 46 MiB under the 0.5× target, less than the float64 covariance sums alone (64 MiB).
 
-**Time**: wall clock of each whole calibration, the two run alternately, median of ``--repeats`` runs (default 3).
+**Time**: wall clock of each whole calibration, ours, the reference and the floor run alternately, median of
+``--repeats`` runs (default 3).
 **Peak memory**: each method in a fresh subprocess; after the model and the examples are loaded the kernel's peak-RSS
 counter is reset (``/proc/self/clear_refs``), and the peak is ``VmHWM`` after calibration minus ``VmRSS`` at the reset:
 everything the calibration itself held at its worst moment (for the reference: every weight's gradient, every

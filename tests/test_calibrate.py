@@ -620,8 +620,9 @@ def test_scores_and_gradient_share_summed_in_blocks_match(monkeypatch):
 @pytest.mark.parametrize("batch_size", [1, 3])
 @pytest.mark.parametrize("share", ["off", "sketched"])
 def test_scores_reduced_in_tiles_match_the_whole_gradient(monkeypatch, score, batch_size, share):
-    # The tiny model's gradients fit one tile; tiles of a few elements (one output row, or several rows per tile)
-    # must give the scores of the whole gradient, per example and in batches. A module whose gradient share keeps
+    # The tiny model's gradients fit one tile; smaller tiles (1 element: one output row per tile; 100: three rows of
+    # the 32-wide inputs, the last tile partial) must give the scores of the whole gradient, per example and in
+    # batches. A module whose gradient share keeps
     # G itself forms it whole; with sketches for every module (as for wide ones) no gradient is formed whole.
     import lowrank_rs.methods.tlora.memory as memory_module
 
@@ -634,7 +635,7 @@ def test_scores_reduced_in_tiles_match_the_whole_gradient(monkeypatch, score, ba
     products = []
     real = calibrate_module._weight_gradient
     monkeypatch.setattr(calibrate_module, "_weight_gradient", lambda pairs: products.append(1) or real(pairs))
-    for elements in (1, 40):
+    for elements in (1, 100):
         monkeypatch.setattr(calibrate_module, "_TILE_ELEMENTS_CPU", elements)
         tiled = lr.calibrate(model, [exs], cfg, progress=False)
         for name, m in whole.modules.items():

@@ -609,10 +609,16 @@ _LOSS_HINTS = dict(
 )
 
 
+def _stacked(pairs: Sequence[Tuple[torch.Tensor, torch.Tensor]]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The pairs' tokens ``(X, G)`` as two float32 ``[tokens, d]`` matrices, so ``Σ_pairs Gᵀ X`` is one product."""
+    if len(pairs) == 1:
+        return pairs[0][0].float(), pairs[0][1].float()
+    return torch.cat([x.float() for x, _ in pairs]), torch.cat([g.float() for _, g in pairs])
+
+
 def _weight_gradient(pairs: Sequence[Tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     """``Σ_pairs Gᵀ X`` as one float32 ``[d_out, d_in]`` buffer, which the caller may overwrite."""
-    xs = torch.cat([x.float() for x, _ in pairs]) if len(pairs) > 1 else pairs[0][0].float()
-    gs = torch.cat([g.float() for _, g in pairs]) if len(pairs) > 1 else pairs[0][1].float()
+    xs, gs = _stacked(pairs)
     return gs.T @ xs
 
 
@@ -662,8 +668,7 @@ def _tiled_score(
     (1e-8 measured) — and the tiles' sums in ``dtype``; a float64 cast of each tile would cost more than its product.
     """
     d_out, d_in = weight.shape
-    xs = torch.cat([x.float() for x, _ in pairs]) if len(pairs) > 1 else pairs[0][0].float()
-    gs = torch.cat([g.float() for _, g in pairs]) if len(pairs) > 1 else pairs[0][1].float()
+    xs, gs = _stacked(pairs)
     on_cpu = weight.device.type == "cpu"
     rows = max(1, (_TILE_ELEMENTS_CPU if on_cpu else _TILE_ELEMENTS_DEVICE) // d_in)
     if rows >= d_out:

@@ -20,8 +20,8 @@ from .config import TLoraConfig
 
 __all__ = [
     "MemoryPlan",
-    "energy_is_exact",
     "default_basis_workers",
+    "energy_is_exact",
     "gradient_sum_shape",
     "gradient_sums_bytes",
     "measures_gradient_share",
