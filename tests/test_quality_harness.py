@@ -74,3 +74,80 @@ def test_tasks_split_without_overlap_and_transfer_task_is_a_property_of_the_visi
     assert {t for t, _ in mt["package"].test} == {t for t, _ in stdlib.package_task().test}
     package = mt["package"]
     assert math.isclose(len(package.val) / (len(package.train) + len(package.val)), 0.15, abs_tol=0.04)
+
+
+def _fake_runner(main, tmp_path, grid="default", sweep=False):
+    import argparse
+
+    args = argparse.Namespace(grid=grid, sweep=sweep, runs=str(tmp_path / "runs"), epochs=3, max_length=64, limit=0,
+                              workers=2, methods="", tasks="")  # fmt: skip
+    return main.Runner(args)
+
+
+def _finish(runner, spec, val, seconds=100.0):
+    import json
+
+    with open(runner.path(spec), "w") as f:
+        json.dump({"spec": spec, "val_mean": val, "test_mean": val, "seconds": seconds}, f)
+
+
+def test_default_grid_runs_its_seeds_at_the_rates_a_sweep_recorded(harness, tmp_path, monkeypatch):
+    _, main = harness
+    monkeypatch.setattr(main, "RATES", tmp_path / "rates.json")
+    study = main.Study("package", ("lora",), "lora", seeds=(0, 1, 2))
+    sweeper = _fake_runner(main, tmp_path, sweep=True)
+    # Before any sweep the plan sweeps: three rates on seed 0, then seeds 1-2 at the winner.
+    assert len(main.planned(sweeper, study)) == 3 + 2
+    for lr, val in zip((3e-4, 1e-3, 3e-3), (0.5, 0.8, 0.6)):
+        _finish(sweeper, sweeper.spec("package", "lora", lr, 0), val, seconds=90.0 + 10 * lr / 3e-3)
+    assert main.best_lr(sweeper, study, "lora") == 1e-3
+    main.record(sweeper, [study])
+    recorded = main.load_record({"epochs": 3, "max_length": 64})
+    swept = {"0.0003": 0.5, "0.001": 0.8, "0.003": 0.6}
+    assert recorded["rates"]["package/lora"] == {"rate": 1e-3, "validation": swept}
+    assert recorded["seconds"]["package/lora"] == {"fastest": 91, "median": 93, "runs": 3}
+    # Another grid without --sweep (a fresh runs directory) runs every seed at the recorded rate, nothing else.
+    fresh = _fake_runner(main, tmp_path / "fresh")
+    specs = main.planned(fresh, study)
+    assert [(s["lr"], s["seed"]) for s in specs] == [(1e-3, 0), (1e-3, 1), (1e-3, 2)]
+    assert main.best_lr(fresh, study, "lora") == 1e-3
+    # A rate recorded at other settings does not apply; nor does it to the quick grid's slivers of data.
+    fresh.args.epochs = 5
+    assert main.load_record(main._settings(fresh.args))["rates"] == {}
+    quick = _fake_runner(main, tmp_path / "quick", grid="quick")
+    assert len(main.planned(quick, study)) == 3 + 2
+
+
+def test_an_incomplete_sweep_is_not_recorded(harness, tmp_path, monkeypatch):
+    _, main = harness
+    monkeypatch.setattr(main, "RATES", tmp_path / "rates.json")
+    study = main.Study("package", ("lora",), "lora", seeds=(0, 1))
+    runner = _fake_runner(main, tmp_path, sweep=True)
+    _finish(runner, runner.spec("package", "lora", 3e-4, 0), 0.5)
+    _finish(runner, runner.spec("package", "lora", 1e-3, 0), 0.6)
+    main.record(runner, [study])
+    assert main.load_record({"epochs": 3, "max_length": 64})["rates"] == {}
+    # The winner at the grid's edge needs its extension before the choice is final.
+    _finish(runner, runner.spec("package", "lora", 3e-3, 0), 0.7)
+    main.record(runner, [study])
+    assert main.load_record({"epochs": 3, "max_length": 64})["rates"] == {}
+    assert [s["lr"] for s in main.planned(runner, study)][3] == pytest.approx(9e-3)
+    _finish(runner, runner.spec("package", "lora", 9e-3, 0), 0.2)
+    main.record(runner, [study])
+    assert main.load_record({"epochs": 3, "max_length": 64})["rates"]["package/lora"]["rate"] == 3e-3
+
+
+def test_variants_run_at_their_base_methods_rate_and_a_schedule_variant_trains_longer(harness, tmp_path, monkeypatch):
+    _, main = harness
+    monkeypatch.setattr(main, "RATES", tmp_path / "rates.json")
+    runner = _fake_runner(main, tmp_path, grid="full")
+    for lr, val in zip((1.5e-3, 5e-3, 1.5e-2), (0.5, 0.8, 0.6)):
+        _finish(runner, runner.spec("multitask", "talora", lr, 0), val)
+    for lr, val in zip((3e-3, 1e-2, 3e-2), (0.5, 0.7, 0.6)):
+        _finish(runner, runner.spec("multitask", "prompt", lr, 0), val)
+    study = main.Study("multitask", ("talora", "talora-x2", "prompt-x2"), "talora", seeds=(0, 1), rate_from="multitask")
+    specs = main.planned(runner, study)
+    assert [(s["method"], s["lr"], s["seed"], s["epochs"]) for s in specs] == [
+        ("talora", 5e-3, 0, 3), ("talora", 5e-3, 1, 3), ("talora-x2", 5e-3, 0, 6), ("talora-x2", 5e-3, 1, 6),
+        ("prompt-x2", 1e-2, 0, 6), ("prompt-x2", 1e-2, 1, 6),
+    ]  # fmt: skip

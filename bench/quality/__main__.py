@@ -7,7 +7,9 @@ How a study runs (one task, several methods):
 
 1. **Sweep** — each method trains once (seed 0) at each rate of its grid; the rate with the best *validation*
    accuracy (15% carved from the training split) is chosen. A best rate at the edge of the grid gets one more point
-   past that edge. The test split is never read for a choice.
+   past that edge. The test split is never read for a choice. Each choice is recorded, with every swept rate's
+   validation accuracy, in ``bench/quality/rates.json``: the default grid runs its seeds at the recorded rates without
+   sweeping again, while ``--sweep`` (and the full grid, always) chooses again and records the new choices.
 2. **Seeds** — the chosen rate runs on seeds 1–4 as well (5 seeds with the sweep's seed 0). A seed fixes the head's
    init, the adapter's random init, dropout and the data order, and is shared by every method, so differences are
    paired: each row reports its mean ± std and its mean paired difference from the study's reference (LoRA r = 8, or
@@ -21,15 +23,18 @@ sweep resumes where it stopped (finished runs are not repeated), and ``--report`
 Each run records its validation curve (accuracy after each epoch), its trainable parameters and wall time.
 
 Cost, measured on 2 CPU cores (two runs side by side, one thread each; 64 tokens, 3 epochs — the validation curves
-in the tables show where they flatten): a package-task run takes about 2 minutes, so one method (3 rates, one
-edge extension at most, 4 more seeds) about 9 minutes of wall time with the two workers, and the package study of the
-default grid (8 methods) about 75 minutes; a multi-task run trains on three tasks' examples and took 7–10 minutes
-(TA-LoRA, the shared LoRA) and 14–24 minutes for prompt tuning, whose 50 virtual tokens nearly double each sequence.
-The default grid (package study, learnability check, multi-task study and few-shot transfer) is about 4.5 hours on
-such a machine — over the two hours the issue asked for; ``--tasks``/``--methods`` select parts and
-``--seeds 0,1,2`` trims it. ``--grid full`` adds AdaLoRA, LoRA-GA, full fine-tuning, the head alone, DoRA, LoRA r = 4,
-PEFT's LoRA, multitask prompt tuning, the SymPy task (TLoRA's Fisher score among its methods: the second task on
-which that choice is checked), and the variant studies of TLoRA's and TA-LoRA's own choices.
+in the tables show where they flatten): a package-task run takes 1.5–2.5 minutes; a multi-task run trains on three
+tasks' examples and takes 5–9 minutes (TA-LoRA, the shared LoRA) and 8–17 minutes for prompt tuning, whose 50
+virtual tokens nearly double each sequence; a few-shot run under 2 minutes. ``--plan`` prints what is left to run
+and its expected time, from the recorded time of each kind of run (the fastest, on a quiet machine, and the median).
+The default grid — the package study (8 methods), the learnability check, the multi-task study (TA-LoRA, prompt
+tuning, one shared LoRA) and few-shot transfer (TA-LoRA, the shared LoRA, a fresh LoRA), 5 seeds each at the recorded
+rates, 101 runs — takes about 1.7–2.6 hours on such a machine; with ``--sweep``, 125 runs and 2.3–3.4 hours.
+``--tasks``/``--methods`` select parts and ``--seeds 0,1,2`` trims it. ``--grid full`` sweeps every rate and adds
+AdaLoRA, LoRA-GA, full fine-tuning, the head alone, DoRA, LoRA r = 4, PEFT's LoRA, multitask prompt tuning, prompt
+tuning's and TA-LoRA's transfer with its shared weights trained, the SymPy task (TLoRA's Fisher score among its
+methods: the second task on which that choice is checked), and the variant studies of TLoRA's and TA-LoRA's own
+choices and of prompt tuning's schedule: about 6–8 hours from nothing.
 On a GPU the same grid runs unchanged (one run at a time, all of it on the GPU).
 """
 
@@ -56,6 +61,9 @@ from _common import machine, table, write_section  # noqa: E402
 from unit import TRANSFER_BATCH, TRANSFER_STEPS, transfer_epochs  # noqa: E402
 
 RUNS = HERE.parent / "quality-runs"
+# The rate each (study, method) chose on validation in its last sweep, with every swept rate's validation accuracy
+# and the median seconds of its runs: the default grid runs its seeds at these rates instead of sweeping again.
+RATES = HERE / "rates.json"
 SEEDS = (0, 1, 2, 3, 4)
 SHOTS = (16, 32, 64)
 
@@ -66,10 +74,12 @@ class Study:
     methods: Tuple[str, ...]
     reference: str
     seeds: Tuple[int, ...] = SEEDS
-    save: bool = False  # keep each final run's adapter (the multi-task study's, for few-shot transfer)
+    # Few-shot transfer rows run after the study from each seed's saved run (so the study keeps its adapters).
+    transfer: Tuple[str, ...] = ()
     title: str = ""
-    # No sweep: every method runs at the rate this (task, method) chose in its own study (variants of one method).
-    rate_from: Optional[Tuple[str, str]] = None
+    # No sweep: each method runs at the rate its base method (``Entry.base``, else itself) chose in this task's own
+    # study: variants of a method, paired on the same seeds.
+    rate_from: Optional[str] = None
 
 
 # In order of what the targets need first: an interrupted run leaves these rows whole.
@@ -77,35 +87,38 @@ PACKAGE_METHODS = ("lora", "tlora8", "tlora16", "pissa", "eva", "corda", "tlora-
 PACKAGE_MORE = ("adalora", "loraga", "head", "full", "lora4", "dora", "peft-lora")
 TLORA_CHOICES = ("tlora8", "tlora8-n16", "tlora8-n256", "tlora8-per-rank", "tlora8-global", "tlora8-none",
                  "tlora8-grad", "tlora8-fisher")  # fmt: skip
+# "lora" starts fresh; the others continue their multi-task runs. "talora+shared" is TA-LoRA's add_task with
+# train_shared=True: the shared weights and gates train too, not only the new task's rank-1 fast weights.
+TRANSFER = ("talora", "talora+shared", "mpt", "prompt", "shared-lora", "lora")
 GRIDS: Dict[str, List[Study]] = {
     "default": [
         Study("package", PACKAGE_METHODS, "lora", title="stdlib package (8 labels)"),
         Study("returns", ("lora",), "lora", seeds=(0,), title="learnability check of the transfer task"),
-        Study("multitask", ("shared-lora", "talora", "prompt"), "shared-lora", save=True,
-              title="multi-task: package, domain, kind"),  # fmt: skip
+        Study("multitask", ("shared-lora", "talora", "prompt"), "shared-lora",
+              transfer=("talora", "shared-lora", "lora"), title="multi-task: package, domain, kind"),  # fmt: skip
     ],
 }
 GRIDS["full"] = [
     dataclasses.replace(GRIDS["default"][0], methods=PACKAGE_METHODS + PACKAGE_MORE),
     GRIDS["default"][1],
-    dataclasses.replace(GRIDS["default"][2], methods=("shared-lora", "talora", "prompt", "mpt")),
+    dataclasses.replace(GRIDS["default"][2], methods=("shared-lora", "talora", "prompt", "mpt"), transfer=TRANSFER),
     Study("sympy", ("lora", "tlora8", "tlora16", "tlora8-fisher", "eva", "pissa", "loratrf", "corda"), "lora",
           title="SymPy subpackage (8 labels)"),  # fmt: skip
     Study("package", TLORA_CHOICES, "tlora8", title="TLoRA's own choices (stdlib package)",
-          rate_from=("package", "tlora8")),  # fmt: skip
+          rate_from="package"),  # fmt: skip
     Study("multitask", ("talora", "talora-L5", "talora-L20", "talora-r1", "talora-r8", "talora-orth0",
-                        "talora-orth1e-1"), "talora", title="TA-LoRA's choices (multi-task)",
-          rate_from=("multitask", "talora")),  # fmt: skip
+                        "talora-orth1e-1", "talora-fast3", "talora-fast30"), "talora",
+          title="TA-LoRA's choices (multi-task)", rate_from="multitask"),  # fmt: skip
+    # Prompt-style methods are known to want longer schedules, and the shared LoRA's curve still rose at the end.
+    Study("multitask", ("talora", "talora-x2", "prompt", "prompt-x2", "shared-lora", "shared-lora-x2"), "talora",
+          title="schedule: twice the epochs (multi-task)", rate_from="multitask"),  # fmt: skip
 ]
 GRIDS["quick"] = [
     Study("package", ("lora", "tlora8", "head", "pissa", "adalora", "eva", "corda", "loraga", "loratrf", "full",
                       "tlora-a"), "lora", seeds=(0, 1)),  # fmt: skip
     Study("sympy", ("lora",), "lora", seeds=(0,)),
-    Study("multitask", ("shared-lora", "talora", "prompt", "mpt"), "shared-lora", seeds=(0, 1), save=True),
+    Study("multitask", ("shared-lora", "talora", "prompt", "mpt"), "shared-lora", seeds=(0, 1), transfer=TRANSFER),
 ]
-# "lora" starts fresh; the others continue their multi-task runs. "talora+shared" is TA-LoRA's add_task with
-# train_shared=True: the shared weights and gates train too, not only the new task's rank-1 fast weights.
-TRANSFER = ("talora", "talora+shared", "mpt", "prompt", "shared-lora", "lora")
 
 
 # -- running units ---------------------------------------------------------------------------------------------------
@@ -128,6 +141,12 @@ class Runner:
         self._results: Dict[Path, Dict[str, Any]] = {}
         self.done = 0
         self.started = time.perf_counter()
+        # The quick grid's slivers of data are another task, so recorded rates never apply to it.
+        self.sweeping = args.sweep or args.grid != "default"
+        # Rates and times recorded at other settings (another --epochs or --max-length) do not apply.
+        record = load_record(_settings(args)) if args.grid != "quick" else {"rates": {}, "seconds": {}}
+        self.recorded: Dict[str, Dict[str, Any]] = record["rates"]
+        self.timings: Dict[str, Dict[str, float]] = record["seconds"]
 
     def path(self, spec: Dict[str, Any]) -> Path:
         return self.dir / (_key(spec).replace("/", "__") + ".json")
@@ -141,7 +160,8 @@ class Runner:
         return self._results.get(path)
 
     def spec(self, task: str, method: str, lr: float, seed: int, **more: Any) -> Dict[str, Any]:
-        spec = {"task": task, "method": method, "lr": lr, "seed": seed, "epochs": self.args.epochs,
+        epochs = self.args.epochs * entries.ENTRIES[method].epochs_factor
+        spec = {"task": task, "method": method, "lr": lr, "seed": seed, "epochs": epochs,
                 "max_length": self.args.max_length, "limit": self.args.limit, **more}  # fmt: skip
         return spec
 
@@ -216,18 +236,21 @@ def run_study(runner: Runner, study: Study) -> None:
     methods = [m for m in study.methods if m in entries.ENTRIES and _selected(runner.args, m)]
     seed0 = study.seeds[0]
     if study.rate_from is not None:
-        rate = best_lr(runner, study, methods[0])
-        if rate is None:
-            print(f"  (skipped: {study.rate_from[1]} has no chosen rate on {study.rate_from[0]} yet)", flush=True)
-            return
-        runner.run_all([runner.spec(study.task, m, rate, seed) for m in methods for seed in study.seeds])
+        rates = {m: best_lr(runner, study, m) for m in methods}
+        for m in (m for m, rate in rates.items() if rate is None):
+            print(f"  (skipped {m}: {_base(m)} has no chosen rate on {study.rate_from} yet)", flush=True)
+        runner.run_all([runner.spec(study.task, m, rate, seed) for m, rate in rates.items() if rate is not None
+                        for seed in study.seeds])  # fmt: skip
         return
 
     def sweep(m: str) -> List[Dict[str, Any]]:
+        rates = [recorded] if (recorded := _recorded(runner, study, m)) is not None else entries.ENTRIES[m].lrs
         return [runner.spec(study.task, m, lr_, seed0, **_saving(runner, study, m, lr_, seed0))
-                for lr_ in entries.ENTRIES[m].lrs]  # fmt: skip
+                for lr_ in rates]  # fmt: skip
 
     def extension(m: str) -> List[Dict[str, Any]]:
+        if _recorded(runner, study, m) is not None:
+            return []
         best = chosen_lr(runner, study, m)
         ext = _extension(sorted(entries.ENTRIES[m].lrs), best) if best is not None else None
         if ext is None:
@@ -259,13 +282,33 @@ def saved_path(runner: Runner, study: Study, method: str, lr: float, seed: int) 
 def _saving(runner: Runner, study: Study, method: str, lr: float, seed: int) -> Dict[str, str]:
     # A study whose runs feed few-shot transfer keeps every run's adapter (the sweep's too: seed 0 at the chosen
     # rate is one of the five starting points). The path is not part of the run's key.
-    return {"save": saved_path(runner, study, method, lr, seed)} if study.save else {}
+    return {"save": saved_path(runner, study, method, lr, seed)} if study.transfer else {}
+
+
+def _base(method: str) -> str:
+    return entries.ENTRIES[method].base or method
+
+
+def _rate_key(study: Study, method: str) -> str:
+    return f"{study.task}/{method}"
+
+
+def _recorded(runner: Runner, study: Study, method: str) -> Optional[float]:
+    """The rate recorded by the last sweep, when this invocation does not sweep (the default grid without
+    ``--sweep``); None means sweep."""
+    if runner.sweeping or study.rate_from is not None:
+        return None
+    entry = runner.recorded.get(_rate_key(study, method))
+    return float(entry["rate"]) if entry else None
 
 
 def best_lr(runner: Runner, study: Study, method: str) -> Optional[float]:
     if study.rate_from is not None:
-        task, source = study.rate_from
-        return best_lr(runner, Study(task, (source,), source, study.seeds), source)
+        source = _base(method)
+        return best_lr(runner, Study(study.rate_from, (source,), source, study.seeds), source)
+    recorded = _recorded(runner, study, method)
+    if recorded is not None:
+        return recorded
     grid = sorted(entries.ENTRIES[method].lrs)
     best = chosen_lr(runner, study, method)
     if best is None:
@@ -279,11 +322,11 @@ def best_lr(runner: Runner, study: Study, method: str) -> Optional[float]:
     return best
 
 
-def _transfer_specs(runner: Runner, study: Study, name: str) -> List[Dict[str, Any]]:
+def _transfer_specs(runner: Runner, study: Study, name: str, rate: Optional[float] = None) -> List[Dict[str, Any]]:
     """One transfer row's runs (every shot count and seed), each continuing its seed's saved multi-task run."""
     method, _, mode = name.partition("+")
     source = "shared-lora" if method == "lora" else method
-    rate = best_lr(runner, study, source)
+    rate = best_lr(runner, study, source) if rate is None else rate
     if rate is None:
         return []
     specs = []
@@ -300,7 +343,7 @@ def _transfer_specs(runner: Runner, study: Study, name: str) -> List[Dict[str, A
 
 def run_transfer(runner: Runner, study: Study) -> None:
     specs = []
-    for name in TRANSFER:
+    for name in study.transfer:
         if _selected(runner.args, name.partition("+")[0]):
             specs += [s for s in _transfer_specs(runner, study, name) if not s["start"] or Path(s["start"]).exists()]
     runner.run_all(specs)
@@ -308,6 +351,130 @@ def run_transfer(runner: Runner, study: Study) -> None:
 
 def _selected(args: argparse.Namespace, method: str) -> bool:
     return not args.methods or method in args.methods.split(",")
+
+
+# -- recorded rates and the plan -------------------------------------------------------------------------------------
+
+
+def _settings(args: argparse.Namespace) -> Dict[str, int]:
+    return {"epochs": args.epochs, "max_length": args.max_length}
+
+
+def load_record(settings: Dict[str, int], path: Optional[Path] = None) -> Dict[str, Any]:
+    """The recorded rates and run times, empty when there are none or they were recorded at other settings."""
+    path = path or RATES
+    empty = {"settings": settings, "rates": {}, "seconds": {}}
+    if not path.exists():
+        return empty
+    with open(path) as f:
+        out = json.load(f)
+    return out if out.get("settings") == settings else empty
+
+
+def timing_key(spec: Dict[str, Any]) -> str:
+    """What a run's time depends on: its task, method and (for transfer) shots, not its rate or seed."""
+    key = f"{spec['task']}/{spec['method']}"
+    if spec.get("shots"):
+        key += f"/k{spec['shots']}" + ("-shared" if spec.get("train_shared") else "")
+    return key
+
+
+def record(runner: Runner, studies: Sequence[Study], path: Optional[Path] = None) -> None:
+    """Write what the finished runs say: each swept (study, method)'s chosen rate with every swept rate's validation
+    accuracy (only a complete sweep is recorded), and the fastest and median seconds of each kind of run."""
+    path = path or RATES
+    out = load_record(_settings(runner.args), path)
+    if runner.sweeping:
+        for study in studies:
+            if study.rate_from is not None:
+                continue
+            for m in study.methods:
+                if m not in entries.ENTRIES:
+                    continue
+                grid = sorted(entries.ENTRIES[m].lrs)
+                swept = {lr_: runner.result(runner.spec(study.task, m, lr_, study.seeds[0])) for lr_ in grid}
+                best = chosen_lr(runner, study, m)
+                if best is None or any(r is None for r in swept.values()):
+                    continue
+                ext = _extension(grid, best)
+                if ext is not None:
+                    swept[round(ext, 10)] = runner.result(runner.spec(study.task, m, round(ext, 10), study.seeds[0]))
+                    if swept[round(ext, 10)] is None:
+                        continue
+                rate = best_lr(runner, study, m)
+                validation = {f"{k:g}": round(r["val_mean"], 4) for k, r in sorted(swept.items()) if r is not None}
+                out["rates"][_rate_key(study, m)] = {"rate": rate, "validation": validation}
+    times: Dict[str, List[float]] = {}
+    for file in runner.dir.glob("*.json"):
+        with open(file) as f:
+            res = json.load(f)
+        if "spec" in res:
+            times.setdefault(timing_key(res["spec"]), []).append(res["seconds"])
+    for key, secs in times.items():
+        out["seconds"][key] = {"fastest": round(min(secs)), "median": round(statistics.median(secs)), "runs": len(secs)}
+    out["rates"] = dict(sorted(out["rates"].items()))
+    out["seconds"] = dict(sorted(out["seconds"].items()))
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1)
+        f.write("\n")
+
+
+def planned(runner: Runner, study: Study) -> List[Dict[str, Any]]:
+    """Every run the study would make, as ``run_study`` and ``run_transfer`` make them. Where a rate is not chosen
+    yet, a grid rate stands in (a run's time does not depend on its rate), and an edge extension the sweep has not
+    asked for yet is not counted."""
+    methods = [m for m in study.methods if m in entries.ENTRIES and _selected(runner.args, m)]
+    if study.rate_from is not None:
+        specs = []
+        for m in methods:
+            lrs = entries.ENTRIES[_base(m)].lrs
+            rate = best_lr(runner, study, m) or lrs[len(lrs) // 2]
+            specs += [runner.spec(study.task, m, rate, seed) for seed in study.seeds]
+        return specs
+    specs: List[Dict[str, Any]] = []
+    rates: Dict[str, float] = {}
+    for m in methods:
+        grid = sorted(entries.ENTRIES[m].lrs)
+        recorded = _recorded(runner, study, m)
+        if recorded is None:
+            specs += [runner.spec(study.task, m, lr_, study.seeds[0]) for lr_ in grid]
+            best = chosen_lr(runner, study, m)
+            ext = _extension(grid, best) if best is not None else None
+            if ext is not None:
+                specs.append(runner.spec(study.task, m, round(ext, 10), study.seeds[0]))
+        rates[m] = best_lr(runner, study, m) or grid[len(grid) // 2]
+        seeds = study.seeds if recorded is not None else study.seeds[1:]
+        specs += [runner.spec(study.task, m, rates[m], seed) for seed in seeds]
+    for name in study.transfer:
+        method = name.partition("+")[0]
+        if _selected(runner.args, method):
+            source = "shared-lora" if method == "lora" else method
+            rate = rates.get(source) or best_lr(runner, study, source) or entries.ENTRIES[source].lrs[0]
+            specs += _transfer_specs(runner, study, name, rate)
+    return specs
+
+
+def plan(runner: Runner, studies: Sequence[Study]) -> None:
+    """Print what is left to run and how long it should take, from the recorded time of each kind of run."""
+    workers = runner.args.workers
+    fast_all = slow_all = 0.0
+    unknown_all = todo_all = 0
+    for study in studies:
+        specs = planned(runner, study)
+        todo = [s for s in specs if runner.result(s) is None]
+        known = [runner.timings[timing_key(s)] for s in todo if timing_key(s) in runner.timings]
+        fast = sum(t["fastest"] for t in known) / workers / 60
+        slow = sum(t["median"] for t in known) / workers / 60
+        unknown = len(todo) - len(known)
+        fast_all, slow_all = fast_all + fast, slow_all + slow
+        unknown_all, todo_all = unknown_all + unknown, todo_all + len(todo)
+        more = f", {unknown} of a kind never timed" if unknown else ""
+        print(f"{study.title or study.task}: {len(todo)} of {len(specs)} runs to do, about {fast:.0f}–{slow:.0f} min"
+              f"{more}", flush=True)  # fmt: skip
+    more = f", plus {unknown_all} runs of a kind never timed" if unknown_all else ""
+    print(f"In all {todo_all} runs, about {fast_all:.0f}–{slow_all:.0f} min with {workers} side by side{more}: the "
+          f"first figure from the fastest recorded run of each kind (a quiet machine), the second from their median "
+          f"(recorded in {RATES.name}, on the machine named in bench/RESULTS.md).", flush=True)  # fmt: skip
 
 
 # -- statistics and report -------------------------------------------------------------------------------------------
@@ -435,7 +602,7 @@ def _against_best_peer(runner: Runner, study: Study) -> str:
 def report_transfer(runner: Runner, study: Study) -> str:
     rows = []
     majority = None
-    for name in TRANSFER:
+    for name in study.transfer:
         specs = _transfer_specs(runner, study, name)
         if not specs:
             continue
@@ -469,7 +636,7 @@ def report_transfer(runner: Runner, study: Study) -> str:
 
 
 def _slug(study: Study) -> str:
-    return study.task if study.rate_from is None else f"{study.task}-{study.rate_from[1]}-choices"
+    return study.task if study.rate_from is None else f"{study.task}-{study.reference}-choices"
 
 
 def _plot(points, study: Study, runner: Runner) -> None:
@@ -507,7 +674,7 @@ def report(runner: Runner, studies: Sequence[Study]) -> Tuple[str, Dict[str, Any
             parts.append(text)
         else:
             missing.append(study.title or study.task)
-        if study.save:
+        if study.transfer:
             transfer = report_transfer(runner, study)
             if transfer:
                 parts.append(transfer)
@@ -528,6 +695,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads per run (default: cores / workers)")
     parser.add_argument("--run-limit", type=float, default=1800, help="seconds before a run is killed")
     parser.add_argument("--runs", default=str(RUNS), help="where each run's JSON goes (resume reads it)")
+    parser.add_argument("--sweep", action="store_true", help="choose every rate again on validation (the default "
+                        f"grid otherwise runs its seeds at the rates recorded in bench/quality/{RATES.name}; the "
+                        "full and quick grids always sweep)")  # fmt: skip
+    parser.add_argument("--plan", action="store_true", help="print the runs left to do and their expected time; "
+                        "run nothing")  # fmt: skip
     parser.add_argument("--report", action="store_true", help="only rebuild the tables from finished runs")
     parser.add_argument("--no-write", action="store_true", help="print the tables; leave RESULTS.md alone")
     parser.add_argument("--unit", help=argparse.SUPPRESS)
@@ -555,11 +727,14 @@ def main() -> None:
     runner = Runner(args)
     started = time.perf_counter()
     print(machine(), flush=True)
+    if args.plan:
+        plan(runner, studies)
+        return
     if not args.report:
         for study in studies:
             print(f"== {study.task}: {', '.join(study.methods)} ==", flush=True)
             run_study(runner, study)
-            if study.save:
+            if study.transfer:
                 run_transfer(runner, study)
     # The tables cover every study of the grid that has finished runs, not only those this invocation ran.
     body, summary = report(runner, GRIDS[args.grid])
@@ -567,7 +742,8 @@ def main() -> None:
     header = (
         f"## Quality (`bench/quality`, grid `{args.grid}`)\n\nall-MiniLM-L6-v2, {args.max_length} tokens, "
         f"{args.epochs} epochs, batch 16, AdamW with 10% warmup then cosine; the rate of each method chosen on "
-        "validation (seed 0), then seeds 0–4 at that rate; mean ± std of test accuracy; Δ is the mean paired "
+        f"validation (seed 0; the choices and each swept rate's validation accuracy are in `bench/quality/"
+        f"{RATES.name}`), then seeds 0–4 at that rate; mean ± std of test accuracy; Δ is the mean paired "
         "difference from the study's reference over the same seeds, with its 95% t-interval. Machine: "
         f"{machine()}\n\n"
     )
@@ -575,6 +751,7 @@ def main() -> None:
     with open(runner.dir / "summary.json", "w") as f:
         json.dump(summary, f, indent=1, default=str)
     if not args.no_write and args.grid != "quick":
+        record(runner, GRIDS[args.grid])
         write_section("quality", header + body)
     print(f"done in {minutes:.0f} min", flush=True)
 

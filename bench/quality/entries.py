@@ -47,6 +47,8 @@ class Entry:
     multitask: bool = False  # takes task ids (TA-LoRA) rather than a task prefix in the text
     prompt: bool = False  # a prompt-style method (its own rows in the multi-task tables)
     calibration_examples: int = 64  # training examples a data-aware init may read
+    epochs_factor: int = 1  # a schedule-length variant trains this many times the study's epochs
+    base: Optional[str] = None  # a variant runs at the rate this method chose (in a study with ``rate_from``)
 
 
 LORA_LRS = (3e-4, 1e-3, 3e-3)
@@ -128,13 +130,14 @@ def _talora_variant(**fields: Any):
     return build
 
 
-def _talora(ctx: Context, **fields: Any):
+def _talora(ctx: Context, fast_ratio: float = 10.0, **fields: Any):
     # One learning rate names both of TA-LoRA's: the slow rate (shared θ0, B, gates) and the fast rate (each task's
-    # u, v) keep the default ratio of 10, and the sweep scales both; TrainConfig.lr then drives only the head.
-    scale = ctx.options["lr"] / 5e-3
+    # u, v) keep the default ratio of 10 (a variant changes it), and the sweep scales both; TrainConfig.lr then
+    # drives only the head.
+    slow = 5e-3 * ctx.options["lr"] / 5e-3
     config = lr.TaLoraConfig(
-        tasks=list(ctx.options["tasks"]), modules_to_save=ctx.heads, init_seed=ctx.seed, slow_lr=5e-3 * scale,
-        fast_lr=5e-2 * scale, **fields,
+        tasks=list(ctx.options["tasks"]), modules_to_save=ctx.heads, init_seed=ctx.seed, slow_lr=slow,
+        fast_lr=slow * fast_ratio, **fields,
     )  # fmt: skip
     return lr.attach(ctx.model, config), None
 
@@ -301,9 +304,15 @@ for _name, _what, _fields in [
     ("talora-r1", "r = 1", {"r": 1}),
     ("talora-orth0", "λ = 0 (no orthogonality term)", {"orthogonality_weight": 0.0}),
     ("talora-orth1e-1", "λ = 0.1", {"orthogonality_weight": 0.1}),
+    ("talora-fast3", "fast rate 3× the slow (default 10×)", {"fast_ratio": 3.0}),
+    ("talora-fast30", "fast rate 30× the slow", {"fast_ratio": 30.0}),
 ]:
     ENTRIES[_name] = Entry(_name, f"TA-LoRA, {_what}", "ours", (5e-3,), _talora_variant(**_fields), multitask=True,
-                           prompt=True)  # fmt: skip
+                           prompt=True, base="talora")  # fmt: skip
+# Schedule length: twice the study's epochs, each at the rate its method chose at the default length.
+for _name in ("talora", "prompt", "shared-lora"):
+    ENTRIES[f"{_name}-x2"] = dataclasses.replace(ENTRIES[_name], name=f"{_name}-x2", epochs_factor=2, base=_name,
+                                                 title=ENTRIES[_name].title + ", twice the epochs")  # fmt: skip
 
 # TLoRA's own choices (issue 13, item 6), each one change from "tlora8" (64 examples, reference scaling, sequence
 # centring, the reference's score), run at tlora8's chosen rate.
@@ -318,5 +327,5 @@ _TLORA_CHOICES = [
 ]
 for _name, _what, _fields, _n in _TLORA_CHOICES:
     ENTRIES[_name] = Entry(_name, f"TLoRA 8·N, {_what}", "ours", TLORA_LRS, _tlora(8, **_fields),
-                           calibration_examples=_n)  # fmt: skip
+                           calibration_examples=_n, base="tlora8")  # fmt: skip
 
