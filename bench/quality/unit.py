@@ -28,8 +28,8 @@ TRANSFER_BATCH = 8
 TRANSFER_STEPS = 200
 
 
-def transfer_epochs(shots: int) -> int:
-    return max(2, TRANSFER_STEPS * TRANSFER_BATCH // shots)
+def transfer_epochs(shots: int, steps: int = TRANSFER_STEPS) -> int:
+    return max(2, steps * TRANSFER_BATCH // shots)
 
 
 def _quiet() -> None:
