@@ -23,18 +23,21 @@ sweep resumes where it stopped (finished runs are not repeated), and ``--report`
 Each run records its validation curve (accuracy after each epoch), its trainable parameters and wall time.
 
 Cost, measured on 2 CPU cores (two runs side by side, one thread each; 64 tokens, 3 epochs — the validation curves
-in the tables show where they flatten): a package-task run takes 1.5–2.5 minutes; a multi-task run trains on three
-tasks' examples and takes 5–9 minutes (TA-LoRA, the shared LoRA) and 8–17 minutes for prompt tuning, whose 50
-virtual tokens nearly double each sequence; a few-shot run under 2 minutes. ``--plan`` prints what is left to run
-and its expected time, from the recorded time of each kind of run (the fastest, on a quiet machine, and the median).
+in the tables show how far each run got; three epochs leave the multi-task methods short of converged, as the
+schedule study of the full grid shows, see docs/methods.md): a package-task run takes 1.5–2.5 minutes; a
+multi-task run trains on three tasks' examples and takes 5–9 minutes (TA-LoRA, the shared LoRA) and 8–24 minutes
+for prompt tuning, whose 50 virtual tokens nearly double each sequence; a few-shot run under 2 minutes. ``--plan``
+prints what is left to run and its expected time, from the recorded time of each kind of run (the fastest, on a
+quiet machine, and the median).
 The default grid — the package study (8 methods), the learnability check, the multi-task study (TA-LoRA, prompt
 tuning, one shared LoRA) and few-shot transfer (TA-LoRA, the shared LoRA, a fresh LoRA), 5 seeds each at the recorded
 rates, 101 runs — takes about 1.7–2.6 hours on such a machine; with ``--sweep``, 125 runs and 2.3–3.4 hours.
 ``--tasks``/``--methods`` select parts and ``--seeds 0,1,2`` trims it. ``--grid full`` sweeps every rate and adds
 AdaLoRA, LoRA-GA, full fine-tuning, the head alone, DoRA, LoRA r = 4, PEFT's LoRA, multitask prompt tuning, prompt
 tuning's and TA-LoRA's transfer with its shared weights trained, the SymPy task (TLoRA's Fisher score among its
-methods: the second task on which that choice is checked), and the variant studies of TLoRA's and TA-LoRA's own
-choices and of prompt tuning's schedule: about 6–8 hours from nothing.
+methods: the second task on which that choice is checked), the variant studies of TLoRA's and TA-LoRA's own choices,
+and the schedule study (TA-LoRA, prompt tuning and the shared LoRA at twice the epochs): most of a day from nothing
+(``--plan --grid full`` says how long).
 On a GPU the same grid runs unchanged (one run at a time, all of it on the GPU).
 """
 
@@ -587,18 +590,25 @@ def report_study(runner: Runner, study: Study, summary: Dict[str, Any]) -> str:
 
 
 def _against_best_peer(runner: Runner, study: Study) -> str:
-    """Each of our rows paired against the best PEFT peer of the study (by mean test accuracy)."""
+    """Each of our rows paired against the best PEFT peer of the study (by mean test accuracy) and, when another,
+    against the best of PEFT's initialisations of LoRA (the peers TLoRA's target names)."""
     finals = {m: _finals(runner, study, m)[1] for m in study.methods if m in entries.ENTRIES}
     acc = {m: {s: r["test_mean"] for s, r in res.items()} for m, res in finals.items() if res}
     peers = [m for m in acc if entries.ENTRIES[m].family == "peer" and len(acc[m]) > 1]
     ours = [m for m in acc if entries.ENTRIES[m].family == "ours" and m != study.reference]
     if not peers or not ours:
         return ""
+    text = ""
     best = max(peers, key=lambda m: statistics.mean(acc[m].values()))
-    rows = [[entries.ENTRIES[m].title, paired(acc[m], acc[best])[0]] for m in ours]
-    return f"\n\nPaired against the best PEFT peer here, {entries.ENTRIES[best].title}:\n\n" + table(
-        ["method", f"Δ vs {entries.ENTRIES[best].title} [95% CI]"], rows
-    )
+    inits = [m for m in peers if entries.ENTRIES[m].init]
+    best_init = max(inits, key=lambda m: statistics.mean(acc[m].values())) if inits else best
+    for what, peer in [("the best PEFT peer", best), ("the best of PEFT's initialisations of LoRA", best_init)]:
+        if what != "the best PEFT peer" and peer == best:
+            continue
+        title = entries.ENTRIES[peer].title
+        rows = [[entries.ENTRIES[m].title, paired(acc[m], acc[peer])[0]] for m in ours]
+        text += f"\n\nPaired against {what} here, {title}:\n\n" + table(["method", f"Δ vs {title} [95% CI]"], rows)
+    return text
 
 
 def report_transfer(runner: Runner, study: Study) -> str:

@@ -49,6 +49,7 @@ class Entry:
     calibration_examples: int = 64  # training examples a data-aware init may read
     epochs_factor: int = 1  # a schedule-length variant trains this many times the study's epochs
     base: Optional[str] = None  # a variant runs at the rate this method chose (in a study with ``rate_from``)
+    init: bool = False  # one of PEFT's (data-aware) initialisations of LoRA: TLoRA's closest peers
 
 
 LORA_LRS = (3e-4, 1e-3, 3e-3)
@@ -276,10 +277,10 @@ ENTRIES: Dict[str, Entry] = {
         Entry("loratrf", "LoRATRF r = 8", "ours", LORA_LRS, _loratrf),
         Entry("dora", "DoRA r = 8", "ours", LORA_LRS, _dora),
         Entry("peft-lora", "PEFT LoRA r = 8", "peer", LORA_LRS, _peft_lora()),
-        Entry("pissa", "PEFT PiSSA r = 8", "peer", LORA_LRS, _peft_lora("pissa_niter_4", alpha=8)),
-        Entry("eva", "PEFT EVA r = 8", "peer", LORA_LRS, _eva),
-        Entry("corda", "PEFT CorDA r = 8 (IPM)", "peer", LORA_LRS, _corda),
-        Entry("loraga", "PEFT LoRA-GA r = 8", "peer", LORA_LRS, _loraga),
+        Entry("pissa", "PEFT PiSSA r = 8", "peer", LORA_LRS, _peft_lora("pissa_niter_4", alpha=8), init=True),
+        Entry("eva", "PEFT EVA r = 8", "peer", LORA_LRS, _eva, init=True),
+        Entry("corda", "PEFT CorDA r = 8 (IPM)", "peer", LORA_LRS, _corda, init=True),
+        Entry("loraga", "PEFT LoRA-GA r = 8", "peer", LORA_LRS, _loraga, init=True),
         Entry("adalora", "PEFT AdaLoRA 12 → 8", "peer", LORA_LRS, _adalora),
         # Multi-task rows (trained on the union of the source tasks).
         Entry("talora", "TA-LoRA", "ours", (1.5e-3, 5e-3, 1.5e-2), _talora, multitask=True, prompt=True),
