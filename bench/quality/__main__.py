@@ -660,12 +660,20 @@ def _plot(points, study: Study, runner: Runner) -> None:
     except ImportError:
         return
     colors = {"ours": "tab:blue", "peer": "tab:orange", "baseline": "tab:gray"}
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for title, params, accs, family in points:
-        mean = 100 * statistics.mean(accs)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    means = [100 * statistics.mean(accs) for _, _, accs, _ in points]
+    gap = (max(means) - min(means) + 4) / 28  # label spacing in accuracy points: one line of 7-point text
+    placed: List[Tuple[float, float]] = []  # (params, label height) of the labels so far
+    # Most rows sit near LoRA's parameter count, so labels there are pushed apart vertically (top down) and joined to
+    # their points by a thin line.
+    for (title, params, accs, family), mean in sorted(zip(points, means), key=lambda pm: -pm[1]):
         std = 100 * statistics.stdev(accs) if len(accs) > 1 else 0.0
         ax.errorbar(params, mean, yerr=std, fmt="o", color=colors[family], capsize=3)
-        ax.annotate(title, (params, mean), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        near = [y for p, y in placed if abs(math.log10(p / params)) < 0.6]
+        label_y = min([mean, *[y - gap for y in near]])
+        placed.append((params, label_y))
+        ax.annotate(title, (params, mean), xytext=(params * 1.5, label_y), fontsize=7, va="center",
+                    arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "0.6"})  # fmt: skip
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters")
     ax.set_ylabel("test accuracy (%), mean ± std over seeds")
