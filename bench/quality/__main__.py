@@ -64,8 +64,9 @@ from _common import machine, table, write_section  # noqa: E402
 from unit import TRANSFER_BATCH, TRANSFER_STEPS, transfer_epochs  # noqa: E402
 
 RUNS = HERE.parent / "quality-runs"
-# The rate each (study, method) chose on validation in its last sweep, with every swept rate's validation accuracy
-# and the median seconds of its runs: the default grid runs its seeds at these rates instead of sweeping again.
+# The rate each (study, method) chose on validation in its last sweep, with every swept rate's validation accuracy,
+# and the fastest and median seconds of each kind of run: the default grid runs its seeds at these rates instead of
+# sweeping again, and --plan estimates from the times.
 RATES = HERE / "rates.json"
 SEEDS = (0, 1, 2, 3, 4)
 SHOTS = (16, 32, 64)
@@ -239,7 +240,7 @@ def run_study(runner: Runner, study: Study) -> None:
     methods = [m for m in study.methods if m in entries.ENTRIES and _selected(runner.args, m)]
     seed0 = study.seeds[0]
     if study.rate_from is not None:
-        rates = {m: best_lr(runner, study, m) for m in methods}
+        rates = _variant_rates(runner, study, methods)
         for m in (m for m, rate in rates.items() if rate is None):
             print(f"  (skipped {m}: {_base(m)} has no chosen rate on {study.rate_from} yet)", flush=True)
         runner.run_all([runner.spec(study.task, m, rate, seed) for m, rate in rates.items() if rate is not None
@@ -290,6 +291,11 @@ def _saving(runner: Runner, study: Study, method: str, lr: float, seed: int) -> 
 
 def _base(method: str) -> str:
     return entries.ENTRIES[method].base or method
+
+
+def _variant_rates(runner: Runner, study: Study, methods: Sequence[str]) -> Dict[str, Optional[float]]:
+    """A ``rate_from`` study's rate for each method: its base's chosen rate, None while that is not chosen yet."""
+    return {m: best_lr(runner, study, m) for m in methods}
 
 
 def _rate_key(study: Study, method: str) -> str:
@@ -403,8 +409,9 @@ def record(runner: Runner, studies: Sequence[Study], path: Optional[Path] = None
                     continue
                 ext = _extension(grid, best)
                 if ext is not None:
-                    swept[round(ext, 10)] = runner.result(runner.spec(study.task, m, round(ext, 10), study.seeds[0]))
-                    if swept[round(ext, 10)] is None:
+                    ext = round(ext, 10)
+                    swept[ext] = runner.result(runner.spec(study.task, m, ext, study.seeds[0]))
+                    if swept[ext] is None:
                         continue
                 rate = best_lr(runner, study, m)
                 validation = {f"{k:g}": round(r["val_mean"], 4) for k, r in sorted(swept.items()) if r is not None}
@@ -431,10 +438,9 @@ def planned(runner: Runner, study: Study) -> List[Dict[str, Any]]:
     methods = [m for m in study.methods if m in entries.ENTRIES and _selected(runner.args, m)]
     if study.rate_from is not None:
         specs = []
-        for m in methods:
+        for m, rate in _variant_rates(runner, study, methods).items():
             lrs = entries.ENTRIES[_base(m)].lrs
-            rate = best_lr(runner, study, m) or lrs[len(lrs) // 2]
-            specs += [runner.spec(study.task, m, rate, seed) for seed in study.seeds]
+            specs += [runner.spec(study.task, m, rate or lrs[len(lrs) // 2], seed) for seed in study.seeds]
         return specs
     specs: List[Dict[str, Any]] = []
     rates: Dict[str, float] = {}
@@ -600,11 +606,12 @@ def _against_best_peer(runner: Runner, study: Study) -> str:
         return ""
     text = ""
     best = max(peers, key=lambda m: statistics.mean(acc[m].values()))
+    against = [("the best PEFT peer", best)]
     inits = [m for m in peers if entries.ENTRIES[m].init]
     best_init = max(inits, key=lambda m: statistics.mean(acc[m].values())) if inits else best
-    for what, peer in [("the best PEFT peer", best), ("the best of PEFT's initialisations of LoRA", best_init)]:
-        if what != "the best PEFT peer" and peer == best:
-            continue
+    if best_init != best:
+        against.append(("the best of PEFT's initialisations of LoRA", best_init))
+    for what, peer in against:
         title = entries.ENTRIES[peer].title
         rows = [[entries.ENTRIES[m].title, paired(acc[m], acc[peer])[0]] for m in ours]
         text += f"\n\nPaired against {what} here, {title}:\n\n" + table(["method", f"Δ vs {title} [95% CI]"], rows)

@@ -135,7 +135,7 @@ def _talora(ctx: Context, fast_ratio: float = 10.0, **fields: Any):
     # One learning rate names both of TA-LoRA's: the slow rate (shared θ0, B, gates) and the fast rate (each task's
     # u, v) keep the default ratio of 10 (a variant changes it), and the sweep scales both; TrainConfig.lr then
     # drives only the head.
-    slow = 5e-3 * ctx.options["lr"] / 5e-3
+    slow = ctx.options["lr"]
     config = lr.TaLoraConfig(
         tasks=list(ctx.options["tasks"]), modules_to_save=ctx.heads, init_seed=ctx.seed, slow_lr=slow,
         fast_lr=slow * fast_ratio, **fields,
