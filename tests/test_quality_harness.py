@@ -151,3 +151,23 @@ def test_variants_run_at_their_base_methods_rate_and_a_schedule_variant_trains_l
         ("talora", 5e-3, 0, 3), ("talora", 5e-3, 1, 3), ("talora-x2", 5e-3, 0, 6), ("talora-x2", 5e-3, 1, 6),
         ("prompt-x2", 1e-2, 0, 6), ("prompt-x2", 1e-2, 1, 6),
     ]  # fmt: skip
+
+
+def test_seeds_past_the_sweep_add_runs_at_the_chosen_rate_and_never_sweep_again(harness, tmp_path, monkeypatch):
+    _, main = harness
+    monkeypatch.setattr(main, "RATES", tmp_path / "rates.json")
+    runner = _fake_runner(main, tmp_path, grid="full", sweep=True)
+    for lr, val in zip((3e-4, 1e-3, 3e-3), (0.5, 0.8, 0.6)):
+        _finish(runner, runner.spec("package", "lora", lr, 0), val)
+    # --seeds 3,4 on a swept study: the choice stays seed 0's, and only the two new seeds run at it.
+    later = main.Study("package", ("lora",), "lora", seeds=(3, 4))
+    assert main.best_lr(runner, later, "lora") == 1e-3
+    left = [s for s in main.planned(runner, later) if runner.result(s) is None]
+    assert [(s["lr"], s["seed"]) for s in left] == [(1e-3, 3), (1e-3, 4)]
+    # From nothing, the sweep still trains on seed 0 before the asked-for seeds.
+    fresh = _fake_runner(main, tmp_path / "fresh", grid="full", sweep=True)
+    assert [s["seed"] for s in main.planned(fresh, later)] == [0, 0, 0, 3, 4]
+    # Recorded rates (no sweep): seed 0 runs only when asked for.
+    main.record(runner, [main.Study("package", ("lora",), "lora")])
+    recorded = _fake_runner(main, tmp_path / "recorded")
+    assert [(s["lr"], s["seed"]) for s in main.planned(recorded, later)] == [(1e-3, 3), (1e-3, 4)]

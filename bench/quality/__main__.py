@@ -32,12 +32,13 @@ quiet machine, and the median).
 The default grid — the package study (8 methods), the learnability check, the multi-task study (TA-LoRA, prompt
 tuning, one shared LoRA) and few-shot transfer (TA-LoRA, the shared LoRA, a fresh LoRA), 5 seeds each at the recorded
 rates, 101 runs — takes about 1.7–2.6 hours on such a machine; with ``--sweep``, 125 runs and 2.3–3.4 hours.
-``--tasks``/``--methods`` select parts and ``--seeds 0,1,2`` trims it. ``--grid full`` sweeps every rate and adds
-AdaLoRA, LoRA-GA, full fine-tuning, the head alone, DoRA, LoRA r = 4, PEFT's LoRA, multitask prompt tuning, prompt
-tuning's and TA-LoRA's transfer with its shared weights trained, the SymPy task (TLoRA's Fisher score among its
-methods: the second task on which that choice is checked), the variant studies of TLoRA's and TA-LoRA's own choices,
-and the schedule study (TA-LoRA, prompt tuning and the shared LoRA at twice the epochs): most of a day from nothing
-(``--plan --grid full`` says how long).
+``--tasks``/``--methods`` select parts and ``--seeds 0,1,2`` trims it (sweeps always train on seed 0, so
+``--seeds 5,6`` adds seeds to a finished study). ``--grid full`` sweeps every rate and adds AdaLoRA, LoRA-GA, full
+fine-tuning, the head alone, DoRA, LoRA r = 4, PEFT's LoRA, multitask prompt tuning, prompt tuning's and TA-LoRA's
+transfer with its shared weights trained, the SymPy task (TLoRA's Fisher score among its methods: the second task on
+which that choice is checked), the variant studies of TLoRA's and TA-LoRA's own choices, and the schedule study
+(TA-LoRA, prompt tuning and the shared LoRA at twice the epochs): most of a day from nothing (``--plan --grid full``
+says how long).
 On a GPU the same grid runs unchanged (one run at a time, all of it on the GPU).
 """
 
@@ -69,6 +70,8 @@ RUNS = HERE.parent / "quality-runs"
 # sweeping again, and --plan estimates from the times.
 RATES = HERE / "rates.json"
 SEEDS = (0, 1, 2, 3, 4)
+# Every sweep trains on this seed, whatever --seeds asks for: a rate is chosen once, and --seeds 5,6 adds seeds at it.
+SWEEP_SEED = 0
 SHOTS = (16, 32, 64)
 
 
@@ -215,7 +218,7 @@ def chosen_lr(runner: Runner, study: Study, method: str) -> Optional[float]:
     grid = sorted(entries.ENTRIES[method].lrs)
     results = {}
     for lr_ in grid:
-        res = runner.result(runner.spec(study.task, method, lr_, study.seeds[0]))
+        res = runner.result(runner.spec(study.task, method, lr_, SWEEP_SEED))
         if res is not None:
             results[lr_] = res["val_mean"]
     if not results:
@@ -238,7 +241,7 @@ def run_study(runner: Runner, study: Study) -> None:
     """Method by method, as a three-stage pipeline (method k's sweep beside method k-1's edge extension and method
     k-2's seeds), so the workers stay busy and an interrupted study leaves whole rows rather than all rows half done."""
     methods = [m for m in study.methods if m in entries.ENTRIES and _selected(runner.args, m)]
-    seed0 = study.seeds[0]
+    seed0 = SWEEP_SEED
     if study.rate_from is not None:
         rates = _variant_rates(runner, study, methods)
         for m in (m for m, rate in rates.items() if rate is None):
@@ -248,7 +251,9 @@ def run_study(runner: Runner, study: Study) -> None:
         return
 
     def sweep(m: str) -> List[Dict[str, Any]]:
-        rates = [recorded] if (recorded := _recorded(runner, study, m)) is not None else entries.ENTRIES[m].lrs
+        rates = entries.ENTRIES[m].lrs
+        if (recorded := _recorded(runner, study, m)) is not None:
+            rates = [recorded] if seed0 in study.seeds else []
         return [runner.spec(study.task, m, lr_, seed0, **_saving(runner, study, m, lr_, seed0))
                 for lr_ in rates]  # fmt: skip
 
@@ -266,7 +271,7 @@ def run_study(runner: Runner, study: Study) -> None:
         if best is None:
             return []
         return [runner.spec(study.task, m, best, seed, **_saving(runner, study, m, best, seed))
-                for seed in study.seeds[1:]]  # fmt: skip
+                for seed in study.seeds if seed != seed0]  # fmt: skip
 
     for k in range(len(methods) + 2):
         batch: List[Dict[str, Any]] = []
@@ -324,8 +329,8 @@ def best_lr(runner: Runner, study: Study, method: str) -> Optional[float]:
         return None
     ext = _extension(grid, best)
     if ext is not None:
-        res = runner.result(runner.spec(study.task, method, round(ext, 10), study.seeds[0]))
-        base = runner.result(runner.spec(study.task, method, best, study.seeds[0]))
+        res = runner.result(runner.spec(study.task, method, round(ext, 10), SWEEP_SEED))
+        base = runner.result(runner.spec(study.task, method, best, SWEEP_SEED))
         if res is not None and base is not None and res["val_mean"] > base["val_mean"]:
             return round(ext, 10)
     return best
@@ -403,14 +408,14 @@ def record(runner: Runner, studies: Sequence[Study], path: Optional[Path] = None
                 if m not in entries.ENTRIES:
                     continue
                 grid = sorted(entries.ENTRIES[m].lrs)
-                swept = {lr_: runner.result(runner.spec(study.task, m, lr_, study.seeds[0])) for lr_ in grid}
+                swept = {lr_: runner.result(runner.spec(study.task, m, lr_, SWEEP_SEED)) for lr_ in grid}
                 best = chosen_lr(runner, study, m)
                 if best is None or any(r is None for r in swept.values()):
                     continue
                 ext = _extension(grid, best)
                 if ext is not None:
                     ext = round(ext, 10)
-                    swept[ext] = runner.result(runner.spec(study.task, m, ext, study.seeds[0]))
+                    swept[ext] = runner.result(runner.spec(study.task, m, ext, SWEEP_SEED))
                     if swept[ext] is None:
                         continue
                 rate = best_lr(runner, study, m)
@@ -448,13 +453,13 @@ def planned(runner: Runner, study: Study) -> List[Dict[str, Any]]:
         grid = sorted(entries.ENTRIES[m].lrs)
         recorded = _recorded(runner, study, m)
         if recorded is None:
-            specs += [runner.spec(study.task, m, lr_, study.seeds[0]) for lr_ in grid]
+            specs += [runner.spec(study.task, m, lr_, SWEEP_SEED) for lr_ in grid]
             best = chosen_lr(runner, study, m)
             ext = _extension(grid, best) if best is not None else None
             if ext is not None:
-                specs.append(runner.spec(study.task, m, round(ext, 10), study.seeds[0]))
+                specs.append(runner.spec(study.task, m, round(ext, 10), SWEEP_SEED))
         rates[m] = best_lr(runner, study, m) or grid[len(grid) // 2]
-        seeds = study.seeds if recorded is not None else study.seeds[1:]
+        seeds = [s for s in study.seeds if recorded is not None or s != SWEEP_SEED]
         specs += [runner.spec(study.task, m, rates[m], seed) for seed in seeds]
     for name in study.transfer:
         method = name.partition("+")[0]
@@ -717,7 +722,8 @@ def main() -> None:
                         "quick: slivers of the data, to check the harness in minutes")  # fmt: skip
     parser.add_argument("--tasks", default="", help="comma-separated studies to run (default: all of the grid)")
     parser.add_argument("--methods", default="", help="comma-separated methods to run (default: all)")
-    parser.add_argument("--seeds", default="", help="comma-separated seeds for every study (default: 0–4)")
+    parser.add_argument("--seeds", default="", help="comma-separated seeds to run at the chosen rates (default: "
+                        "0–4); sweeps always train on seed 0, so --seeds 5,6 adds two seeds to a finished study")
     parser.add_argument("--epochs", type=int, default=3, help="epochs per run (recorded rates hold for 3 only)")
     parser.add_argument("--max-length", type=int, default=64, help="tokens per example (recorded rates: 64)")
     parser.add_argument("--workers", type=int, default=0, help="runs side by side (default: 1 on a GPU, 2 on CPU)")
