@@ -53,7 +53,7 @@ def test_paired_interval_matches_scipy(harness):
 def test_grid_extension_past_an_edge_winner(harness):
     _, main = harness
     assert main._extension([1e-4, 3e-4, 1e-3], 1e-3) == pytest.approx(1e-3 * 1e-3 / 3e-4)
-    assert main._extension([1e-4, 3e-4, 1e-3], 1e-4) == pytest.approx(1e-4 * 1e-4 / 3e-4)
+    assert main._extension([1e-4, 3e-4, 1e-3], 1e-4) == pytest.approx(1e-4 * 1e-4 / 3e-4, rel=1e-5)
     assert main._extension([1e-4, 3e-4, 1e-3], 3e-4) is None
 
 
@@ -171,3 +171,56 @@ def test_seeds_past_the_sweep_add_runs_at_the_chosen_rate_and_never_sweep_again(
     main.record(runner, [main.Study("package", ("lora",), "lora")])
     recorded = _fake_runner(main, tmp_path / "recorded")
     assert [(s["lr"], s["seed"]) for s in main.planned(recorded, later)] == [(1e-3, 3), (1e-3, 4)]
+
+
+def _fake_runs(main, runner, val, fails=()):
+    """Stand in for the subprocesses: each run "finishes" with val(lr, seed), or fails when its rate is in fails."""
+    ran = []
+
+    def run_all(specs):
+        for spec in specs:
+            if runner.result(spec) is None and main._key(spec) not in runner.attempted:
+                runner.attempted.add(main._key(spec))
+                ran.append((spec["method"], spec["lr"], spec["seed"]))
+                if spec["lr"] not in fails:
+                    _finish(runner, spec, val(spec["lr"], spec["seed"]))
+
+    runner.run_all = run_all
+    return ran
+
+
+def test_an_edge_winner_extends_until_it_is_inside_and_seeds_wait_for_the_final_choice(harness, tmp_path, monkeypatch):
+    _, main = harness
+    monkeypatch.setattr(main, "RATES", tmp_path / "rates.json")
+    runner = _fake_runner(main, tmp_path, grid="full")
+    # Validation accuracy peaks at 2.7e-2, two steps past the grid's top (3e-4, 1e-3, 3e-3).
+    ran = _fake_runs(main, runner, lambda lr, seed: 0.9 - abs(math.log(lr / 2.7e-2)) / 20)
+    main.run_study(runner, main.Study("package", ("lora",), "lora", seeds=(0, 1, 2)))
+    sweep = [lr for _, lr, seed in ran if seed == 0]
+    assert sweep == pytest.approx([3e-4, 1e-3, 3e-3, 9e-3, 2.7e-2, 8.1e-2])
+    # Seeds 1-2 ran only at the final choice, after the last extension.
+    assert [(lr, seed) for _, lr, seed in ran if seed != 0] == [(pytest.approx(2.7e-2), 1), (pytest.approx(2.7e-2), 2)]
+    state = main.sweep_state(runner, main.Study("package", ("lora",), "lora"), "lora")
+    assert state.complete and not state.edge and state.best == pytest.approx(2.7e-2)
+
+
+def test_a_rate_still_at_the_edge_after_every_extension_is_marked_and_a_failed_one_ends_the_search(
+        harness, tmp_path, monkeypatch):
+    _, main = harness
+    monkeypatch.setattr(main, "RATES", tmp_path / "rates.json")
+    study = main.Study("package", ("lora",), "lora", seeds=(0, 1))
+    runner = _fake_runner(main, tmp_path, grid="full")
+    ran = _fake_runs(main, runner, lambda lr, seed: min(0.99, 0.5 + lr))  # always better higher up
+    main.run_study(runner, study)
+    assert len([1 for _, _, seed in ran if seed == 0]) == 3 + main.MAX_EXTENSIONS
+    main.record(runner, [study])
+    chosen = main.load_record({"epochs": 3, "max_length": 64})["rates"]["package/lora"]
+    assert chosen["edge"] is True and chosen["rate"] == pytest.approx(3e-3 * 3**main.MAX_EXTENSIONS)
+    assert main._at_edge(runner, study, "lora")
+    # A diverging extension (no result) ends the search at the edge it had reached; the seeds still run.
+    other = _fake_runner(main, tmp_path / "other", grid="full")
+    ran = _fake_runs(main, other, lambda lr, seed: 0.5 + lr, fails=(pytest.approx(9e-3),))
+    main.run_study(other, study)
+    assert ran[-1] == ("lora", 3e-3, 1)
+    state = main.sweep_state(other, study, "lora")
+    assert state.complete and state.edge and state.best == 3e-3

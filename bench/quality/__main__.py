@@ -6,10 +6,11 @@
 How a study runs (one task, several methods):
 
 1. **Sweep** — each method trains once (seed 0) at each rate of its grid; the rate with the best *validation*
-   accuracy (15% carved from the training split) is chosen. A best rate at the edge of the grid gets one more point
-   past that edge. The test split is never read for a choice. Each choice is recorded, with every swept rate's
-   validation accuracy, in ``bench/quality/rates.json``: the default grid runs its seeds at the recorded rates without
-   sweeping again, while ``--sweep`` (and the full grid, always) chooses again and records the new choices.
+   accuracy (15% carved from the training split) is chosen. A best rate at the edge of what was swept gets one more
+   point past that edge, up to three times (a rate still at the edge is marked so). The test split is never read
+   for a choice. Each choice is recorded, with every swept rate's validation accuracy, in
+   ``bench/quality/rates.json``: the default grid runs its seeds at the recorded rates without sweeping again, while
+   ``--sweep`` (and the full grid, always) chooses again and records the new choices.
 2. **Seeds** — the chosen rate runs on seeds 1–4 as well (5 seeds with the sweep's seed 0). A seed fixes the head's
    init, the adapter's random init, dropout and the data order, and is shared by every method, so differences are
    paired: each row reports its mean ± std and its mean paired difference from the study's reference (LoRA r = 8, or
@@ -54,7 +55,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -146,6 +147,8 @@ class Runner:
         self.dir = Path(args.runs) / ("quick" if args.grid == "quick" else "default")
         self.dir.mkdir(parents=True, exist_ok=True)
         self._results: Dict[Path, Dict[str, Any]] = {}
+        # Runs started by this invocation: one that failed is not started again until the next invocation.
+        self.attempted: Set[str] = set()
         self.done = 0
         self.started = time.perf_counter()
         # The quick grid's slivers of data are another task, so recorded rates never apply to it.
@@ -174,11 +177,12 @@ class Runner:
 
     def run_all(self, specs: Sequence[Dict[str, Any]]) -> None:
         """Run the specs not yet done, ``--workers`` at a time, each in its own process."""
-        todo = [s for s in specs if self.result(s) is None]
+        todo = [s for s in specs if self.result(s) is None and _key(s) not in self.attempted]
         running: List[Tuple[Dict[str, Any], subprocess.Popen, float, Any]] = []
         while todo or running:
             while todo and len(running) < self.args.workers:
                 spec = todo.pop(0)
+                self.attempted.add(_key(spec))
                 log = open(self.path(spec).with_suffix(".log"), "w")
                 cmd = [sys.executable, str(HERE), "--unit", json.dumps(spec), "--out", str(self.path(spec)),
                        "--threads", str(self.args.threads)]  # fmt: skip
@@ -209,32 +213,69 @@ class Runner:
                           f"val by epoch {curve})", flush=True)  # fmt: skip
 
 
-def _failed(runner: Runner, spec: Dict[str, Any]) -> bool:
-    return runner.path(spec).with_suffix(".failed").exists()
+# A winner at the edge of what was swept gets one more rate past that edge, up to this many times; a rate still at
+# the edge after them is marked as such in the tables.
+MAX_EXTENSIONS = 3
 
 
-def chosen_lr(runner: Runner, study: Study, method: str) -> Optional[float]:
-    """The swept rate with the best validation accuracy (seed 0), extending the grid once past an edge winner."""
+@dataclasses.dataclass
+class Sweep:
+    """Seed 0's validation accuracy at each rate swept so far (the grid, then the extensions past an edge winner)."""
+
+    results: Dict[float, float]
+    best: Optional[float]
+    # The extension the choice still waits for; None once it is settled or while the grid itself is unfinished.
+    pending: Optional[float]
+    complete: bool  # the grid and every extension it asked for have finished: the choice is final
+    edge: bool  # the choice is at the edge of what was swept (out of extensions, or the next one failed)
+
+
+def _extension(swept: Sequence[float], best: float) -> Optional[float]:
+    """The next rate past ``best`` when it is the lowest or highest of the sorted rates ``swept``, one grid step on."""
+    if len(swept) < 2:
+        return None
+    if best == swept[0]:
+        return round(swept[0] * swept[0] / swept[1], 10)
+    if best == swept[-1]:
+        return round(swept[-1] * swept[-1] / swept[-2], 10)
+    return None
+
+
+def sweep_state(runner: Runner, study: Study, method: str) -> Sweep:
     grid = sorted(entries.ENTRIES[method].lrs)
-    results = {}
+    results: Dict[float, float] = {}
     for lr_ in grid:
         res = runner.result(runner.spec(study.task, method, lr_, SWEEP_SEED))
         if res is not None:
             results[lr_] = res["val_mean"]
     if not results:
-        return None
+        return Sweep(results, None, None, False, False)
+    # Ties go to the lower rate; an extension must beat the best so far outright to take its place.
     best = max(results, key=lambda k: (results[k], -k))
-    return best
+    if len(results) < len(grid):
+        return Sweep(results, best, None, False, False)
+    swept = list(grid)
+    for _ in range(MAX_EXTENSIONS):
+        ext = _extension(swept, best)
+        if ext is None:
+            return Sweep(results, best, None, True, False)
+        spec = runner.spec(study.task, method, ext, SWEEP_SEED)
+        res = runner.result(spec)
+        if res is None:
+            # One that failed in this invocation (diverged, over its limit) ends the search where it stands.
+            if _key(spec) in runner.attempted:
+                return Sweep(results, best, None, True, True)
+            return Sweep(results, best, ext, False, False)
+        results[ext] = res["val_mean"]
+        swept = sorted(swept + [ext])
+        if res["val_mean"] > results[best]:
+            best = ext
+    return Sweep(results, best, None, True, _extension(swept, best) is not None)
 
 
-def _extension(grid: Sequence[float], best: float) -> Optional[float]:
-    if len(grid) < 2:
-        return None
-    if best == grid[0]:
-        return grid[0] * grid[0] / grid[1]
-    if best == grid[-1]:
-        return grid[-1] * grid[-1] / grid[-2]
-    return None
+def chosen_lr(runner: Runner, study: Study, method: str) -> Optional[float]:
+    """The swept rate with the best validation accuracy on seed 0, extensions past an edge winner included."""
+    return sweep_state(runner, study, method).best
 
 
 def run_study(runner: Runner, study: Study) -> None:
@@ -260,27 +301,27 @@ def run_study(runner: Runner, study: Study) -> None:
     def extension(m: str) -> List[Dict[str, Any]]:
         if _recorded(runner, study, m) is not None:
             return []
-        best = chosen_lr(runner, study, m)
-        ext = _extension(sorted(entries.ENTRIES[m].lrs), best) if best is not None else None
-        if ext is None:
-            return []
-        return [runner.spec(study.task, m, round(ext, 10), seed0, **_saving(runner, study, m, round(ext, 10), seed0))]
+        ext = sweep_state(runner, study, m).pending
+        return [] if ext is None else [runner.spec(study.task, m, ext, seed0, **_saving(runner, study, m, ext, seed0))]
 
     def finals(m: str) -> List[Dict[str, Any]]:
+        if _recorded(runner, study, m) is None and sweep_state(runner, study, m).pending is not None:
+            return []
         best = best_lr(runner, study, m)
         if best is None:
             return []
         return [runner.spec(study.task, m, best, seed, **_saving(runner, study, m, best, seed))
                 for seed in study.seeds if seed != seed0]  # fmt: skip
 
-    for k in range(len(methods) + 2):
-        batch: List[Dict[str, Any]] = []
-        if k - 2 >= 0:
-            batch += finals(methods[k - 2])
-        if 0 <= k - 1 < len(methods):
-            batch += extension(methods[k - 1])
+    # Method k's sweep runs beside the edge extensions of the methods before it and the seeds of those whose choice
+    # is settled; then the extensions and seeds left over run until nothing is.
+    for k in range(len(methods) + 1):
+        batch = [s for m in methods[:k] for s in finals(m) + extension(m)]
         if k < len(methods):
             batch += sweep(methods[k])
+        runner.run_all(batch)
+    while batch := [s for m in methods for s in finals(m) + extension(m)
+                    if runner.result(s) is None and _key(s) not in runner.attempted]:  # fmt: skip
         runner.run_all(batch)
 
 
@@ -323,17 +364,7 @@ def best_lr(runner: Runner, study: Study, method: str) -> Optional[float]:
     recorded = _recorded(runner, study, method)
     if recorded is not None:
         return recorded
-    grid = sorted(entries.ENTRIES[method].lrs)
-    best = chosen_lr(runner, study, method)
-    if best is None:
-        return None
-    ext = _extension(grid, best)
-    if ext is not None:
-        res = runner.result(runner.spec(study.task, method, round(ext, 10), SWEEP_SEED))
-        base = runner.result(runner.spec(study.task, method, best, SWEEP_SEED))
-        if res is not None and base is not None and res["val_mean"] > base["val_mean"]:
-            return round(ext, 10)
-    return best
+    return chosen_lr(runner, study, method)
 
 
 def _transfer_specs(runner: Runner, study: Study, name: str, rate: Optional[float] = None) -> List[Dict[str, Any]]:
@@ -407,20 +438,14 @@ def record(runner: Runner, studies: Sequence[Study], path: Optional[Path] = None
             for m in study.methods:
                 if m not in entries.ENTRIES:
                     continue
-                grid = sorted(entries.ENTRIES[m].lrs)
-                swept = {lr_: runner.result(runner.spec(study.task, m, lr_, SWEEP_SEED)) for lr_ in grid}
-                best = chosen_lr(runner, study, m)
-                if best is None or any(r is None for r in swept.values()):
+                sweep = sweep_state(runner, study, m)
+                if not sweep.complete:
                     continue
-                ext = _extension(grid, best)
-                if ext is not None:
-                    ext = round(ext, 10)
-                    swept[ext] = runner.result(runner.spec(study.task, m, ext, SWEEP_SEED))
-                    if swept[ext] is None:
-                        continue
-                rate = best_lr(runner, study, m)
-                validation = {f"{k:g}": round(r["val_mean"], 4) for k, r in sorted(swept.items()) if r is not None}
-                out["rates"][_rate_key(study, m)] = {"rate": rate, "validation": validation}
+                validation = {f"{k:g}": round(v, 4) for k, v in sorted(sweep.results.items())}
+                chosen: Dict[str, Any] = {"rate": sweep.best, "validation": validation}
+                if sweep.edge:
+                    chosen["edge"] = True
+                out["rates"][_rate_key(study, m)] = chosen
     times: Dict[str, List[float]] = {}
     for file in runner.dir.glob("*.json"):
         with open(file) as f:
@@ -439,7 +464,7 @@ def record(runner: Runner, studies: Sequence[Study], path: Optional[Path] = None
 def planned(runner: Runner, study: Study) -> List[Dict[str, Any]]:
     """Every run the study would make, as ``run_study`` and ``run_transfer`` make them. Where a rate is not chosen
     yet, a grid rate stands in (a run's time does not depend on its rate), and an edge extension the sweep has not
-    asked for yet is not counted."""
+    asked for yet is not counted (each one it may still ask for is a run more)."""
     methods = [m for m in study.methods if m in entries.ENTRIES and _selected(runner.args, m)]
     if study.rate_from is not None:
         specs = []
@@ -453,11 +478,9 @@ def planned(runner: Runner, study: Study) -> List[Dict[str, Any]]:
         grid = sorted(entries.ENTRIES[m].lrs)
         recorded = _recorded(runner, study, m)
         if recorded is None:
-            specs += [runner.spec(study.task, m, lr_, SWEEP_SEED) for lr_ in grid]
-            best = chosen_lr(runner, study, m)
-            ext = _extension(grid, best) if best is not None else None
-            if ext is not None:
-                specs.append(runner.spec(study.task, m, round(ext, 10), SWEEP_SEED))
+            sweep = sweep_state(runner, study, m)
+            rates_swept = sorted(set(grid) | set(sweep.results) | ({sweep.pending} if sweep.pending else set()))
+            specs += [runner.spec(study.task, m, lr_, SWEEP_SEED) for lr_ in rates_swept]
         rates[m] = best_lr(runner, study, m) or grid[len(grid) // 2]
         seeds = [s for s in study.seeds if recorded is not None or s != SWEEP_SEED]
         specs += [runner.spec(study.task, m, rates[m], seed) for seed in seeds]
@@ -537,6 +560,15 @@ def _finals(runner: Runner, study: Study, method: str) -> Tuple[Optional[float],
     return rate, out
 
 
+def _at_edge(runner: Runner, study: Study, method: str) -> bool:
+    """Whether the chosen rate is still the highest or lowest swept after every extension allowed."""
+    if study.rate_from is not None:
+        return False
+    if _recorded(runner, study, method) is not None:
+        return bool(runner.recorded[_rate_key(study, method)].get("edge"))
+    return sweep_state(runner, study, method).edge
+
+
 def _curve(results: Dict[int, Dict[str, Any]]) -> str:
     # Mean validation accuracy after each epoch over the seeds that ran: flat at the end means trained enough.
     curves = [r["curve"] for r in results.values() if r["curve"]]
@@ -565,7 +597,8 @@ def report_study(runner: Runner, study: Study, summary: Dict[str, Any]) -> str:
         accs = {s: r["test_mean"] for s, r in res.items()}
         diff, ci = paired(accs, ref_acc) if m != study.reference else ("(reference)", None)
         params = next(iter(res.values()))["trainable"]
-        row = [entries.ENTRIES[m].title, f"{params:,}", f"{rate:g}", _curve(res)]
+        row = [entries.ENTRIES[m].title, f"{params:,}", f"{rate:g}" + (" (edge)" if _at_edge(runner, study, m) else ""),
+               _curve(res)]
         if multitask:
             row += [_mean_std([r["test"][t] for r in res.values()]) for t in ("package", "domain", "kind")]
         row += [_mean_std(list(accs.values())) + f" (n={len(accs)})", diff,
@@ -778,8 +811,10 @@ def main() -> None:
         f"## Quality (`bench/quality`, grid `{args.grid}`)\n\nall-MiniLM-L6-v2, {args.max_length} tokens, "
         f"{args.epochs} epochs, batch 16, AdamW with 10% warmup then cosine; the rate of each method chosen on "
         f"validation (seed 0; the choices and each swept rate's validation accuracy are in `bench/quality/"
-        f"{RATES.name}`), then seeds 0–4 at that rate; mean ± std of test accuracy; Δ is the mean paired "
-        "difference from the study's reference over the same seeds, with its 95% t-interval. Machine: "
+        f"{RATES.name}`; a winner at the edge of its grid gets up to {MAX_EXTENSIONS} more rates past that edge, and "
+        "\"(edge)\" marks one still at the edge after them), then seeds 0–4 at that rate; mean ± std of test "
+        "accuracy; Δ is the mean paired difference from the study's reference over the same seeds, with its 95% "
+        "t-interval. Machine: "
         f"{machine()}\n\n"
     )
     print(body, flush=True)
