@@ -216,7 +216,7 @@ def test_a_rate_still_at_the_edge_after_every_extension_is_marked_and_a_failed_o
     main.record(runner, [study])
     chosen = main.load_record({"epochs": 3, "max_length": 64})["rates"]["package/lora"]
     assert chosen["edge"] is True and chosen["rate"] == pytest.approx(3e-3 * 3**main.MAX_EXTENSIONS)
-    assert main._at_edge(runner, study, "lora")
+    assert main._rate_note(runner, study, "lora") == " (edge)"
     # A diverging extension (no result) ends the search at the edge it had reached; the seeds still run.
     other = _fake_runner(main, tmp_path / "other", grid="full")
     ran = _fake_runs(main, other, lambda lr, seed: 0.5 + lr, fails=(pytest.approx(9e-3),))
@@ -224,3 +224,33 @@ def test_a_rate_still_at_the_edge_after_every_extension_is_marked_and_a_failed_o
     assert ran[-1] == ("lora", 3e-3, 1)
     state = main.sweep_state(other, study, "lora")
     assert state.complete and state.edge and state.best == 3e-3
+
+
+def test_the_schedule_study_pairs_each_variant_with_its_own_base(harness, tmp_path, monkeypatch):
+    import json
+
+    _, main = harness
+    monkeypatch.setattr(main, "RATES", tmp_path / "rates.json")
+    runner = _fake_runner(main, tmp_path, grid="full")
+    for method, grid in (("talora", (1.5e-3, 5e-3, 1.5e-2)), ("prompt", (3e-3, 1e-2, 3e-2))):
+        for lr, val in zip(grid, (0.5, 0.8, 0.6)):
+            _finish(runner, runner.spec("multitask", method, lr, 0), val)
+    accs = {"talora": (0.75, 0.74, 0.77), "talora-x2": (0.80, 0.80, 0.81), "prompt": (0.76, 0.78, 0.75),
+            "prompt-x2": (0.78, 0.81, 0.77)}  # fmt: skip
+    study = main.Study("multitask", tuple(accs), "talora", seeds=(0, 1, 2), rate_from="multitask")
+    for method, values in accs.items():
+        rate = main.best_lr(runner, study, method)
+        for seed, acc in enumerate(values):
+            spec = runner.spec("multitask", method, rate, seed)
+            with open(runner.path(spec), "w") as f:
+                json.dump({"spec": spec, "val_mean": acc, "test_mean": acc, "seconds": 1.0, "trainable": 1000,
+                           "description": "three tasks", "curve": [[1, acc]], "majority": {"package": 0.2},
+                           "test": {t: acc for t in ("package", "domain", "kind")}}, f)  # fmt: skip
+    text = main.report_study(_fake_runner(main, tmp_path, grid="full"), study, {})  # a fresh one reads the files anew
+    header = next(line for line in text.splitlines() if line.startswith("| method"))
+    assert header.split(" | ")[-2] == "Δ vs its base [95% CI]"
+    title = main.entries.ENTRIES["prompt-x2"].title
+    prompt_x2 = next(line for line in text.splitlines() if line.startswith(f"| {title} |"))
+    expected = main.paired(dict(enumerate(accs["prompt-x2"])), dict(enumerate(accs["prompt"])))[0]
+    assert prompt_x2.split(" | ")[-2] == expected
+    assert expected != main.paired(dict(enumerate(accs["prompt-x2"])), dict(enumerate(accs["talora"])))[0]

@@ -560,13 +560,15 @@ def _finals(runner: Runner, study: Study, method: str) -> Tuple[Optional[float],
     return rate, out
 
 
-def _at_edge(runner: Runner, study: Study, method: str) -> bool:
-    """Whether the chosen rate is still the highest or lowest swept after every extension allowed."""
+def _rate_note(runner: Runner, study: Study, method: str) -> str:
+    """" (edge)" when the chosen rate is still the highest or lowest swept after every extension allowed, " (sweep
+    unfinished)" while an extension it asked for has not run."""
     if study.rate_from is not None:
-        return False
+        return ""
     if _recorded(runner, study, method) is not None:
-        return bool(runner.recorded[_rate_key(study, method)].get("edge"))
-    return sweep_state(runner, study, method).edge
+        return " (edge)" if runner.recorded[_rate_key(study, method)].get("edge") else ""
+    sweep = sweep_state(runner, study, method)
+    return " (edge)" if sweep.edge else " (sweep unfinished)" if sweep.pending is not None else ""
 
 
 def _curve(results: Dict[int, Dict[str, Any]]) -> str:
@@ -585,7 +587,12 @@ def report_study(runner: Runner, study: Study, summary: Dict[str, Any]) -> str:
     multitask = study.task == "multitask"
     header = ["method", "trainable params", "lr (by val)", "val by epoch"]
     header += ([f"{t} test" for t in ("package", "domain", "kind")] if multitask else []) + [
-        "test accuracy", f"Δ vs {entries.ENTRIES[study.reference].title} [95% CI]", "time / run"]
+        "test accuracy", f"Δ vs {entries.ENTRIES[study.reference].title} [95% CI]"]
+    # Variants of several methods side by side (the schedule study) are each also paired with their own base.
+    bases = {m: b for m in study.methods if m in entries.ENTRIES and (b := entries.ENTRIES[m].base) in study.methods}
+    by_base = study.rate_from is not None and set(bases.values()) != {study.reference}
+    header += ["Δ vs its base [95% CI]"] if by_base else []
+    header += ["time / run"]
     description = ""
     for m in study.methods:
         if m not in entries.ENTRIES:
@@ -597,12 +604,15 @@ def report_study(runner: Runner, study: Study, summary: Dict[str, Any]) -> str:
         accs = {s: r["test_mean"] for s, r in res.items()}
         diff, ci = paired(accs, ref_acc) if m != study.reference else ("(reference)", None)
         params = next(iter(res.values()))["trainable"]
-        row = [entries.ENTRIES[m].title, f"{params:,}", f"{rate:g}" + (" (edge)" if _at_edge(runner, study, m) else ""),
+        row = [entries.ENTRIES[m].title, f"{params:,}", f"{rate:g}{_rate_note(runner, study, m)}",
                _curve(res)]
         if multitask:
             row += [_mean_std([r["test"][t] for r in res.values()]) for t in ("package", "domain", "kind")]
-        row += [_mean_std(list(accs.values())) + f" (n={len(accs)})", diff,
-                f"{statistics.median(r['seconds'] for r in res.values()):.0f} s"]  # fmt: skip
+        row += [_mean_std(list(accs.values())) + f" (n={len(accs)})", diff]
+        if by_base:
+            base_acc = {s: r["test_mean"] for s, r in _finals(runner, study, bases[m])[1].items()} if m in bases else {}
+            row.append(paired(accs, base_acc)[0] if base_acc else "")
+        row.append(f"{statistics.median(r['seconds'] for r in res.values()):.0f} s")
         rows.append(row)
         points.append((entries.ENTRIES[m].title, params, [a for a in accs.values()], entries.ENTRIES[m].family))
         summary.setdefault(study.task, {})[m] = {"mean": statistics.mean(accs.values()), "ci": ci, "params": params}
