@@ -639,7 +639,8 @@ def report_study(runner: Runner, study: Study, summary: Dict[str, Any]) -> str:
                  + "\n".join(gate_lines))  # fmt: skip
     if len(points) > 1 and not multitask:
         text += f"\n\n![accuracy vs trainable parameters, {study.task}](quality-{_slug(study)}.png)"
-        _plot(points, study, runner)
+        if not getattr(runner.args, "no_write", False):
+            _plot(points, study, runner)
     return text
 
 
@@ -779,7 +780,8 @@ def main() -> None:
     parser.add_argument("--plan", action="store_true", help="print the runs left to do and their expected time; "
                         "run nothing")  # fmt: skip
     parser.add_argument("--report", action="store_true", help="only rebuild the tables from finished runs")
-    parser.add_argument("--no-write", action="store_true", help="print the tables; leave RESULTS.md alone")
+    parser.add_argument("--no-write", action="store_true",
+                        help="print the tables; leave RESULTS.md, rates.json and the plots alone")
     parser.add_argument("--unit", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
