@@ -80,7 +80,7 @@ def _fake_runner(main, tmp_path, grid="default", sweep=False):
     import argparse
 
     args = argparse.Namespace(grid=grid, sweep=sweep, runs=str(tmp_path / "runs"), epochs=3, max_length=64, limit=0,
-                              workers=2, methods="", tasks="")  # fmt: skip
+                              workers=2, methods="", tasks="", no_write=True)  # fmt: skip
     return main.Runner(args)
 
 
@@ -178,12 +178,14 @@ def _fake_runs(main, runner, val, fails=()):
     ran = []
 
     def run_all(specs):
+        started = len(ran)
         for spec in specs:
             if runner.result(spec) is None and main._key(spec) not in runner.attempted:
                 runner.attempted.add(main._key(spec))
                 ran.append((spec["method"], spec["lr"], spec["seed"]))
                 if spec["lr"] not in fails:
                     _finish(runner, spec, val(spec["lr"], spec["seed"]))
+        return len(ran) - started
 
     runner.run_all = run_all
     return ran

@@ -175,9 +175,10 @@ class Runner:
                 "max_length": self.args.max_length, "limit": self.args.limit, **more}  # fmt: skip
         return spec
 
-    def run_all(self, specs: Sequence[Dict[str, Any]]) -> None:
-        """Run the specs not yet done, ``--workers`` at a time, each in its own process."""
+    def run_all(self, specs: Sequence[Dict[str, Any]]) -> int:
+        """Run the specs not yet done, ``--workers`` at a time, each in its own process; return how many started."""
         todo = [s for s in specs if self.result(s) is None and _key(s) not in self.attempted]
+        started = len(todo)
         running: List[Tuple[Dict[str, Any], subprocess.Popen, float, Any]] = []
         while todo or running:
             while todo and len(running) < self.args.workers:
@@ -211,6 +212,7 @@ class Runner:
                     print(f"[{elapsed:5.1f} min] {_key(spec):<40} val {100 * res['val_mean']:.1f}%  test "
                           f"{100 * res['test_mean']:.1f}%  ({res['trainable']:,} params, {res['seconds']:.0f} s; "
                           f"val by epoch {curve})", flush=True)  # fmt: skip
+        return started
 
 
 # A winner at the edge of what was swept gets one more rate past that edge, up to this many times; a rate still at
@@ -279,8 +281,8 @@ def chosen_lr(runner: Runner, study: Study, method: str) -> Optional[float]:
 
 
 def run_study(runner: Runner, study: Study) -> None:
-    """Method by method, as a three-stage pipeline (method k's sweep beside method k-1's edge extension and method
-    k-2's seeds), so the workers stay busy and an interrupted study leaves whole rows rather than all rows half done."""
+    """Method by method, as a pipeline (method k's sweep beside the edge extensions and seeds of the methods before
+    it), so the workers stay busy and an interrupted study leaves whole rows rather than all rows half done."""
     methods = [m for m in study.methods if m in entries.ENTRIES and _selected(runner.args, m)]
     seed0 = SWEEP_SEED
     if study.rate_from is not None:
@@ -320,9 +322,8 @@ def run_study(runner: Runner, study: Study) -> None:
         if k < len(methods):
             batch += sweep(methods[k])
         runner.run_all(batch)
-    while batch := [s for m in methods for s in finals(m) + extension(m)
-                    if runner.result(s) is None and _key(s) not in runner.attempted]:  # fmt: skip
-        runner.run_all(batch)
+    while runner.run_all([s for m in methods for s in finals(m) + extension(m)]):
+        pass
 
 
 def saved_path(runner: Runner, study: Study, method: str, lr: float, seed: int) -> str:
@@ -639,7 +640,7 @@ def report_study(runner: Runner, study: Study, summary: Dict[str, Any]) -> str:
                  + "\n".join(gate_lines))  # fmt: skip
     if len(points) > 1 and not multitask:
         text += f"\n\n![accuracy vs trainable parameters, {study.task}](quality-{_slug(study)}.png)"
-        if not getattr(runner.args, "no_write", False):
+        if not runner.args.no_write:
             _plot(points, study, runner)
     return text
 
