@@ -256,3 +256,38 @@ def test_the_schedule_study_pairs_each_variant_with_its_own_base(harness, tmp_pa
     expected = main.paired(dict(enumerate(accs["prompt-x2"])), dict(enumerate(accs["prompt"])))[0]
     assert prompt_x2.split(" | ")[-2] == expected
     assert expected != main.paired(dict(enumerate(accs["prompt-x2"])), dict(enumerate(accs["talora"])))[0]
+
+
+def test_a_longer_schedule_is_swept_around_the_shorter_ones_choice_and_the_next_runs_at_its_own(
+        harness, tmp_path, monkeypatch):
+    import json
+
+    _, main = harness
+    monkeypatch.setattr(main, "RATES", tmp_path / "rates.json")
+    runner = _fake_runner(main, tmp_path, grid="full")
+    six = main.Study("multitask", ("talora-x2",), "talora-x2", seeds=(0, 1))
+    # Until the 3-epoch schedule has chosen, the 6-epoch one has nothing to sweep around.
+    assert main.sweep_grid(runner, six, "talora-x2") == []
+    for lr, val in zip((1.5e-3, 5e-3, 1.5e-2, 4.5e-2), (0.5, 0.8, 0.6, 0.55)):
+        _finish(runner, runner.spec("multitask", "talora", lr, 0), val)
+    # The choice (5e-3) and its swept neighbours, not the entry's whole grid.
+    assert main.sweep_grid(runner, six, "talora-x2") == [1.5e-3, 5e-3, 1.5e-2]
+    # At 6 epochs the top neighbour wins: it is an edge of this sweep, so the usual extension follows, then seed 1.
+    ran = _fake_runs(main, runner, lambda lr, seed: 0.9 - abs(math.log(lr / 1.5e-2)) / 20)
+    main.run_study(runner, six)
+    assert [(m, lr, seed) for m, lr, seed in ran] == [
+        ("talora-x2", 1.5e-3, 0), ("talora-x2", 5e-3, 0), ("talora-x2", 1.5e-2, 0), ("talora-x2", 4.5e-2, 0),
+        ("talora-x2", 1.5e-2, 1)]  # fmt: skip
+    assert {runner.result(runner.spec("multitask", "talora-x2", 1.5e-2, 0))["spec"]["epochs"]} == {6}
+    # The 12-epoch point runs at the 6-epoch choice and pairs with those runs, though they are not a row of its own.
+    twelve = main.Study("multitask", ("talora-x4",), "talora-x4", seeds=(0, 1), rate_from="multitask")
+    assert [(s["lr"], s["epochs"]) for s in main.planned(runner, twelve)] == [(1.5e-2, 12), (1.5e-2, 12)]
+    for spec, acc in zip(main.planned(runner, twelve), (0.95, 0.97)):
+        with open(runner.path(spec), "w") as f:
+            json.dump({"spec": spec, "val_mean": acc, "test_mean": acc, "seconds": 1.0, "trainable": 1000,
+                       "description": "three tasks", "curve": [[1, acc]], "majority": {"package": 0.2},
+                       "test": {t: acc for t in ("package", "domain", "kind")}}, f)  # fmt: skip
+    text = main.report_study(_fake_runner(main, tmp_path, grid="full"), twelve, {})
+    row = next(line for line in text.splitlines() if line.startswith("| " + main.entries.ENTRIES["talora-x4"].title))
+    six_accs = {0: 0.9, 1: 0.9}
+    assert row.split(" | ")[-2] == main.paired({0: 0.95, 1: 0.97}, six_accs)[0]

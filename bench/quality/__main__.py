@@ -120,6 +120,12 @@ GRIDS["full"] = [
     # Prompt-style methods are known to want longer schedules, and the shared LoRA's curve still rose at the end.
     Study("multitask", ("talora", "talora-x2", "prompt", "prompt-x2", "shared-lora", "shared-lora-x2"), "talora",
           title="schedule: twice the epochs (multi-task)", rate_from="multitask"),  # fmt: skip
+    # The schedule study says 3 epochs are too short: the multi-task comparison again at 6, each method's rate chosen
+    # at 6 (swept around its 3-epoch choice), then a 12-epoch point at those rates to see whether 6 is enough.
+    Study("multitask", ("shared-lora-x2", "talora-x2", "prompt-x2"), "shared-lora-x2",
+          title="multi-task at 6 epochs (rates chosen at 6)"),  # fmt: skip
+    Study("multitask", ("talora-x4", "prompt-x4", "shared-lora-x4"), "talora-x4", seeds=(0, 1, 2),
+          title="schedule: 12 epochs against 6 (multi-task)", rate_from="multitask"),  # fmt: skip
 ]
 GRIDS["quick"] = [
     Study("package", ("lora", "tlora8", "head", "pissa", "adalora", "eva", "corda", "loraga", "loratrf", "full",
@@ -243,8 +249,24 @@ def _extension(swept: Sequence[float], best: float) -> Optional[float]:
     return None
 
 
+def sweep_grid(runner: Runner, study: Study, method: str) -> List[float]:
+    """The rates a sweep starts from: the entry's grid, except for a longer schedule of a method (``-x2``), which is
+    swept around what the shorter one chose on the same task (that rate and its swept neighbours; the edge rule
+    extends past them as usual), so it costs three runs rather than a sweep from nothing. Empty while the shorter
+    schedule has not chosen."""
+    entry = entries.ENTRIES[method]
+    if entry.epochs_factor == 1 or entry.base is None:
+        return sorted(entry.lrs)
+    base = sweep_state(runner, Study(study.task, (entry.base,), entry.base), entry.base)
+    if not base.complete or base.best is None:
+        return []
+    swept = sorted(base.results)
+    i = swept.index(base.best)
+    return swept[max(0, i - 1) : i + 2]
+
+
 def sweep_state(runner: Runner, study: Study, method: str) -> Sweep:
-    grid = sorted(entries.ENTRIES[method].lrs)
+    grid = sweep_grid(runner, study, method)
     results: Dict[float, float] = {}
     for lr_ in grid:
         res = runner.result(runner.spec(study.task, method, lr_, SWEEP_SEED))
@@ -289,12 +311,13 @@ def run_study(runner: Runner, study: Study) -> None:
         rates = _variant_rates(runner, study, methods)
         for m in (m for m, rate in rates.items() if rate is None):
             print(f"  (skipped {m}: {_base(m)} has no chosen rate on {study.rate_from} yet)", flush=True)
-        runner.run_all([runner.spec(study.task, m, rate, seed) for m, rate in rates.items() if rate is not None
-                        for seed in study.seeds])  # fmt: skip
+        # Seed by seed, so an interrupted study leaves paired rows.
+        runner.run_all([runner.spec(study.task, m, rate, seed) for seed in study.seeds
+                        for m, rate in rates.items() if rate is not None])  # fmt: skip
         return
 
     def sweep(m: str) -> List[Dict[str, Any]]:
-        rates = entries.ENTRIES[m].lrs
+        rates = sweep_grid(runner, study, m)
         if (recorded := _recorded(runner, study, m)) is not None:
             rates = [recorded] if seed0 in study.seeds else []
         return [runner.spec(study.task, m, lr_, seed0, **_saving(runner, study, m, lr_, seed0))
@@ -476,7 +499,7 @@ def planned(runner: Runner, study: Study) -> List[Dict[str, Any]]:
     specs: List[Dict[str, Any]] = []
     rates: Dict[str, float] = {}
     for m in methods:
-        grid = sorted(entries.ENTRIES[m].lrs)
+        grid = sweep_grid(runner, study, m) or sorted(entries.ENTRIES[_base(m)].lrs)
         recorded = _recorded(runner, study, m)
         if recorded is None:
             sweep = sweep_state(runner, study, m)
@@ -589,8 +612,9 @@ def report_study(runner: Runner, study: Study, summary: Dict[str, Any]) -> str:
     header = ["method", "trainable params", "lr (by val)", "val by epoch"]
     header += ([f"{t} test" for t in ("package", "domain", "kind")] if multitask else []) + [
         "test accuracy", f"Δ vs {entries.ENTRIES[study.reference].title} [95% CI]"]
-    # Variants of several methods side by side (the schedule study) are each also paired with their own base.
-    bases = {m: b for m in study.methods if m in entries.ENTRIES and (b := entries.ENTRIES[m].base) in study.methods}
+    # Variants of several methods side by side (the schedule studies) are each also paired with their own base, at the
+    # rate the base runs at where it chose it (the base need not be a row of this study).
+    bases = {m: b for m in study.methods if m in entries.ENTRIES and (b := entries.ENTRIES[m].base) is not None}
     by_base = study.rate_from is not None and set(bases.values()) != {study.reference}
     header += ["Δ vs its base [95% CI]"] if by_base else []
     header += ["time / run"]
@@ -611,7 +635,8 @@ def report_study(runner: Runner, study: Study, summary: Dict[str, Any]) -> str:
             row += [_mean_std([r["test"][t] for r in res.values()]) for t in ("package", "domain", "kind")]
         row += [_mean_std(list(accs.values())) + f" (n={len(accs)})", diff]
         if by_base:
-            base_acc = {s: r["test_mean"] for s, r in _finals(runner, study, bases[m])[1].items()} if m in bases else {}
+            base_runs = _base_finals(runner, study, bases[m]) if m in bases else {}
+            base_acc = {s: r["test_mean"] for s, r in base_runs.items()}
             row.append(paired(accs, base_acc)[0] if base_acc else "")
         row.append(f"{statistics.median(r['seconds'] for r in res.values()):.0f} s")
         rows.append(row)
@@ -643,6 +668,12 @@ def report_study(runner: Runner, study: Study, summary: Dict[str, Any]) -> str:
         if not runner.args.no_write:
             _plot(points, study, runner)
     return text
+
+
+def _base_finals(runner: Runner, study: Study, base: str) -> Dict[int, Dict[str, Any]]:
+    """A variant's base's runs on this study's seeds, at the rate the variant runs at (the base's own choice)."""
+    assert study.rate_from is not None
+    return _finals(runner, Study(study.rate_from, (base,), base, study.seeds), base)[1]
 
 
 def _against_best_peer(runner: Runner, study: Study) -> str:

@@ -314,6 +314,10 @@ for _name, _what, _fields in [
 for _name in ("talora", "prompt", "shared-lora"):
     ENTRIES[f"{_name}-x2"] = dataclasses.replace(ENTRIES[_name], name=f"{_name}-x2", epochs_factor=2, base=_name,
                                                  title=ENTRIES[_name].title + ", twice the epochs")  # fmt: skip
+    # Four times, at the rate the twice-the-epochs schedule chose (is 6 epochs enough?).
+    ENTRIES[f"{_name}-x4"] = dataclasses.replace(ENTRIES[_name], name=f"{_name}-x4", epochs_factor=4,
+                                                 base=f"{_name}-x2",
+                                                 title=ENTRIES[_name].title + ", four times the epochs")  # fmt: skip
 
 # TLoRA's own choices (issue 13, item 6), each one change from "tlora8" (64 examples, reference scaling, sequence
 # centring, the reference's score), run at tlora8's chosen rate.
