@@ -291,3 +291,16 @@ def test_a_longer_schedule_is_swept_around_the_shorter_ones_choice_and_the_next_
     row = next(line for line in text.splitlines() if line.startswith("| " + main.entries.ENTRIES["talora-x4"].title))
     six_accs = {0: 0.9, 1: 0.9}
     assert row.split(" | ")[-2] == main.paired({0: 0.95, 1: 0.97}, six_accs)[0]
+
+
+def test_a_tie_in_validation_accuracy_goes_to_the_lower_rate_whatever_the_last_bit(harness, tmp_path, monkeypatch):
+    _, main = harness
+    monkeypatch.setattr(main, "RATES", tmp_path / "rates.json")
+    runner = _fake_runner(main, tmp_path, grid="full")
+    # (0.8083 + 0.85 + 0.6667) / 3 and (0.7917 + 0.8167 + 0.7167) / 3: the same 93 of 120, apart in the last bit.
+    vals = {3e-4: 0.5, 1e-3: 0.775, 3e-3: 0.7749999999999999 + 2.3e-16}
+    for lr, val in vals.items():
+        _finish(runner, runner.spec("package", "lora", lr, 0), val)
+    assert vals[3e-3] > vals[1e-3]
+    state = main.sweep_state(runner, main.Study("package", ("lora",), "lora"), "lora")
+    assert state.best == 1e-3 and state.complete and state.pending is None

@@ -7,7 +7,8 @@ How a study runs (one task, several methods):
 
 1. **Sweep** — each method trains once (seed 0) at each rate of its grid; the rate with the best *validation*
    accuracy (15% carved from the training split) is chosen. A best rate at the edge of what was swept gets one more
-   point past that edge, up to three times (a rate still at the edge is marked so). The test split is never read
+   point past that edge, up to three times (a rate still at the edge is marked so); a longer schedule of a method
+   (``-x2``) sweeps only the rate the shorter one chose and its two swept neighbours. The test split is never read
    for a choice. Each choice is recorded, with every swept rate's validation accuracy, in
    ``bench/quality/rates.json``: the default grid runs its seeds at the recorded rates without sweeping again, while
    ``--sweep`` (and the full grid, always) chooses again and records the new choices.
@@ -37,9 +38,10 @@ rates, 101 runs — takes about 1.7–2.6 hours on such a machine; with ``--swee
 ``--seeds 5,6`` adds seeds to a finished study). ``--grid full`` sweeps every rate and adds AdaLoRA, LoRA-GA, full
 fine-tuning, the head alone, DoRA, LoRA r = 4, PEFT's LoRA, multitask prompt tuning, prompt tuning's and TA-LoRA's
 transfer with its shared weights trained, the SymPy task (TLoRA's Fisher score among its methods: the second task on
-which that choice is checked), the variant studies of TLoRA's and TA-LoRA's own choices, and the schedule study
-(TA-LoRA, prompt tuning and the shared LoRA at twice the epochs): most of a day from nothing (``--plan --grid full``
-says how long).
+which that choice is checked), the variant studies of TLoRA's and TA-LoRA's own choices, the schedule study
+(TA-LoRA, prompt tuning and the shared LoRA at twice the epochs, at their 3-epoch rates), the multi-task comparison
+at 6 epochs with each rate chosen at 6, and a 12-epoch point at those rates (is 6 enough?): most of a day from
+nothing (``--plan --grid full`` says how long).
 On a GPU the same grid runs unchanged (one run at a time, all of it on the GPU).
 """
 
@@ -249,6 +251,12 @@ def _extension(swept: Sequence[float], best: float) -> Optional[float]:
     return None
 
 
+def _val(res: Dict[str, Any]) -> float:
+    # A mean of per-task accuracies: the same counts of correct examples can differ in the last bit, and a tie must
+    # stay a tie (it goes to the lower rate).
+    return round(res["val_mean"], 9)
+
+
 def sweep_grid(runner: Runner, study: Study, method: str) -> List[float]:
     """The rates a sweep starts from: the entry's grid, except for a longer schedule of a method (``-x2``), which is
     swept around what the shorter one chose on the same task (that rate and its swept neighbours; the edge rule
@@ -271,7 +279,7 @@ def sweep_state(runner: Runner, study: Study, method: str) -> Sweep:
     for lr_ in grid:
         res = runner.result(runner.spec(study.task, method, lr_, SWEEP_SEED))
         if res is not None:
-            results[lr_] = res["val_mean"]
+            results[lr_] = _val(res)
     if not results:
         return Sweep(results, None, None, False, False)
     # Ties go to the lower rate; an extension must beat the best so far outright to take its place.
@@ -290,9 +298,9 @@ def sweep_state(runner: Runner, study: Study, method: str) -> Sweep:
             if _key(spec) in runner.attempted:
                 return Sweep(results, best, None, True, True)
             return Sweep(results, best, ext, False, False)
-        results[ext] = res["val_mean"]
+        results[ext] = _val(res)
         swept = sorted(swept + [ext])
-        if res["val_mean"] > results[best]:
+        if results[ext] > results[best]:
             best = ext
     return Sweep(results, best, None, True, _extension(swept, best) is not None)
 
