@@ -85,10 +85,13 @@ def _fake_runner(main, tmp_path, grid="default", sweep=False):
 
 
 def _finish(runner, spec, val, seconds=100.0):
+    """A finished run as the unit writes it (the fields the report reads), with test accuracy equal to ``val``."""
     import json
 
     with open(runner.path(spec), "w") as f:
-        json.dump({"spec": spec, "val_mean": val, "test_mean": val, "seconds": seconds}, f)
+        json.dump({"spec": spec, "val_mean": val, "test_mean": val, "seconds": seconds, "trainable": 1000,
+                   "description": "three tasks", "curve": [[1, val]], "majority": {"package": 0.2},
+                   "test": {t: val for t in ("package", "domain", "kind")}}, f)  # fmt: skip
 
 
 def test_default_grid_runs_its_seeds_at_the_rates_a_sweep_recorded(harness, tmp_path, monkeypatch):
@@ -229,8 +232,6 @@ def test_a_rate_still_at_the_edge_after_every_extension_is_marked_and_a_failed_o
 
 
 def test_the_schedule_study_pairs_each_variant_with_its_own_base(harness, tmp_path, monkeypatch):
-    import json
-
     _, main = harness
     monkeypatch.setattr(main, "RATES", tmp_path / "rates.json")
     runner = _fake_runner(main, tmp_path, grid="full")
@@ -243,11 +244,7 @@ def test_the_schedule_study_pairs_each_variant_with_its_own_base(harness, tmp_pa
     for method, values in accs.items():
         rate = main.best_lr(runner, study, method)
         for seed, acc in enumerate(values):
-            spec = runner.spec("multitask", method, rate, seed)
-            with open(runner.path(spec), "w") as f:
-                json.dump({"spec": spec, "val_mean": acc, "test_mean": acc, "seconds": 1.0, "trainable": 1000,
-                           "description": "three tasks", "curve": [[1, acc]], "majority": {"package": 0.2},
-                           "test": {t: acc for t in ("package", "domain", "kind")}}, f)  # fmt: skip
+            _finish(runner, runner.spec("multitask", method, rate, seed), acc)
     text = main.report_study(_fake_runner(main, tmp_path, grid="full"), study, {})  # a fresh one reads the files anew
     header = next(line for line in text.splitlines() if line.startswith("| method"))
     assert header.split(" | ")[-2] == "Δ vs its base [95% CI]"
@@ -260,8 +257,6 @@ def test_the_schedule_study_pairs_each_variant_with_its_own_base(harness, tmp_pa
 
 def test_a_longer_schedule_is_swept_around_the_shorter_ones_choice_and_the_next_runs_at_its_own(
         harness, tmp_path, monkeypatch):
-    import json
-
     _, main = harness
     monkeypatch.setattr(main, "RATES", tmp_path / "rates.json")
     runner = _fake_runner(main, tmp_path, grid="full")
@@ -278,18 +273,15 @@ def test_a_longer_schedule_is_swept_around_the_shorter_ones_choice_and_the_next_
     assert [(m, lr, seed) for m, lr, seed in ran] == [
         ("talora-x2", 1.5e-3, 0), ("talora-x2", 5e-3, 0), ("talora-x2", 1.5e-2, 0), ("talora-x2", 4.5e-2, 0),
         ("talora-x2", 1.5e-2, 1)]  # fmt: skip
-    assert {runner.result(runner.spec("multitask", "talora-x2", 1.5e-2, 0))["spec"]["epochs"]} == {6}
+    assert runner.result(runner.spec("multitask", "talora-x2", 1.5e-2, 0))["spec"]["epochs"] == 6
     # The 12-epoch point runs at the 6-epoch choice and pairs with those runs, though they are not a row of its own.
     twelve = main.Study("multitask", ("talora-x4",), "talora-x4", seeds=(0, 1), rate_from="multitask")
     assert [(s["lr"], s["epochs"]) for s in main.planned(runner, twelve)] == [(1.5e-2, 12), (1.5e-2, 12)]
     for spec, acc in zip(main.planned(runner, twelve), (0.95, 0.97)):
-        with open(runner.path(spec), "w") as f:
-            json.dump({"spec": spec, "val_mean": acc, "test_mean": acc, "seconds": 1.0, "trainable": 1000,
-                       "description": "three tasks", "curve": [[1, acc]], "majority": {"package": 0.2},
-                       "test": {t: acc for t in ("package", "domain", "kind")}}, f)  # fmt: skip
+        _finish(runner, spec, acc)
     text = main.report_study(_fake_runner(main, tmp_path, grid="full"), twelve, {})
     row = next(line for line in text.splitlines() if line.startswith("| " + main.entries.ENTRIES["talora-x4"].title))
-    six_accs = {0: 0.9, 1: 0.9}
+    six_accs = {0: 0.9, 1: 0.9}  # the stand-in's accuracy at 1.5e-2, on both seeds
     assert row.split(" | ")[-2] == main.paired({0: 0.95, 1: 0.97}, six_accs)[0]
 
 

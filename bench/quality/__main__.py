@@ -251,6 +251,11 @@ def _extension(swept: Sequence[float], best: float) -> Optional[float]:
     return None
 
 
+def _alone(task: str, method: str, seeds: Tuple[int, ...] = SEEDS) -> Study:
+    """The study in which ``method`` chose its own rate on ``task`` (a variant's base, a shorter schedule)."""
+    return Study(task, (method,), method, seeds)
+
+
 def _val(res: Dict[str, Any]) -> float:
     # A mean of per-task accuracies: the same counts of correct examples can differ in the last bit, and a tie must
     # stay a tie (it goes to the lower rate).
@@ -265,7 +270,7 @@ def sweep_grid(runner: Runner, study: Study, method: str) -> List[float]:
     entry = entries.ENTRIES[method]
     if entry.epochs_factor == 1 or entry.base is None:
         return sorted(entry.lrs)
-    base = sweep_state(runner, Study(study.task, (entry.base,), entry.base), entry.base)
+    base = sweep_state(runner, _alone(study.task, entry.base), entry.base)
     if not base.complete or base.best is None:
         return []
     swept = sorted(base.results)
@@ -392,7 +397,7 @@ def _recorded(runner: Runner, study: Study, method: str) -> Optional[float]:
 def best_lr(runner: Runner, study: Study, method: str) -> Optional[float]:
     if study.rate_from is not None:
         source = _base(method)
-        return best_lr(runner, Study(study.rate_from, (source,), source, study.seeds), source)
+        return best_lr(runner, _alone(study.rate_from, source, study.seeds), source)
     recorded = _recorded(runner, study, method)
     if recorded is not None:
         return recorded
@@ -507,7 +512,7 @@ def planned(runner: Runner, study: Study) -> List[Dict[str, Any]]:
     specs: List[Dict[str, Any]] = []
     rates: Dict[str, float] = {}
     for m in methods:
-        grid = sweep_grid(runner, study, m) or sorted(entries.ENTRIES[_base(m)].lrs)
+        grid = sweep_grid(runner, study, m) or sorted(entries.ENTRIES[m].lrs)
         recorded = _recorded(runner, study, m)
         if recorded is None:
             sweep = sweep_state(runner, study, m)
@@ -681,7 +686,7 @@ def report_study(runner: Runner, study: Study, summary: Dict[str, Any]) -> str:
 def _base_finals(runner: Runner, study: Study, base: str) -> Dict[int, Dict[str, Any]]:
     """A variant's base's runs on this study's seeds, at the rate the variant runs at (the base's own choice)."""
     assert study.rate_from is not None
-    return _finals(runner, Study(study.rate_from, (base,), base, study.seeds), base)[1]
+    return _finals(runner, _alone(study.rate_from, base, study.seeds), base)[1]
 
 
 def _against_best_peer(runner: Runner, study: Study) -> str:
