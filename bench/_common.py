@@ -59,6 +59,15 @@ def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> floa
     return statistics.median(times)
 
 
+def read_section(name: str) -> str:
+    """The body of this benchmark's section of RESULTS.md, empty when there is none."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    text = RESULTS.read_text() if RESULTS.exists() else ""
+    if begin not in text or end not in text:
+        return ""
+    return text[text.index(begin) + len(begin) : text.index(end)]
+
+
 def write_section(name: str, body: str) -> None:
     """Replace (or append) the section between this benchmark's markers in RESULTS.md."""
     begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"

@@ -79,8 +79,9 @@ def test_tasks_split_without_overlap_and_transfer_task_is_a_property_of_the_visi
 def _fake_runner(main, tmp_path, grid="default", sweep=False):
     import argparse
 
-    args = argparse.Namespace(grid=grid, sweep=sweep, runs=str(tmp_path / "runs"), epochs=3, max_length=64, limit=0,
-                              workers=2, methods="", tasks="", no_write=True)  # fmt: skip
+    args = argparse.Namespace(grid=grid, sweep=sweep, runs=str(tmp_path / "runs"), work=str(tmp_path / "work"),
+                              epochs=3, max_length=64, limit=0, workers=2, methods="", tasks="",
+                              no_write=True)  # fmt: skip
     return main.Runner(args)
 
 
@@ -223,7 +224,7 @@ def test_a_rate_still_at_the_edge_after_every_extension_is_marked_and_a_failed_o
     assert chosen["edge"] is True and chosen["rate"] == pytest.approx(3e-3 * 3**main.MAX_EXTENSIONS)
     assert main._rate_note(runner, study, "lora") == " (edge)"
     # A diverging extension (no result) ends the search at the edge it had reached; the seeds still run.
-    other = _fake_runner(main, tmp_path / "other", grid="full")
+    other = _fake_runner(main, tmp_path / "other", grid="full", sweep=True)  # the choice above is recorded now
     ran = _fake_runs(main, other, lambda lr, seed: 0.5 + lr, fails=(pytest.approx(9e-3),))
     main.run_study(other, study)
     assert ran[-1] == ("lora", 3e-3, 1)
@@ -296,3 +297,53 @@ def test_a_tie_in_validation_accuracy_goes_to_the_lower_rate_whatever_the_last_b
     assert vals[3e-3] > vals[1e-3]
     state = main.sweep_state(runner, main.Study("package", ("lora",), "lora"), "lora")
     assert state.best == 1e-3 and state.complete and state.pending is None
+
+
+def test_the_full_grid_runs_at_recorded_rates_and_keeps_logs_and_adapters_out_of_the_records(
+        harness, tmp_path, monkeypatch):
+    _, main = harness
+    monkeypatch.setattr(main, "RATES", tmp_path / "rates.json")
+    sweeper = _fake_runner(main, tmp_path / "a", grid="full", sweep=True)
+    for lr, val in zip((1.5e-3, 5e-3, 1.5e-2), (0.5, 0.8, 0.6)):
+        _finish(sweeper, sweeper.spec("multitask", "talora", lr, 0), val)
+    main.record(sweeper, [main.Study("multitask", ("talora",), "talora")])
+    # A fresh clone's full grid (no runs, no --sweep): the recorded choice stands, and a rate_from study (the 24-epoch
+    # point) runs at it rather than waiting for a sweep whose runs are not there.
+    fresh = _fake_runner(main, tmp_path / "b", grid="full")
+    study = main.Study("multitask", ("talora-x8",), "talora-x2", seeds=(0, 1), rate_from="multitask")
+    monkeypatch.setitem(fresh.recorded, "multitask/talora-x2", {"rate": 1.5e-2, "validation": {}})
+    assert [(s["lr"], s["epochs"]) for s in main.planned(fresh, study)] == [(1.5e-2, 24), (1.5e-2, 24)]
+    assert main.best_lr(fresh, main.Study("multitask", ("talora",), "talora"), "talora") == 5e-3
+    # Records go to --runs (committed), everything else to --work.
+    spec = fresh.spec("multitask", "talora", 5e-3, 1)
+    assert fresh.path(spec).parent == tmp_path / "b" / "runs"
+    assert fresh.log_path(spec).parent == tmp_path / "b" / "work" / "default"
+    transfer = main.Study("multitask", ("talora",), "talora", transfer=("talora",))
+    assert main.saved_path(fresh, transfer, "talora", 5e-3, 1).startswith(str(tmp_path / "b" / "work"))
+    # The quick grid's records stay out of the repository.
+    quick = _fake_runner(main, tmp_path / "c", grid="quick")
+    assert quick.path(spec).is_relative_to(tmp_path / "c" / "work")
+
+
+def test_a_table_whose_runs_have_no_records_is_kept_marked_and_one_with_records_is_rebuilt(
+        harness, tmp_path, monkeypatch):
+    _, main = harness
+    monkeypatch.setattr(main, "RATES", tmp_path / "rates.json")
+    runner = _fake_runner(main, tmp_path, grid="full")
+    with_runs = main.Study("package", ("lora",), "lora", seeds=(0, 1), title="rebuilt")
+    without = main.Study("sympy", ("lora",), "lora", seeds=(0, 1), title="kept")
+    never = main.Study("sympy", ("eva",), "eva", seeds=(0,), title="never run")
+    for lr, val in zip((3e-4, 1e-3, 3e-3), (0.5, 0.8, 0.6)):
+        _finish(runner, runner.spec("package", "lora", lr, 0), val)
+    _finish(runner, runner.spec("package", "lora", 1e-3, 1), 0.7)
+    last = main.subsections("intro\n\n### rebuilt\n\nan old table\n\n### kept\n\n| the | old |\n\n"
+                            + main.NOT_RUN + "something.\n")  # fmt: skip
+    assert last == {"### rebuilt": "### rebuilt\n\nan old table", "### kept": "### kept\n\n| the | old |"}
+    body, _, kept = main.report(runner, [with_runs, without, never], last)
+    assert kept == ["### kept"]
+    assert "an old table" not in body and "| the | old |\n\n" + main.KEPT in body
+    assert body.endswith(main.NOT_RUN + "never run.")
+    # Written and read again, a kept table is kept once more with one mark, not two.
+    again = main.subsections(body)
+    assert again["### kept"] == last["### kept"]
+    assert main.report(runner, [with_runs, without], again)[0].count(main.KEPT) == 1

@@ -10,8 +10,8 @@ How a study runs (one task, several methods):
    point past that edge, up to three times (a rate still at the edge is marked so); a longer schedule of a method
    (``-x2``) sweeps only the rate the shorter one chose and its two swept neighbours. The test split is never read
    for a choice. Each choice is recorded, with every swept rate's validation accuracy, in
-   ``bench/quality/rates.json``: the default grid runs its seeds at the recorded rates without sweeping again, while
-   ``--sweep`` (and the full grid, always) chooses again and records the new choices.
+   ``bench/quality/rates.json``: a method whose choice is recorded runs its seeds at that rate without sweeping
+   again, while ``--sweep`` (and the quick grid, always) chooses again and records the new choices.
 2. **Seeds** — the chosen rate runs on seeds 1–4 as well (5 seeds with the sweep's seed 0). A seed fixes the head's
    init, the adapter's random init, dropout and the data order, and is shared by every method, so differences are
    paired: each row reports its mean ± std and its mean paired difference from the study's reference (LoRA r = 8, or
@@ -20,9 +20,12 @@ How a study runs (one task, several methods):
    examples of the held-out ``returns`` task for a fixed 200 steps (a fixed number of epochs would give the
    16-example runs a dozen steps), against a fresh LoRA; TA-LoRA also with ``add_task(train_shared=True)``.
 
-Every run is a subprocess with a time limit that writes one JSON file under ``bench/quality-runs/``; an interrupted
-sweep resumes where it stopped (finished runs are not repeated), and ``--report`` rebuilds the tables from the files.
-Each run records its validation curve (accuracy after each epoch), its trainable parameters and wall time.
+Every run is a subprocess with a time limit that writes one JSON record under ``bench/quality/runs/`` (committed
+with the tables; its log and saved adapters go to ``bench/quality-runs/``, which is not); an interrupted sweep
+resumes where it stopped (finished runs are not repeated), and ``--report`` rebuilds the tables from the records.
+Each run records its validation curve (accuracy after each epoch), its trainable parameters and wall time. A table
+whose runs have no records here (runs from before the records were committed) is kept as the last report wrote
+it, marked so, rather than dropped; a report that would drop a table refuses unless ``--force``.
 
 Cost, measured on 2 CPU cores (two runs side by side, one thread each; 64 tokens, 3 epochs — the validation curves
 in the tables show how far each run got; three epochs leave the multi-task methods short of converged, as the
@@ -35,13 +38,13 @@ The default grid — the package study (8 methods), the learnability check, the 
 tuning, one shared LoRA) and few-shot transfer (TA-LoRA, the shared LoRA, a fresh LoRA), 5 seeds each at the recorded
 rates, 101 runs — takes about 1.7–2.6 hours on such a machine; with ``--sweep``, 125 runs and 2.3–3.4 hours.
 ``--tasks``/``--methods`` select parts and ``--seeds 0,1,2`` trims it (sweeps always train on seed 0, so
-``--seeds 5,6`` adds seeds to a finished study). ``--grid full`` sweeps every rate and adds AdaLoRA, LoRA-GA, full
+``--seeds 5,6`` adds seeds to a finished study). ``--grid full`` adds AdaLoRA, LoRA-GA, full
 fine-tuning, the head alone, DoRA, LoRA r = 4, PEFT's LoRA, multitask prompt tuning, prompt tuning's and TA-LoRA's
 transfer with its shared weights trained, the SymPy task (TLoRA's Fisher score among its methods: the second task on
 which that choice is checked), the variant studies of TLoRA's and TA-LoRA's own choices, the schedule study
 (TA-LoRA, prompt tuning and the shared LoRA at twice the epochs, at their 3-epoch rates), the multi-task comparison
-at 6 epochs with each rate chosen at 6, and a 12-epoch point at those rates (is 6 enough?): most of a day from
-nothing (``--plan --grid full`` says how long).
+at 6 epochs with each rate chosen at 6, a 12-epoch point at those rates (is 6 enough?) and TA-LoRA at 24 epochs
+(is 12?): most of a day from nothing (``--plan --grid full`` says how long).
 On a GPU the same grid runs unchanged (one run at a time, all of it on the GPU).
 """
 
@@ -64,12 +67,17 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 import entries  # noqa: E402
-from _common import machine, table, write_section  # noqa: E402
+from _common import machine, read_section, table, write_section  # noqa: E402
 from unit import TRANSFER_BATCH, TRANSFER_STEPS, transfer_epochs  # noqa: E402
 
-RUNS = HERE.parent / "quality-runs"
+# Each finished run's record (its spec, accuracies, curve, parameters and time): committed with the tables, so
+# ``--report`` rebuilds them on a fresh clone and a lost working directory loses no evidence.
+RUNS = HERE / "runs"
+# What a run leaves besides its record: its log, a failure marker, the adapters saved for few-shot transfer. Not
+# committed (adapters are megabytes; a log says nothing once the record exists).
+WORK = HERE.parent / "quality-runs"
 # The rate each (study, method) chose on validation in its last sweep, with every swept rate's validation accuracy,
-# and the fastest and median seconds of each kind of run: the default grid runs its seeds at these rates instead of
+# and the fastest and median seconds of each kind of run: without --sweep, seeds run at these rates instead of
 # sweeping again, and --plan estimates from the times.
 RATES = HERE / "rates.json"
 SEEDS = (0, 1, 2, 3, 4)
@@ -128,6 +136,9 @@ GRIDS["full"] = [
           title="multi-task at 6 epochs (rates chosen at 6)"),  # fmt: skip
     Study("multitask", ("talora-x4", "prompt-x4", "shared-lora-x4"), "talora-x4", seeds=(0, 1, 2),
           title="schedule: 12 epochs against 6 (multi-task)", rate_from="multitask"),  # fmt: skip
+    # 12 epochs still beat 6 for every method: TA-LoRA (the cheapest of the three) once more at 24.
+    Study("multitask", ("talora-x2", "talora-x4", "talora-x8"), "talora-x2", seeds=(0, 1, 2),
+          title="schedule: TA-LoRA at 6, 12 and 24 epochs (multi-task)", rate_from="multitask"),  # fmt: skip
 ]
 GRIDS["quick"] = [
     Study("package", ("lora", "tlora8", "head", "pissa", "adalora", "eva", "corda", "loraga", "loratrf", "full",
@@ -151,16 +162,20 @@ class Runner:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         # A run's result depends on its spec alone, so the default and full grids share one directory (the full grid
-        # reuses the default's runs); the quick grid's slivers of data keep their own.
-        self.dir = Path(args.runs) / ("quick" if args.grid == "quick" else "default")
+        # reuses the default's runs); the quick grid's slivers of data keep theirs in the working directory, out of
+        # the repository.
+        quick = args.grid == "quick"
+        self.work = Path(args.work) / ("quick" if quick else "default")
+        self.dir = self.work / "runs" if quick else Path(args.runs)
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.work.mkdir(parents=True, exist_ok=True)
         self._results: Dict[Path, Dict[str, Any]] = {}
         # Runs started by this invocation: one that failed is not started again until the next invocation.
         self.attempted: Set[str] = set()
         self.done = 0
         self.started = time.perf_counter()
         # The quick grid's slivers of data are another task, so recorded rates never apply to it.
-        self.sweeping = args.sweep or args.grid != "default"
+        self.sweeping = args.sweep or quick
         # Rates and times recorded at other settings (another --epochs or --max-length) do not apply.
         record = load_record(_settings(args)) if args.grid != "quick" else {"rates": {}, "seconds": {}}
         self.recorded: Dict[str, Dict[str, Any]] = record["rates"]
@@ -168,6 +183,9 @@ class Runner:
 
     def path(self, spec: Dict[str, Any]) -> Path:
         return self.dir / (_key(spec).replace("/", "__") + ".json")
+
+    def log_path(self, spec: Dict[str, Any], suffix: str = ".log") -> Path:
+        return self.work / (_key(spec).replace("/", "__") + suffix)
 
     def result(self, spec: Dict[str, Any]) -> Optional[Dict[str, Any]]:
         # Finished runs never change, so each file is read once (the report asks for the same runs many times).
@@ -192,7 +210,7 @@ class Runner:
             while todo and len(running) < self.args.workers:
                 spec = todo.pop(0)
                 self.attempted.add(_key(spec))
-                log = open(self.path(spec).with_suffix(".log"), "w")
+                log = open(self.log_path(spec), "w")
                 cmd = [sys.executable, str(HERE), "--unit", json.dumps(spec), "--out", str(self.path(spec)),
                        "--threads", str(self.args.threads)]  # fmt: skip
                 running.append((spec, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), time.time(), log))
@@ -211,9 +229,9 @@ class Runner:
                 elapsed = (time.perf_counter() - self.started) / 60
                 if res is None:
                     why = "over its time limit" if timed_out else f"exit {proc.returncode}"
-                    log_path = self.path(spec).with_suffix(".log")
+                    log_path = self.log_path(spec)
                     print(f"[{elapsed:5.1f} min] {_key(spec):<40} FAILED ({why}); see {log_path}", flush=True)
-                    with open(self.path(spec).with_suffix(".failed"), "w") as f:
+                    with open(self.log_path(spec, ".failed"), "w") as f:
                         f.write(why)
                 else:
                     curve = " ".join(f"{100 * c[1]:.0f}" for c in res["curve"] if c[1] is not None)
@@ -363,7 +381,7 @@ def run_study(runner: Runner, study: Study) -> None:
 
 
 def saved_path(runner: Runner, study: Study, method: str, lr: float, seed: int) -> str:
-    return str(runner.dir / "saved" / f"{study.task}-{method}-lr{lr:g}-s{seed}")
+    return str(runner.work / "saved" / f"{study.task}-{method}-lr{lr:g}-s{seed}")
 
 
 def _saving(runner: Runner, study: Study, method: str, lr: float, seed: int) -> Dict[str, str]:
@@ -386,8 +404,8 @@ def _rate_key(study: Study, method: str) -> str:
 
 
 def _recorded(runner: Runner, study: Study, method: str) -> Optional[float]:
-    """The rate recorded by the last sweep, when this invocation does not sweep (the default grid without
-    ``--sweep``); None means sweep."""
+    """The rate recorded by the last sweep, when this invocation does not sweep (no ``--sweep``, not the quick
+    grid); None means sweep."""
     if runner.sweeping or study.rate_from is not None:
         return None
     entry = runner.recorded.get(_rate_key(study, method))
@@ -465,24 +483,24 @@ def timing_key(spec: Dict[str, Any]) -> str:
 
 def record(runner: Runner, studies: Sequence[Study], path: Optional[Path] = None) -> None:
     """Write what the finished runs say: each swept (study, method)'s chosen rate with every swept rate's validation
-    accuracy (only a complete sweep is recorded), and the fastest and median seconds of each kind of run."""
+    accuracy (only a complete sweep is recorded; a recorded choice is replaced only under ``--sweep``), and the
+    fastest and median seconds of each kind of run."""
     path = path or RATES
     out = load_record(_settings(runner.args), path)
-    if runner.sweeping:
-        for study in studies:
-            if study.rate_from is not None:
+    for study in studies:
+        if study.rate_from is not None:
+            continue
+        for m in study.methods:
+            if m not in entries.ENTRIES or _recorded(runner, study, m) is not None:
                 continue
-            for m in study.methods:
-                if m not in entries.ENTRIES:
-                    continue
-                sweep = sweep_state(runner, study, m)
-                if not sweep.complete:
-                    continue
-                validation = {f"{k:g}": round(v, 4) for k, v in sorted(sweep.results.items())}
-                chosen: Dict[str, Any] = {"rate": sweep.best, "validation": validation}
-                if sweep.edge:
-                    chosen["edge"] = True
-                out["rates"][_rate_key(study, m)] = chosen
+            sweep = sweep_state(runner, study, m)
+            if not sweep.complete:
+                continue
+            validation = {f"{k:g}": round(v, 4) for k, v in sorted(sweep.results.items())}
+            chosen: Dict[str, Any] = {"rate": sweep.best, "validation": validation}
+            if sweep.edge:
+                chosen["edge"] = True
+            out["rates"][_rate_key(study, m)] = chosen
     times: Dict[str, List[float]] = {}
     for file in runner.dir.glob("*.json"):
         with open(file) as f:
@@ -739,7 +757,7 @@ def report_transfer(runner: Runner, study: Study) -> str:
     if not rows or majority is None:
         return ""
     return (
-        f"### Few-shot transfer to the held-out task (`returns`, majority class {_pct(majority)}%)\n\n"
+        f"{TRANSFER_HEADING} (`returns`, majority class {_pct(majority)}%)\n\n"
         "Each seed's multi-task run continues on k examples (TA-LoRA: `add_task`, mean init; the others: the task "
         f"prefix `task: returns.`) for {TRANSFER_STEPS} steps at batch {TRANSFER_BATCH} "
         f"({TRANSFER_STEPS * TRANSFER_BATCH} / k epochs), at the rate chosen for it in the multi-task study. "
@@ -785,23 +803,58 @@ def _plot(points, study: Study, runner: Runner) -> None:
     plt.close(fig)
 
 
-def report(runner: Runner, studies: Sequence[Study]) -> Tuple[str, Dict[str, Any]]:
+TRANSFER_HEADING = "### Few-shot transfer to the held-out task"
+NOT_RUN = "Not run yet (no finished runs): "
+KEPT = ("_Kept as the last report wrote it: the runs behind this table have no records in `bench/quality/runs/` "
+        "(they ran before the records were committed), so it was not rebuilt._")  # fmt: skip
+
+
+def subsections(section: str) -> Dict[str, str]:
+    """The tables of a written quality section, by heading line (each with what follows it up to the next heading),
+    without the section's closing "not run yet" line and without a kept table's mark."""
+    out: Dict[str, str] = {}
+    heading = None
+    for line in section.splitlines():
+        if line.startswith("### "):
+            heading = line
+            out[heading] = ""
+        elif heading is not None and not line.startswith(NOT_RUN) and line != KEPT:
+            out[heading] += line + "\n"
+    return {h: (h + "\n" + body).strip() for h, body in out.items()}
+
+
+def report(
+    runner: Runner, studies: Sequence[Study], last: Optional[Dict[str, str]] = None
+) -> Tuple[str, Dict[str, Any], List[str]]:
+    """The tables of every study with finished runs. A study with none keeps its table from ``last`` (the section
+    as written before, by heading), marked as kept; returns the body, the summary and the kept headings."""
+    last = last or {}
     summary: Dict[str, Any] = {}
     parts = []
     missing = []
+    kept = []
+
+    def old(match: Any) -> Optional[str]:
+        heading = next((h for h in last if match(h)), None)
+        if heading is None:
+            return None
+        kept.append(heading)
+        return last[heading] + "\n\n" + KEPT
+
     for study in studies:
-        text = report_study(runner, study, summary)
+        title = study.title or study.task
+        text = report_study(runner, study, summary) or old(lambda h: h == f"### {title}")
         if text:
             parts.append(text)
         else:
-            missing.append(study.title or study.task)
+            missing.append(title)
         if study.transfer:
-            transfer = report_transfer(runner, study)
+            transfer = report_transfer(runner, study) or old(lambda h: h.startswith(TRANSFER_HEADING))
             if transfer:
                 parts.append(transfer)
     if missing:
-        parts.append("Not run yet (no finished runs): " + "; ".join(missing) + ".")
-    return "\n\n".join(parts), summary
+        parts.append(NOT_RUN + "; ".join(missing) + ".")
+    return "\n\n".join(parts), summary, kept
 
 
 def main() -> None:
@@ -818,10 +871,14 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0, help="runs side by side (default: 1 on a GPU, 2 on CPU)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per run (default: cores / workers)")
     parser.add_argument("--run-limit", type=float, default=1800, help="seconds before a run is killed")
-    parser.add_argument("--runs", default=str(RUNS), help="where each run's JSON goes (resume reads it)")
-    parser.add_argument("--sweep", action="store_true", help="choose every rate again on validation (the default "
-                        f"grid otherwise runs its seeds at the rates recorded in bench/quality/{RATES.name}; the "
-                        "full and quick grids always sweep)")  # fmt: skip
+    parser.add_argument("--runs", default=str(RUNS), help="where each finished run's record goes (resume and --report "
+                        "read them; committed with the tables)")  # fmt: skip
+    parser.add_argument("--work", default=str(WORK), help="where logs, failure markers and saved adapters go")
+    parser.add_argument("--sweep", action="store_true", help="choose every rate again on validation (otherwise a "
+                        f"method whose choice is recorded in bench/quality/{RATES.name} runs its seeds at that rate; "
+                        "the quick grid always sweeps)")  # fmt: skip
+    parser.add_argument("--force", action="store_true", help="let the report replace tables in RESULTS.md that it "
+                        "cannot rebuild (by default it refuses, or keeps a table whose runs have no records here)")
     parser.add_argument("--plan", action="store_true", help="print the runs left to do and their expected time; "
                         "run nothing")  # fmt: skip
     parser.add_argument("--report", action="store_true", help="only rebuild the tables from finished runs")
@@ -861,8 +918,13 @@ def main() -> None:
             run_study(runner, study)
             if study.transfer:
                 run_transfer(runner, study)
-    # The tables cover every study of the grid that has finished runs, not only those this invocation ran.
-    body, summary = report(runner, GRIDS[args.grid])
+    # The tables cover every study of the grid that has finished runs, not only those this invocation ran; one with no
+    # records keeps what the last report wrote.
+    last = {} if args.grid == "quick" or args.force else subsections(read_section("quality"))
+    body, summary, kept = report(runner, GRIDS[args.grid], last)
+    # A table the last report wrote that this one neither rebuilds nor keeps (another grid's study) would be lost.
+    written = set(subsections(body))
+    dropped = [h for h in last if h not in written]
     minutes = (time.perf_counter() - started) / 60
     header = (
         f"## Quality (`bench/quality`, grid `{args.grid}`)\n\nall-MiniLM-L6-v2, {args.max_length} tokens, "
@@ -875,10 +937,18 @@ def main() -> None:
         f"{machine()}\n\n"
     )
     print(body, flush=True)
-    with open(runner.dir / "summary.json", "w") as f:
+    with open(runner.work / "summary.json", "w") as f:
         json.dump(summary, f, indent=1, default=str)
+    if kept:
+        print(f"kept {len(kept)} table(s) from the last report, their runs having no records here: "
+              + "; ".join(h[4:] for h in kept), flush=True)  # fmt: skip
     if not args.no_write and args.grid != "quick":
         record(runner, GRIDS[args.grid])
+        if dropped:
+            print(f"RESULTS.md was left alone: its quality section holds {len(dropped)} table(s) that grid "
+                  f"`{args.grid}` does not make ({'; '.join(h[4:] for h in dropped)}). Rebuild it with the grid "
+                  "that wrote them (--grid full --report), or pass --force to replace them.", flush=True)  # fmt: skip
+            sys.exit(1)
         write_section("quality", header + body)
     print(f"done in {minutes:.0f} min", flush=True)
 
