@@ -347,3 +347,16 @@ def test_a_table_whose_runs_have_no_records_is_kept_marked_and_one_with_records_
     again = main.subsections(body)
     assert again["### kept"] == last["### kept"]
     assert main.report(runner, [with_runs, without], again)[0].count(main.KEPT) == 1
+    # Records of part of a table (one seed of two, or one row of two) do not replace it; all of it does.
+    two_rows = main.Study("sympy", ("lora", "eva"), "lora", seeds=(0, 1), title="kept")
+    _finish(runner, runner.spec("sympy", "lora", 3e-3, 0), 0.8)
+    monkeypatch.setitem(runner.recorded, "sympy/lora", {"rate": 3e-3, "validation": {}})
+    monkeypatch.setitem(runner.recorded, "sympy/eva", {"rate": 3e-3, "validation": {}})
+    lora, eva = (main.entries.ENTRIES[m].title for m in ("lora", "eva"))
+    old = {"### kept": f"### kept\n\n| method | test |\n|---|---|\n| {lora} | 80 (n=2) |\n| {eva} | 79 (n=1) |"}
+    assert main.report(runner, [two_rows], old)[2] == ["### kept"]
+    _finish(runner, runner.spec("sympy", "lora", 3e-3, 1), 0.8)
+    assert main.report(runner, [two_rows], old)[2] == ["### kept"]
+    _finish(runner, runner.spec("sympy", "eva", 3e-3, 0), 0.8)
+    body, _, kept = main.report(runner, [two_rows], old)
+    assert kept == [] and main.coverage(body) == {lora: [2], eva: [1]}

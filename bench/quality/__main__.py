@@ -55,6 +55,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -635,7 +636,9 @@ def _curve(results: Dict[int, Dict[str, Any]]) -> str:
     return " → ".join(f"{100 * statistics.mean(c[i][1] for c in curves):.0f}" for i in range(n))
 
 
-def report_study(runner: Runner, study: Study, summary: Dict[str, Any]) -> str:
+def report_study(runner: Runner, study: Study, summary: Dict[str, Any], plots: Optional[List[Any]] = None) -> str:
+    """A study's table from its records. Its plot is drawn at once, or appended to ``plots`` to be drawn only if
+    the table is used."""
     ref_rate, ref = _finals(runner, study, study.reference)
     ref_acc = {s: r["test_mean"] for s, r in ref.items()}
     rows, points = [], []
@@ -696,7 +699,9 @@ def report_study(runner: Runner, study: Study, summary: Dict[str, Any]) -> str:
                  + "\n".join(gate_lines))  # fmt: skip
     if len(points) > 1 and not multitask:
         text += f"\n\n![accuracy vs trainable parameters, {study.task}](quality-{_slug(study)}.png)"
-        if not runner.args.no_write:
+        if plots is not None:
+            plots.append((points, study))
+        elif not runner.args.no_write:
             _plot(points, study, runner)
     return text
 
@@ -805,8 +810,9 @@ def _plot(points, study: Study, runner: Runner) -> None:
 
 TRANSFER_HEADING = "### Few-shot transfer to the held-out task"
 NOT_RUN = "Not run yet (no finished runs): "
-KEPT = ("_Kept as the last report wrote it: the runs behind this table have no records in `bench/quality/runs/` "
-        "(they ran before the records were committed), so it was not rebuilt._")  # fmt: skip
+KEPT = ("_Kept as the last report wrote it: some or all of the runs behind this table have no records in "
+        "`bench/quality/runs/` (they ran before the records were committed), and rebuilding it from the records "
+        "there would lose rows or seeds._")  # fmt: skip
 
 
 def subsections(section: str) -> Dict[str, str]:
@@ -823,33 +829,58 @@ def subsections(section: str) -> Dict[str, str]:
     return {h: (h + "\n" + body).strip() for h, body in out.items()}
 
 
+def coverage(text: str) -> Dict[str, List[int]]:
+    """Each table row's runs: its first cell, and every "(n=K" in it (one per cell that counts runs)."""
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("| ") and (counts := re.findall(r"\(n=(\d+)", line)):
+            out[line.split(" | ")[0][2:]] = [int(k) for k in counts]
+    return out
+
+
+def covers(new: str, old: str) -> bool:
+    """Whether a rebuilt table has every row of the old one, each with at least as many runs."""
+    have = coverage(new)
+    return all(
+        row in have and len(have[row]) == len(counts) and all(a >= b for a, b in zip(have[row], counts))
+        for row, counts in coverage(old).items()
+    )
+
+
 def report(
     runner: Runner, studies: Sequence[Study], last: Optional[Dict[str, str]] = None
 ) -> Tuple[str, Dict[str, Any], List[str]]:
-    """The tables of every study with finished runs. A study with none keeps its table from ``last`` (the section
-    as written before, by heading), marked as kept; returns the body, the summary and the kept headings."""
+    """The tables of every study with finished runs. A table of ``last`` (the section as written before, by heading)
+    that the records cannot rebuild whole (a row or a seed missing) is kept as it was, marked; returns the body, the
+    summary and the kept headings."""
     last = last or {}
     summary: Dict[str, Any] = {}
     parts = []
     missing = []
     kept = []
 
-    def old(match: Any) -> Optional[str]:
+    def choose(text: str, match: Any) -> str:
         heading = next((h for h in last if match(h)), None)
-        if heading is None:
-            return None
+        if heading is None or (text and covers(text, last[heading])):
+            return text
         kept.append(heading)
         return last[heading] + "\n\n" + KEPT
 
     for study in studies:
         title = study.title or study.task
-        text = report_study(runner, study, summary) or old(lambda h: h == f"### {title}")
+        plots: List[Any] = []
+        rebuilt = report_study(runner, study, summary, plots)
+        text = choose(rebuilt, lambda h: h == f"### {title}")
+        # A kept table keeps the plot drawn with it.
+        if text == rebuilt and not runner.args.no_write:
+            for points, plotted in plots:
+                _plot(points, plotted, runner)
         if text:
             parts.append(text)
         else:
             missing.append(title)
         if study.transfer:
-            transfer = report_transfer(runner, study) or old(lambda h: h.startswith(TRANSFER_HEADING))
+            transfer = choose(report_transfer(runner, study), lambda h: h.startswith(TRANSFER_HEADING))
             if transfer:
                 parts.append(transfer)
     if missing:
@@ -940,7 +971,7 @@ def main() -> None:
     with open(runner.work / "summary.json", "w") as f:
         json.dump(summary, f, indent=1, default=str)
     if kept:
-        print(f"kept {len(kept)} table(s) from the last report, their runs having no records here: "
+        print(f"kept {len(kept)} table(s) from the last report, the records here covering only part of them or none: "
               + "; ".join(h[4:] for h in kept), flush=True)  # fmt: skip
     if not args.no_write and args.grid != "quick":
         record(runner, GRIDS[args.grid])
