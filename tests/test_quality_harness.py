@@ -360,3 +360,14 @@ def test_a_table_whose_runs_have_no_records_is_kept_marked_and_one_with_records_
     _finish(runner, runner.spec("sympy", "eva", 3e-3, 0), 0.8)
     body, _, kept = main.report(runner, [two_rows], old)
     assert kept == [] and main.coverage(body) == {lora: [2], eva: [1]}
+
+
+def test_a_table_says_which_versions_its_runs_ran_under(harness):
+    _, main = harness
+    a = {"versions": {"torch": "2.15.0", "transformers": "5.25.0", "peft": "0.21.2", "lowrank_rs": "0.1.0"}}
+    b = {"versions": {**a["versions"], "torch": "2.13.0"}}
+    assert main.versions_line([a, a]) == "Runs under torch 2.15.0, transformers 5.25.0, peft 0.21.2."
+    assert main.versions_line([a, b, {}]) == (
+        "Runs under mixed versions: torch 2.13.0, transformers 5.25.0, peft 0.21.2 (1 runs); torch 2.15.0, "
+        "transformers 5.25.0, peft 0.21.2 (1 runs); versions not recorded (1 runs)."
+    )

@@ -256,11 +256,21 @@ def _resume(ctx: entries.Context, spec: Dict[str, Any], entry: entries.Entry) ->
     return model
 
 
+def versions() -> Dict[str, str]:
+    """What a run's numbers depend on besides its spec: the same seed under another torch gives another run."""
+    import peft
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+            "lowrank_rs": lr.__version__}  # fmt: skip
+
+
 def main_unit(spec_json: str, out_path: str, threads: int) -> None:
     if threads:
         torch.set_num_threads(threads)
     spec = json.loads(spec_json)
     result = run(spec)
+    result["versions"] = versions()
     tmp = out_path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(result, f)
