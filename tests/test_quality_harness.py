@@ -339,14 +339,15 @@ def test_a_table_whose_runs_have_no_records_is_kept_marked_and_one_with_records_
     last = main.subsections("intro\n\n### rebuilt\n\nan old table\n\n### kept\n\n| the | old |\n\n"
                             + main.NOT_RUN + "something.\n")  # fmt: skip
     assert last == {"### rebuilt": "### rebuilt\n\nan old table", "### kept": "### kept\n\n| the | old |"}
-    body, _, kept = main.report(runner, [with_runs, without, never], last)
+    body, _, kept = main.report(runner, [with_runs, without, never], last, then="torch 2.13.0")
     assert kept == ["### kept"]
-    assert "an old table" not in body and "| the | old |\n\n" + main.KEPT in body
+    assert "an old table" not in body and "| the | old |\n\n" + main.kept_mark("torch 2.13.0") in body
     assert body.endswith(main.NOT_RUN + "never run.")
     # Written and read again, a kept table is kept once more with one mark, not two.
     again = main.subsections(body)
-    assert again["### kept"] == last["### kept"]
-    assert main.report(runner, [with_runs, without], again)[0].count(main.KEPT) == 1
+    assert again["### kept"] == last["### kept"] + "\n\n" + main.kept_mark("torch 2.13.0")
+    assert main.report(runner, [with_runs, without], again, then="torch 2.15.0")[0].count(main.KEPT) == 1
+    assert "torch 2.15.0" not in main.report(runner, [with_runs, without], again, then="torch 2.15.0")[0]
     # Records of part of a table (one seed of two, or one row of two) do not replace it; all of it does.
     two_rows = main.Study("sympy", ("lora", "eva"), "lora", seeds=(0, 1), title="kept")
     _finish(runner, runner.spec("sympy", "lora", 3e-3, 0), 0.8)

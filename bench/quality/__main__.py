@@ -710,8 +710,10 @@ def report_study(runner: Runner, study: Study, summary: Dict[str, Any], plots: O
 
 
 def versions_line(runs: Sequence[Dict[str, Any]]) -> str:
-    """The library versions the table's runs ran under: a seed on another install is another run (measured: TA-LoRA's
-    6-epoch seed 0 scored 80.3% on torch 2.13 and 78.5% on torch 2.15), so a table mixing them says so."""
+    """The library versions the table's runs ran under, so that a table mixing installs says so. A run is
+    deterministic on one install (two runs of one spec match bit for bit), but not across installs: TA-LoRA's 6-epoch
+    seed 0 scored 80.3% in an earlier session and 78.5% in a later one, torch 2.15.0 both times (what else differed,
+    transformers, peft or the thread count, was not recorded then; it is now)."""
     counts: Dict[str, int] = {}
     for res in runs:
         v = res.get("versions")
@@ -826,21 +828,26 @@ def _plot(points, study: Study, runner: Runner) -> None:
 
 TRANSFER_HEADING = "### Few-shot transfer to the held-out task"
 NOT_RUN = "Not run yet (no finished runs): "
-KEPT = ("_Kept as the last report wrote it: some or all of the runs behind this table have no records in "
-        "`bench/quality/runs/` (they ran before the records were committed), and rebuilding it from the records "
-        "there would lose rows or seeds._")  # fmt: skip
+KEPT = "_Kept as the last report wrote it"
+
+
+def kept_mark(then: str) -> str:
+    """The line under a kept table; ``then`` is the torch its runs ran under, as the report that wrote it said."""
+    return (f"{KEPT}{f' (its runs: {then})' if then else ''}: some or all of the runs behind this table have no "
+            "records in `bench/quality/runs/` (they ran before the records were committed), and rebuilding it from "
+            "the records there would lose rows or seeds._")  # fmt: skip
 
 
 def subsections(section: str) -> Dict[str, str]:
-    """The tables of a written quality section, by heading line (each with what follows it up to the next heading),
-    without the section's closing "not run yet" line and without a kept table's mark."""
+    """The tables of a written quality section, by heading line (each with what follows it up to the next heading,
+    a kept table's mark included), without the section's closing "not run yet" line."""
     out: Dict[str, str] = {}
     heading = None
     for line in section.splitlines():
         if line.startswith("### "):
             heading = line
             out[heading] = ""
-        elif heading is not None and not line.startswith(NOT_RUN) and line != KEPT:
+        elif heading is not None and not line.startswith(NOT_RUN):
             out[heading] += line + "\n"
     return {h: (h + "\n" + body).strip() for h, body in out.items()}
 
@@ -864,11 +871,11 @@ def covers(new: str, old: str) -> bool:
 
 
 def report(
-    runner: Runner, studies: Sequence[Study], last: Optional[Dict[str, str]] = None
+    runner: Runner, studies: Sequence[Study], last: Optional[Dict[str, str]] = None, then: str = ""
 ) -> Tuple[str, Dict[str, Any], List[str]]:
     """The tables of every study with finished runs. A table of ``last`` (the section as written before, by heading)
-    that the records cannot rebuild whole (a row or a seed missing) is kept as it was, marked; returns the body, the
-    summary and the kept headings."""
+    that the records cannot rebuild whole (a row or a seed missing) is kept as it was, marked with ``then`` (the
+    torch its report named) unless it is marked already; returns the body, the summary and the kept headings."""
     last = last or {}
     summary: Dict[str, Any] = {}
     parts = []
@@ -880,7 +887,8 @@ def report(
         if heading is None or (text and covers(text, last[heading])):
             return text
         kept.append(heading)
-        return last[heading] + "\n\n" + KEPT
+        old = last[heading]
+        return old if f"\n{KEPT}" in old else old + "\n\n" + kept_mark(then)
 
     for study in studies:
         title = study.title or study.task
@@ -967,8 +975,11 @@ def main() -> None:
                 run_transfer(runner, study)
     # The tables cover every study of the grid that has finished runs, not only those this invocation ran; one with no
     # records keeps what the last report wrote.
-    last = {} if args.grid == "quick" or args.force else subsections(read_section("quality"))
-    body, summary, kept = report(runner, GRIDS[args.grid], last)
+    section = "" if args.grid == "quick" or args.force else read_section("quality")
+    last = subsections(section)
+    # The torch that the last report's runs ran under, for the tables it keeps (its header names it).
+    then = next(iter(re.findall(r"torch [^\s,]+", section.split("\n### ")[0])), "")
+    body, summary, kept = report(runner, GRIDS[args.grid], last, then)
     # A table the last report wrote that this one neither rebuilds nor keeps (another grid's study) would be lost.
     written = set(subsections(body))
     dropped = [h for h in last if h not in written]

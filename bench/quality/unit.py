@@ -271,6 +271,7 @@ def main_unit(spec_json: str, out_path: str, threads: int) -> None:
     spec = json.loads(spec_json)
     result = run(spec)
     result["versions"] = versions()
+    result["threads"] = torch.get_num_threads()  # another thread count sums in another order: another run
     tmp = out_path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(result, f)
