@@ -832,8 +832,8 @@ KEPT = "_Kept as the last report wrote it"
 
 
 def kept_mark(then: str) -> str:
-    """The line under a kept table; ``then`` is the torch its runs ran under, as the report that wrote it said."""
-    return (f"{KEPT}{f' (its runs: {then})' if then else ''}: some or all of the runs behind this table have no "
+    """The line under a kept table; ``then`` is the torch the report that wrote it named (its runs may be older)."""
+    return (f"{KEPT}{f' (by a report on {then})' if then else ''}: some or all of the runs behind this table have no "
             "records in `bench/quality/runs/` (they ran before the records were committed), and rebuilding it from "
             "the records there would lose rows or seeds._")  # fmt: skip
 
@@ -977,7 +977,7 @@ def main() -> None:
     # records keeps what the last report wrote.
     section = "" if args.grid == "quick" or args.force else read_section("quality")
     last = subsections(section)
-    # The torch that the last report's runs ran under, for the tables it keeps (its header names it).
+    # The torch the last report ran on, for the tables it keeps (its header names it).
     then = next(iter(re.findall(r"torch [^\s,]+", section.split("\n### ")[0])), "")
     body, summary, kept = report(runner, GRIDS[args.grid], last, then)
     # A table the last report wrote that this one neither rebuilds nor keeps (another grid's study) would be lost.
