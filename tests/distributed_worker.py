@@ -143,7 +143,8 @@ def calibrated(family):
 
 def plan_record(plan):
     return {
-        name: {"rank": m.rank, "scale": m.scale, "score": m.score, "a": m.a.tolist()}
+        name: {"rank": m.rank, "scale": m.scale, "score": m.score, "a": m.a.tolist(),
+               "s": [float(x) for x in m.singular_values]}  # fmt: skip
         for name, m in plan.modules.items()
     }
 
