@@ -509,7 +509,11 @@ def record(runner: Runner, studies: Sequence[Study], path: Optional[Path] = None
         if "spec" in res:
             times.setdefault(timing_key(res["spec"]), []).append(res["seconds"])
     for key, secs in times.items():
-        out["seconds"][key] = {"fastest": round(min(secs)), "median": round(statistics.median(secs)), "runs": len(secs)}
+        # Times recorded from more runs than the records here hold (runs from before the records were committed)
+        # stay: a few runs on a busy machine would replace the quiet machine's fastest.
+        if len(secs) >= out["seconds"].get(key, {}).get("runs", 0):
+            out["seconds"][key] = {"fastest": round(min(secs)), "median": round(statistics.median(secs)),
+                                   "runs": len(secs)}  # fmt: skip
     out["rates"] = dict(sorted(out["rates"].items()))
     out["seconds"] = dict(sorted(out["seconds"].items()))
     with open(path, "w") as f:
@@ -650,7 +654,10 @@ def report_study(runner: Runner, study: Study, summary: Dict[str, Any], plots: O
     # Variants of several methods side by side (the schedule studies) are each also paired with their own base, at the
     # rate the base runs at where it chose it (the base need not be a row of this study).
     bases = {m: b for m in study.methods if m in entries.ENTRIES and (b := entries.ENTRIES[m].base) is not None}
-    by_base = study.rate_from is not None and set(bases.values()) != {study.reference}
+    if study.rate_from is not None:
+        # A base with no runs pairs with nothing; without it the column may only repeat the reference's.
+        bases = {m: b for m, b in bases.items() if _base_finals(runner, study, b)}
+    by_base = study.rate_from is not None and bool(bases) and set(bases.values()) != {study.reference}
     header += ["Δ vs its base [95% CI]"] if by_base else []
     header += ["time / run"]
     description = ""
