@@ -8,7 +8,7 @@ import re
 import statistics
 import time
 from pathlib import Path
-from typing import Callable, List
+from typing import Callable, List, Tuple
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 
@@ -59,9 +59,13 @@ def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> floa
     return statistics.median(times)
 
 
+def _markers(name: str) -> Tuple[str, str]:
+    return f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+
+
 def read_section(name: str) -> str:
     """The body of this benchmark's section of RESULTS.md, empty when there is none."""
-    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    begin, end = _markers(name)
     text = RESULTS.read_text() if RESULTS.exists() else ""
     if begin not in text or end not in text:
         return ""
@@ -70,7 +74,7 @@ def read_section(name: str) -> str:
 
 def write_section(name: str, body: str) -> None:
     """Replace (or append) the section between this benchmark's markers in RESULTS.md."""
-    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    begin, end = _markers(name)
     block = f"{begin}\n{body.rstrip()}\n{end}\n"
     text = (
         RESULTS.read_text()

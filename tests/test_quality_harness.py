@@ -361,6 +361,9 @@ def test_a_table_whose_runs_have_no_records_is_kept_marked_and_one_with_records_
     _finish(runner, runner.spec("sympy", "eva", 3e-3, 0), 0.8)
     body, _, kept = main.report(runner, [two_rows], old)
     assert kept == [] and main.coverage(body) == {lora: [2], eva: [1]}
+    # Another grid that does not make a table of the last report would lose it: the writer refuses on these.
+    assert main.dropped_tables({**old, "### another grid's": "### another grid's\n\nx"}, body) == ["### another grid's"]
+    assert main.dropped_tables(old, body) == []
 
 
 def test_a_table_says_which_versions_its_runs_ran_under(harness):

@@ -877,6 +877,13 @@ def covers(new: str, old: str) -> bool:
     )
 
 
+def dropped_tables(last: Dict[str, str], body: str) -> List[str]:
+    """The headings of ``last`` that ``body`` neither rebuilds nor keeps (another grid's studies): writing it would
+    lose them."""
+    written = subsections(body)
+    return [h for h in last if h not in written]
+
+
 def report(
     runner: Runner, studies: Sequence[Study], last: Optional[Dict[str, str]] = None, then: str = ""
 ) -> Tuple[str, Dict[str, Any], List[str]]:
@@ -987,9 +994,7 @@ def main() -> None:
     # The torch the last report ran on, for the tables it keeps (its header names it).
     then = next(iter(re.findall(r"torch [^\s,]+", section.split("\n### ")[0])), "")
     body, summary, kept = report(runner, GRIDS[args.grid], last, then)
-    # A table the last report wrote that this one neither rebuilds nor keeps (another grid's study) would be lost.
-    written = set(subsections(body))
-    dropped = [h for h in last if h not in written]
+    dropped = dropped_tables(last, body)
     minutes = (time.perf_counter() - started) / 60
     header = (
         f"## Quality (`bench/quality`, grid `{args.grid}`)\n\nall-MiniLM-L6-v2, {args.max_length} tokens, "

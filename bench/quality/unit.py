@@ -257,7 +257,7 @@ def _resume(ctx: entries.Context, spec: Dict[str, Any], entry: entries.Entry) ->
 
 
 def versions() -> Dict[str, str]:
-    """What a run's numbers depend on besides its spec: the same seed under another torch gives another run."""
+    """What a run's numbers depend on besides its spec: the same spec on another install gives another run."""
     import peft
     import transformers
 
